@@ -1,0 +1,5 @@
+//! The subcommands. Each only wires components together: the source, the event format, Kafka and
+//! the sink stay unaware of each other.
+
+pub mod sink;
+pub mod stream;

@@ -1,0 +1,252 @@
+//! Command line and environment: the one place where settings are read.
+//!
+//! Every flag falls back to a `CDC_RELAY_*` environment variable, so the same names work for the
+//! binary, `scripts/services` (which writes them to `.local/services.env`), docker-compose and the tests.
+//! Components receive plain typed settings from here and never read the environment themselves.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cdc-relay",
+    version,
+    about = "Change-data-capture relay: PostgreSQL (pgoutput) -> Apache Kafka -> ClickHouse",
+    long_about = "Change-data-capture relay: PostgreSQL (pgoutput) -> Apache Kafka -> ClickHouse.\n\n\
+`stream` reads the logical replication stream of a table and produces every change to Kafka, \
+marking each row `sent_to_kafka = TRUE` once Kafka acknowledged it. `sink` is a consumer-group \
+member that writes the topic into a ClickHouse ReplacingMergeTree table keyed on `id`."
+)]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, env = "CDC_RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream changes of the table from PostgreSQL into Kafka (backfilling unsent rows first).
+    Stream(StreamArgs),
+    /// Consume the topic and write it into ClickHouse.
+    Sink(SinkArgs),
+    /// Show the state of the slot, the ledger, the topic and the ClickHouse table.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db (password may come from the URL or PGPASSWORD).
+    #[arg(long, env = "CDC_RELAY_PG_URL", hide_env_values = true)]
+    pub pg_url: String,
+
+    /// Source table, schema-qualified.
+    #[arg(long, env = "CDC_RELAY_TABLE", default_value = "public.user_logins")]
+    pub table: String,
+
+    /// Logical replication slot name.
+    #[arg(long, env = "CDC_RELAY_SLOT", default_value = "cdc_relay")]
+    pub slot: String,
+
+    /// Publication name.
+    #[arg(long, env = "CDC_RELAY_PUBLICATION", default_value = "cdc_relay")]
+    pub publication: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "CDC_RELAY_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Topic that carries the change events.
+    #[arg(long, env = "CDC_RELAY_TOPIC", default_value = "user_events")]
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClickHouseArgs {
+    /// ClickHouse HTTP(S) URL.
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_URL")]
+    pub clickhouse_url: String,
+
+    /// ClickHouse user.
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_USER", default_value = "default")]
+    pub clickhouse_user: String,
+
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "CDC_RELAY_CLICKHOUSE_PASSWORD",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub clickhouse_password: String,
+
+    /// ClickHouse database.
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_DATABASE", default_value = "default")]
+    pub clickhouse_database: String,
+
+    /// ClickHouse table the sink writes into.
+    #[arg(
+        long,
+        env = "CDC_RELAY_CLICKHOUSE_TABLE",
+        default_value = "user_logins"
+    )]
+    pub clickhouse_table: String,
+}
+
+/// Which row operations the publication publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StreamArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Operations the publication publishes (the seed's contract is inserts only).
+    #[arg(
+        long,
+        env = "CDC_RELAY_OPS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "insert"
+    )]
+    pub ops: Vec<Op>,
+
+    /// Partitions of the topic when it has to be created.
+    #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+
+    /// Replication factor of the topic when it has to be created.
+    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+
+    /// Most messages produced but not yet acknowledged and recorded; bounds memory under any backlog.
+    #[arg(long, env = "CDC_RELAY_MAX_IN_FLIGHT", default_value_t = 50_000)]
+    pub max_in_flight: usize,
+
+    /// Most row ids marked `sent_to_kafka` in one ledger statement.
+    #[arg(long, env = "CDC_RELAY_LEDGER_BATCH", default_value_t = 10_000)]
+    pub ledger_batch: usize,
+
+    /// Longest time an acknowledged row waits for its ledger write, in milliseconds.
+    #[arg(long, env = "CDC_RELAY_LEDGER_INTERVAL_MS", default_value = "200", value_parser = parse_millis)]
+    pub ledger_interval: Duration,
+
+    /// Rows read per backfill chunk.
+    #[arg(long, env = "CDC_RELAY_BACKFILL_CHUNK", default_value_t = 10_000)]
+    pub backfill_chunk: i64,
+
+    /// Seconds between heartbeats that keep the slot's confirmed position moving on a quiet table.
+    #[arg(long, env = "CDC_RELAY_HEARTBEAT_SECS", default_value = "10", value_parser = parse_secs)]
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SinkArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+
+    /// Kafka consumer group.
+    #[arg(long, env = "CDC_RELAY_GROUP", default_value = "user_logins_consumer")]
+    pub group: String,
+
+    /// Topic that receives messages the sink cannot parse.
+    #[arg(long, env = "CDC_RELAY_DLQ_TOPIC", default_value = "user_events.dlq")]
+    pub dlq_topic: String,
+
+    /// Most rows in one ClickHouse insert.
+    #[arg(long, env = "CDC_RELAY_BATCH_ROWS", default_value_t = 50_000)]
+    pub batch_rows: usize,
+
+    /// Longest time a consumed message waits before its batch is inserted, in milliseconds.
+    #[arg(long, env = "CDC_RELAY_BATCH_INTERVAL_MS", default_value = "100", value_parser = parse_millis)]
+    pub batch_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_millis(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("expected milliseconds as a whole number: {e}"))
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|e| format!("expected seconds as a whole number: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ops_parse_as_a_list() {
+        let cli = Cli::try_parse_from([
+            "cdc-relay",
+            "stream",
+            "--pg-url",
+            "postgres://x",
+            "--kafka-brokers",
+            "k:1",
+            "--ops",
+            "insert,update,delete",
+        ])
+        .unwrap();
+        let Command::Stream(args) = cli.command else {
+            panic!("expected stream")
+        };
+        assert_eq!(args.ops, vec![Op::Insert, Op::Update, Op::Delete]);
+        assert_eq!(args.postgres.slot, "cdc_relay");
+        assert_eq!(args.kafka.topic, "user_events");
+    }
+}

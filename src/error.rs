@@ -1,0 +1,35 @@
+//! The error a command ends with, and the process exit code it maps to.
+
+use crate::kafka::KafkaError;
+use crate::source::postgres::SourceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("postgres: {0}")]
+    Source(#[from] SourceError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("clickhouse: {0}")]
+    Sink(#[from] crate::sink::clickhouse::SinkError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    /// 2: the environment is not set up for the relay (wal_level, privileges, missing table,
+    /// invalid settings); 1: anything else.
+    pub fn exit_code(&self) -> i32 {
+        use SourceError as S;
+        match self {
+            Error::Source(
+                S::WalLevel { .. }
+                | S::Privilege(_)
+                | S::Schema { .. }
+                | S::Config(_)
+                | S::SlotLost { .. },
+            ) => 2,
+            Error::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The change event and its wire format (JSON on Kafka), shared by `stream` and `sink`.
+//!
+//! This module knows neither PostgreSQL nor Kafka nor ClickHouse: the source builds [`ChangeEvent`]s,
+//! the producer ships [`ChangeEvent::to_json`], the sink reads them back with [`ChangeEvent::from_json`].
+//! docs/message-format.md is the reference for the format and carries its JSON Schema.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A PostgreSQL WAL position. Printed as PostgreSQL prints it (`16/B374D848`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    pub const ZERO: Lsn = Lsn(0);
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = EventError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || EventError::Invalid(format!("not an LSN: {s:?}"));
+        let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
+        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// The row as read by the backfill (it existed, unsent, before the slot did).
+    Snapshot,
+    Insert,
+    Update,
+    Delete,
+    /// The whole table was truncated; carries no row.
+    Truncate,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Snapshot => "snapshot",
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+}
+
+/// One change of one `user_logins` row, in the shape that travels on the topic.
+///
+/// `user`, `event` and `timestamp` are the seed pipeline's fields, kept so its consumers keep working;
+/// `timestamp` is epoch seconds as a float (as in the seed), and `event_time` the same instant as
+/// text with full microsecond precision, which a float cannot promise for every date.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// Primary key of the row; also the Kafka message key. Absent only for `truncate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    pub op: Op,
+    pub user: Option<String>,
+    pub event: Option<String>,
+    pub timestamp: Option<f64>,
+    /// `YYYY-MM-DDTHH:MM:SS[.ffffff]` (no zone: the column is `timestamp without time zone`),
+    /// or PostgreSQL's `infinity` / `-infinity`.
+    pub event_time: Option<String>,
+    /// WAL position of the change (for `snapshot`, the slot's consistent point).
+    pub lsn: String,
+    /// Orders the changes of one id: later change, larger version. Snapshot rows carry 0, so any
+    /// streamed change of the same row wins over them.
+    pub version: u64,
+    /// Columns whose value PostgreSQL did not send because it is TOASTed and unchanged by this update;
+    /// their fields above are null and must not be read as NULL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchanged: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("message is not a valid change event: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("message is not a valid change event: {0}")]
+    Invalid(String),
+}
+
+impl ChangeEvent {
+    /// The Kafka key: the row id as decimal text, so every change of a row lands in one partition
+    /// and stays in order.
+    pub fn key(&self) -> Option<String> {
+        self.id.map(|id| id.to_string())
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain owned data with finite floats cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and validates a message: an event that reaches the sink is internally consistent.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, EventError> {
+        let event: ChangeEvent = serde_json::from_slice(bytes)?;
+        if event.op != Op::Truncate && event.id.is_none() {
+            return Err(EventError::Invalid(format!(
+                "op {} without id",
+                event.op.as_str()
+            )));
+        }
+        event.lsn.parse::<Lsn>()?;
+        if let Some(t) = &event.event_time {
+            parse_event_time(t)?;
+        }
+        Ok(event)
+    }
+
+    /// Microseconds since the Unix epoch of `event_time` (falling back to `timestamp`);
+    /// `None` for NULL or infinite times.
+    pub fn event_time_micros(&self) -> Option<i64> {
+        match &self.event_time {
+            Some(t) => parse_event_time(t).ok().flatten(),
+            None => self.timestamp.map(|s| (s * 1_000_000.0).round() as i64),
+        }
+    }
+}
+
+/// Parses PostgreSQL's ISO text of a `timestamp` (with `T` or space between date and time, an
+/// optional fraction and an optional ` BC`) into microseconds since the epoch.
+/// `Ok(None)` is returned for `infinity` and `-infinity`.
+pub fn parse_event_time(text: &str) -> Result<Option<i64>, EventError> {
+    if text == "infinity" || text == "-infinity" {
+        return Ok(None);
+    }
+    let bad = || EventError::Invalid(format!("not a timestamp: {text:?}"));
+    let (text, bc) = match text.strip_suffix(" BC") {
+        Some(t) => (t, true),
+        None => (text, false),
+    };
+    let (date, time) = text.split_once(['T', ' ']).ok_or_else(bad)?;
+    let mut d = date.rsplitn(3, '-');
+    let day: u32 = d.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let month: u32 = d.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let year: i64 = d.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let year = if bc { 1 - year } else { year };
+    let (hms, frac) = match time.split_once('.') {
+        Some((hms, frac)) => (hms, frac),
+        None => (time, ""),
+    };
+    let mut t = hms.split(':');
+    let h: i64 = t.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let m: i64 = t.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let s: i64 = t.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    if t.next().is_some()
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || h > 24
+        || m > 59
+        || s > 60
+        || frac.len() > 6
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || year.abs() > 300_000
+    {
+        return Err(bad());
+    }
+    let micros: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse::<i64>().map_err(|_| bad())? * 10i64.pow(6 - frac.len() as u32)
+    };
+    let days = days_from_civil(year, month, day);
+    Ok(Some(
+        ((days * 86_400 + h * 3_600 + m * 60 + s) * 1_000_000) + micros,
+    ))
+}
+
+/// Formats microseconds since the epoch as `YYYY-MM-DDTHH:MM:SS.ffffff` (proleptic Gregorian).
+pub fn format_event_time(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, mo, d) = civil_from_days(days);
+    let base = format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    );
+    if frac == 0 {
+        base
+    } else {
+        format!("{base}.{frac:06}")
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trips() {
+        let lsn = Lsn(0x16_B374_D848);
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert_eq!("16/B374D848".parse::<Lsn>().unwrap(), lsn);
+        assert!("16B374D848".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn timestamps_keep_microseconds() {
+        let us = parse_event_time("2023-01-01 00:00:00.123456")
+            .unwrap()
+            .unwrap();
+        assert_eq!(us, 1_672_531_200_123_456);
+        assert_eq!(format_event_time(us), "2023-01-01T00:00:00.123456");
+        assert_eq!(parse_event_time("1970-01-01T00:00:00").unwrap(), Some(0));
+        assert_eq!(
+            parse_event_time("1969-12-31 23:59:59.5").unwrap(),
+            Some(-500_000)
+        );
+        assert_eq!(format_event_time(-500_000), "1969-12-31T23:59:59.500000");
+        assert_eq!(parse_event_time("infinity").unwrap(), None);
+        assert!(parse_event_time("2023-13-01 00:00:00").is_err());
+        assert!(parse_event_time("yesterday").is_err());
+        // The float the seed uses survives the JSON round trip to the microsecond.
+        let f = us as f64 / 1e6;
+        let back: f64 = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!((back * 1e6).round() as i64, us);
+    }
+
+    #[test]
+    fn bc_dates_parse() {
+        let us = parse_event_time("0001-01-01 00:00:00 BC").unwrap().unwrap();
+        assert_eq!(format_event_time(us), "0000-01-01T00:00:00");
+    }
+
+    #[test]
+    fn json_round_trip_and_validation() {
+        let e = ChangeEvent {
+            id: Some(7),
+            op: Op::Insert,
+            user: Some("ü ser".into()),
+            event: None,
+            timestamp: Some(1.5),
+            event_time: Some("1970-01-01T00:00:01.5".into()),
+            lsn: "0/16B3748".into(),
+            version: 42,
+            unchanged: vec![],
+        };
+        let json = e.to_json();
+        assert_eq!(ChangeEvent::from_json(&json).unwrap(), e);
+        assert!(ChangeEvent::from_json(b"not json").is_err());
+        assert!(ChangeEvent::from_json(br#"{"op":"insert","user":null,"event":null,"timestamp":null,"event_time":null,"lsn":"0/1","version":1}"#).is_err());
+        assert!(ChangeEvent::from_json(br#"{"id":"x","op":"insert"}"#).is_err());
+    }
+}

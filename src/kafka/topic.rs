@@ -1,0 +1,71 @@
+//! Topic creation. Brokers may run with `auto.create.topics.enable=false` (ours do), so the relay
+//! creates what it needs explicitly and checks what exists.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::Consumer;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::KafkaError;
+
+/// Creates `topic` with `partitions` partitions if it does not exist; returns its partition count.
+pub async fn ensure_topic(
+    base: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<usize, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base
+        .create()
+        .map_err(KafkaError::client("creating the admin client"))?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(KafkaError::client(format!("creating topic {topic}")))?;
+    for r in results {
+        match r {
+            Ok(_) => tracing::info!(topic, partitions, "created Kafka topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(KafkaError::Topic {
+                    topic: t,
+                    reason: format!("cannot be created: {code}"),
+                })
+            }
+        }
+    }
+    partition_count(base, topic).await
+}
+
+/// Partitions of `topic` per the cluster metadata (retried briefly: a new topic takes a moment to
+/// appear everywhere).
+pub async fn partition_count(base: &ClientConfig, topic: &str) -> Result<usize, KafkaError> {
+    let consumer: rdkafka::consumer::BaseConsumer = base
+        .create()
+        .map_err(KafkaError::client("creating a metadata client"))?;
+    let topic_owned = topic.to_string();
+    for _ in 0..50 {
+        let c = topic_owned.clone();
+        let md = tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(Some(&c), Duration::from_secs(10))
+        })
+        .map_err(KafkaError::client(format!(
+            "reading metadata of topic {topic}"
+        )))?;
+        if let Some(t) = md.topics().iter().find(|t| t.name() == topic) {
+            if t.error().is_none() && !t.partitions().is_empty() {
+                return Ok(t.partitions().len());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(KafkaError::Topic {
+        topic: topic.to_string(),
+        reason: "does not exist or has no partitions".into(),
+    })
+}

@@ -1,0 +1,92 @@
+//! The `cdc-relay` binary: parses the command line, sets up logging and signals, runs a command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use cdc_relay::config::{Cli, Command, LogFormat};
+use cdc_relay::{commands, error::Error};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("CDC_RELAY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cdc-relay: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        let shutdown = shutdown_signal();
+        let outcome: Result<(), Error> = match cli.command {
+            Command::Stream(args) => commands::stream::run(args, shutdown).await,
+            Command::Sink(args) => commands::sink::run(args, shutdown).await,
+            Command::Status(_) => Err(Error::Config("`status` is not implemented yet".into())),
+        };
+        outcome.map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(1);
+            tracing::error!("{e:#}");
+            eprintln!("cdc-relay: error: {e:#}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// Flips to `true` on the first SIGINT or SIGTERM; a second one exits at once.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            wait_for_signal().await;
+            count += 1;
+            if count == 1 {
+                tracing::info!(
+                    "shutdown requested: finishing in-flight work (signal again to exit at once)"
+                );
+                let _ = tx.send(true);
+            } else {
+                eprintln!("cdc-relay: second signal, exiting without cleanup");
+                std::process::exit(130);
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

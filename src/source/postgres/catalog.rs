@@ -1,0 +1,194 @@
+//! Preflight checks, the publication and the slot: what must hold before streaming can start, each
+//! failure worded as what is wrong and how to fix it.
+
+use tokio_postgres::Client;
+
+use crate::event::Lsn;
+
+use super::client::{quote_ident, quote_literal};
+use super::{parse_lsn, SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX};
+
+/// Checks the server, the table and the role. Run once at start, before anything is created.
+pub async fn preflight(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+    let wal_level: String = sql
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(SourceError::sql("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SourceError::WalLevel { actual: wal_level });
+    }
+
+    let role = sql
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("reading the role's attributes"))?;
+    if !role.get::<_, bool>(0) {
+        return Err(SourceError::Privilege(
+            "the PostgreSQL role may not replicate: run `ALTER ROLE <role> WITH REPLICATION` as a superuser (see sql/postgres/roles.sql)".into(),
+        ));
+    }
+
+    let table = cfg.qualified_table();
+    let cols = sql
+        .query(
+            "SELECT a.attname::text, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary \
+                            AND i.indnatts = 1 AND i.indkey[0] = a.attnum) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&cfg.schema, &cfg.table],
+        )
+        .await
+        .map_err(SourceError::sql(format!("reading the columns of {table}")))?;
+    let schema_err = |reason: String| SourceError::Schema {
+        table: table.clone(),
+        reason,
+    };
+    if cols.is_empty() {
+        return Err(schema_err(
+            "does not exist (or this role cannot see it): create it with sql/postgres/schema.sql or pass --table".into(),
+        ));
+    }
+    let has = |name: &str| cols.iter().any(|r| r.get::<_, String>(0) == name);
+    if !cols
+        .iter()
+        .any(|r| r.get::<_, String>(0) == "id" && r.get::<_, bool>(1))
+    {
+        return Err(schema_err(
+            "needs a single-column primary key named `id`".into(),
+        ));
+    }
+    if !has("sent_to_kafka") {
+        return Err(schema_err(
+            "has no `sent_to_kafka` column (the ledger): ALTER TABLE … ADD COLUMN sent_to_kafka BOOLEAN DEFAULT FALSE".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the publication if it is missing. An existing one is checked: it must contain the table,
+/// and if it publishes other operations than `--ops` it is altered (which needs table ownership; a
+/// least-privilege role gets an error naming the statement for the owner to run).
+pub async fn ensure_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+    let publish = quote_literal(&cfg.ops.as_publish_option());
+    let name = quote_ident(&cfg.publication);
+    let existing = sql
+        .query_opt(
+            "SELECT ARRAY_REMOVE(ARRAY[CASE WHEN pubinsert THEN 'insert' END, \
+                                  CASE WHEN pubupdate THEN 'update' END, \
+                                  CASE WHEN pubdelete THEN 'delete' END, \
+                                  CASE WHEN pubtruncate THEN 'truncate' END], NULL), \
+                    puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prpubid = p.oid \
+                        AND r.prrelid = to_regclass($2)) \
+             FROM pg_publication p WHERE pubname = $1",
+            &[&cfg.publication, &cfg.qualified_table()],
+        )
+        .await
+        .map_err(SourceError::sql("looking up the publication"))?;
+    let stmt = match existing {
+        None => format!(
+            "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = {publish})",
+            cfg.qualified_table()
+        ),
+        Some(row) => {
+            let ops: Vec<String> = row.get(0);
+            let has_table: bool = row.get(1);
+            if !has_table {
+                return Err(SourceError::Config(format!(
+                    "publication {name} exists but does not publish {}: ALTER PUBLICATION {name} ADD TABLE {}, or choose another --publication",
+                    cfg.qualified_table(),
+                    cfg.qualified_table()
+                )));
+            }
+            let mut want: Vec<&str> = cfg.ops.0.clone();
+            want.sort_unstable();
+            let mut have: Vec<&str> = ops.iter().map(String::as_str).collect();
+            have.sort_unstable();
+            if want == have {
+                return Ok(());
+            }
+            format!("ALTER PUBLICATION {name} SET (publish = {publish})")
+        }
+    };
+    sql.batch_execute(&stmt).await.map_err(|e| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            SourceError::Privilege(format!(
+                "cannot create or alter publication {name}: that needs ownership of {}. Have the owner run: {stmt}",
+                cfg.qualified_table()
+            ))
+        } else {
+            SourceError::Sql {
+                context: format!("running `{stmt}`"),
+                source: e,
+            }
+        }
+    })?;
+    tracing::info!(publication = %cfg.publication, publish = %cfg.ops.as_publish_option(), "publication set up");
+    Ok(())
+}
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub active: bool,
+    pub confirmed_flush: Option<Lsn>,
+    pub wal_status: Option<String>,
+    pub database: Option<String>,
+}
+
+pub async fn slot_info(cfg: &SourceConfig, sql: &Client) -> Result<Option<SlotInfo>, SourceError> {
+    let row = sql
+        .query_opt(
+            "SELECT plugin::text, active, confirmed_flush_lsn::text, wal_status, database::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(SourceError::sql("looking up the replication slot"))?;
+    let Some(row) = row else { return Ok(None) };
+    let confirmed: Option<String> = row.get(2);
+    Ok(Some(SlotInfo {
+        plugin: row.get(0),
+        active: row.get(1),
+        confirmed_flush: confirmed.as_deref().map(parse_lsn).transpose()?,
+        wal_status: row.get(3),
+        database: row.get(4),
+    }))
+}
+
+/// Checks that an existing slot can serve this stream.
+pub fn check_slot(cfg: &SourceConfig, slot: &SlotInfo) -> Result<(), SourceError> {
+    if slot.plugin.as_deref() != Some("pgoutput") {
+        return Err(SourceError::Config(format!(
+            "replication slot {:?} exists but uses plugin {:?}, not pgoutput: choose another --slot or drop it",
+            cfg.slot, slot.plugin
+        )));
+    }
+    if slot.wal_status.as_deref() == Some("lost") {
+        return Err(SourceError::SlotLost {
+            slot: cfg.slot.clone(),
+            reason: "wal_status = lost: the WAL it needed was removed (max_slot_wal_keep_size)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes a non-transactional logical decoding message and returns its position. The stream sees it
+/// even when the table is quiet, which lets the slot's confirmed position move on.
+pub async fn emit_heartbeat(sql: &Client) -> Result<Lsn, SourceError> {
+    let row = sql
+        .query_one(
+            "SELECT pg_logical_emit_message(false, $1, '')::text",
+            &[&HEARTBEAT_MESSAGE_PREFIX],
+        )
+        .await
+        .map_err(SourceError::sql("writing a heartbeat message"))?;
+    parse_lsn(row.get::<_, &str>(0))
+}

@@ -1,0 +1,654 @@
+//! The replication connection, written on `postgres-protocol`.
+//!
+//! Why not a crate: upstream `tokio-postgres` has no CopyBoth (replication) support and the fork that
+//! does is not on crates.io; `pgwire-replication` drops the last standby status update on shutdown
+//! (acknowledged rows are replayed after a clean stop) and has no way to send one before CopyDone.
+//! What replication needs from the wire is small: startup and SCRAM, simple queries for the
+//! replication commands, and CopyData frames in both directions. Owning it lets a clean shutdown send
+//! the final confirmed position and keeps every length field bounded (see docs/architecture.md).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::event::Lsn;
+
+/// Largest backend message accepted. PostgreSQL caps a single datum at 1 GB; a length field beyond this
+/// is corruption or a hostile peer, and must not turn into an allocation.
+const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("replication connection to {endpoint}: {source}")]
+    Io {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("PostgreSQL {severity} {code}: {message}{}{}", .detail.as_deref().map(|d| format!(" (detail: {d})")).unwrap_or_default(), .hint.as_deref().map(|h| format!(" (hint: {h})")).unwrap_or_default())]
+    Server {
+        severity: String,
+        code: String,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error("PostgreSQL authentication: {0}")]
+    Auth(String),
+    #[error("invalid connection settings: {0}")]
+    Config(String),
+}
+
+impl ReplicationError {
+    /// The SQLSTATE of a server error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying the connection later may succeed (network trouble, server restarting,
+    /// walsender terminated, slot still held by a dying walsender).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Io { .. } => true,
+            ReplicationError::Server { code, .. } => {
+                // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
+                // 55006 object_in_use (slot active for another pid), 08* connection exceptions.
+                matches!(
+                    code.as_str(),
+                    "57P01" | "57P02" | "57P03" | "55006" | "53300"
+                ) || code.starts_with("08")
+            }
+            _ => false,
+        }
+    }
+}
+
+fn server_error(body: &ErrorResponseBody) -> ReplicationError {
+    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    let (mut detail, mut hint) = (None, None);
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'S' => severity = v,
+            b'C' => code = v,
+            b'M' => message = v,
+            b'D' => detail = Some(v),
+            b'H' => hint = Some(v),
+            _ => {}
+        }
+    }
+    ReplicationError::Server {
+        severity,
+        code,
+        message,
+        detail,
+        hint,
+    }
+}
+
+/// Where and how to connect, taken from the same URL the ordinary SQL connection uses.
+#[derive(Clone)]
+pub struct ConnectParams {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Vec<u8>>,
+    pub dbname: String,
+}
+
+impl std::fmt::Debug for ConnectParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dbname
+        )
+    }
+}
+
+impl ConnectParams {
+    pub fn from_config(cfg: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let user = cfg
+            .get_user()
+            .ok_or_else(|| ReplicationError::Config("the PostgreSQL URL names no user".into()))?
+            .to_string();
+        Ok(ConnectParams {
+            host,
+            port: cfg.get_ports().first().copied().unwrap_or(5432),
+            dbname: cfg.get_dbname().unwrap_or(&user).to_string(),
+            user,
+            password: cfg.get_password().map(<[u8]>::to_vec),
+        })
+    }
+
+    fn endpoint(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A walsender connection in `replication=database` mode, before streaming starts.
+pub struct ReplicationClient {
+    socket: Box<dyn Socket>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    endpoint: String,
+}
+
+/// What `CREATE_REPLICATION_SLOT` returns.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    pub consistent_point: Lsn,
+    pub snapshot_name: Option<String>,
+}
+
+impl ReplicationClient {
+    pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
+        let endpoint = params.endpoint();
+        let io = |source| ReplicationError::Io {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let socket: Box<dyn Socket> = if params.host.starts_with('/') {
+            let path = format!("{}/.s.PGSQL.{}", params.host, params.port);
+            Box::new(tokio::net::UnixStream::connect(path).await.map_err(io)?)
+        } else {
+            let tcp = tokio::time::timeout(
+                Duration::from_secs(10),
+                TcpStream::connect((params.host.as_str(), params.port)),
+            )
+            .await
+            .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(io)?;
+            tcp.set_nodelay(true).map_err(io)?;
+            Box::new(tcp)
+        };
+        let mut client = ReplicationClient {
+            socket,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(1024),
+            endpoint,
+        };
+        client.startup(params).await?;
+        Ok(client)
+    }
+
+    async fn startup(&mut self, params: &ConnectParams) -> Result<(), ReplicationError> {
+        // Output functions run in the walsender with this session's settings: pin them so the
+        // text the decoder parses (timestamps above all) has one known format.
+        let options =
+            "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres";
+        frontend::startup_message(
+            [
+                ("user", params.user.as_str()),
+                ("database", params.dbname.as_str()),
+                ("replication", "database"),
+                ("application_name", "cdc-relay"),
+                ("client_encoding", "UTF8"),
+                ("options", options),
+            ],
+            &mut self.write_buf,
+        )
+        .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
+        self.flush().await?;
+
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.recv().await? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    let pw = self.password(params)?;
+                    frontend::password_message(&pw, &mut self.write_buf).map_err(proto)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = self.password(params)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        params.user.as_bytes(),
+                        &pw,
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)
+                        .map_err(proto)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut supported = false;
+                    while let Some(m) = mechanisms.next().map_err(proto)? {
+                        supported |= m == SCRAM_SHA_256;
+                    }
+                    if !supported {
+                        return Err(ReplicationError::Auth(
+                            "server offers no SASL mechanism this client supports (SCRAM-SHA-256)"
+                                .into(),
+                        ));
+                    }
+                    let pw = self.password(params)?;
+                    let s = ScramSha256::new(&pw, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.write_buf,
+                    )
+                    .map_err(proto)?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Auth("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| ReplicationError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut self.write_buf).map_err(proto)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Auth("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data())
+                        .map_err(|e| ReplicationError::Auth(format!("server signature: {e}")))?;
+                }
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => return Err(server_error(&body)),
+                Message::ParameterStatus(_)
+                | Message::BackendKeyData(_)
+                | Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected message during startup".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn password(&self, params: &ConnectParams) -> Result<Vec<u8>, ReplicationError> {
+        params.password.clone().ok_or_else(|| {
+            ReplicationError::Auth(
+                "the server asks for a password and the PostgreSQL URL has none".into(),
+            )
+        })
+    }
+
+    /// Runs a replication command or query and returns its rows as text.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        frontend::query(sql, &mut self.write_buf).map_err(proto)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Message::DataRow(body) => {
+                    let buf = body.buffer();
+                    let mut row = Vec::new();
+                    let mut ranges = body.ranges();
+                    while let Some(r) = ranges.next().map_err(proto)? {
+                        row.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(row);
+                }
+                Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput`, exporting a snapshot when asked. The snapshot
+    /// stays importable only until this connection runs its next command.
+    pub async fn create_logical_slot(
+        &mut self,
+        slot: &str,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
+        let snapshot = if export_snapshot {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        };
+        let rows = self
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
+                quote_ident(slot)
+            ))
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        let consistent_point = row
+            .get(1)
+            .and_then(|v| v.as_deref())
+            .ok_or_else(|| ReplicationError::Protocol("slot without consistent point".into()))?
+            .parse::<Lsn>()
+            .map_err(|e| ReplicationError::Protocol(e.to_string()))?;
+        Ok(CreatedSlot {
+            consistent_point,
+            snapshot_name: row.get(2).cloned().flatten(),
+        })
+    }
+
+    /// `START_REPLICATION`: from here on the connection carries CopyData both ways.
+    /// `Lsn::ZERO` resumes from the slot's confirmed position.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.write_buf).map_err(proto)?;
+        self.flush().await?;
+        loop {
+            match self.recv_frame().await? {
+                Frame::CopyBoth => break,
+                Frame::Other(Message::ErrorResponse(body)) => {
+                    let err = server_error(&body);
+                    return Err(err);
+                }
+                Frame::Other(Message::NoticeResponse(_)) => {}
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "expected CopyBothResponse after START_REPLICATION".into(),
+                    ))
+                }
+            }
+        }
+        Ok(ReplicationStream { client: self })
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        let buf = self.write_buf.split();
+        self.socket
+            .write_all(&buf)
+            .await
+            .map_err(|source| ReplicationError::Io {
+                endpoint: self.endpoint.clone(),
+                source,
+            })
+    }
+
+    async fn recv(&mut self) -> Result<Message, ReplicationError> {
+        match self.recv_frame().await? {
+            Frame::Other(m) => Ok(m),
+            Frame::CopyBoth => Err(ReplicationError::Protocol(
+                "unexpected CopyBothResponse".into(),
+            )),
+        }
+    }
+
+    /// Reads one backend message. Cancel-safe: bytes stay in `read_buf` until a whole frame is there.
+    async fn recv_frame(&mut self) -> Result<Frame, ReplicationError> {
+        loop {
+            if let Some(frame) = self.try_parse_frame()? {
+                return Ok(frame);
+            }
+            let n = self
+                .socket
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|source| ReplicationError::Io {
+                    endpoint: self.endpoint.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(ReplicationError::Io {
+                    endpoint: self.endpoint.clone(),
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+        }
+    }
+
+    fn try_parse_frame(&mut self) -> Result<Option<Frame>, ReplicationError> {
+        if self.read_buf.len() < 5 {
+            return Ok(None);
+        }
+        let tag = self.read_buf[0];
+        let len = u32::from_be_bytes([
+            self.read_buf[1],
+            self.read_buf[2],
+            self.read_buf[3],
+            self.read_buf[4],
+        ]) as usize;
+        if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+            return Err(ReplicationError::Protocol(format!(
+                "backend message {:?} with invalid length {len}",
+                tag as char
+            )));
+        }
+        if self.read_buf.len() < len + 1 {
+            // Grow towards the frame, but only as far as the bytes actually arriving need.
+            self.read_buf
+                .reserve((len + 1 - self.read_buf.len()).min(1 << 20));
+            return Ok(None);
+        }
+        let mut frame = self.read_buf.split_to(len + 1);
+        // postgres-protocol does not know CopyBothResponse ('W'), which only replication uses.
+        if tag == b'W' {
+            return Ok(Some(Frame::CopyBoth));
+        }
+        match Message::parse(&mut frame).map_err(proto)? {
+            Some(m) => Ok(Some(Frame::Other(m))),
+            None => Err(ReplicationError::Protocol(
+                "incomplete backend message".into(),
+            )),
+        }
+    }
+}
+
+enum Frame {
+    CopyBoth,
+    Other(Message),
+}
+
+fn proto(e: std::io::Error) -> ReplicationError {
+    ReplicationError::Protocol(e.to_string())
+}
+
+/// One message of the replication stream.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    /// A pgoutput message; `wal_start` is the WAL position of the change it describes.
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
+    /// The server's heartbeat; when `reply_requested` it expects a status update soon or it
+    /// closes the connection after `wal_sender_timeout`.
+    Keepalive { wal_end: Lsn, reply_requested: bool },
+}
+
+/// A started logical replication stream.
+pub struct ReplicationStream {
+    client: ReplicationClient,
+}
+
+impl ReplicationStream {
+    /// The next message; `None` when the server ended the stream. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
+        loop {
+            let msg = match self.client.recv_frame().await? {
+                Frame::Other(m) => m,
+                Frame::CopyBoth => continue,
+            };
+            match msg {
+                Message::CopyData(body) => return parse_copy_data(body.into_bytes()).map(Some),
+                Message::CopyDone | Message::CommandComplete(_) | Message::ReadyForQuery(_) => {
+                    return Ok(None)
+                }
+                Message::ErrorResponse(body) => return Err(server_error(&body)),
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected message in replication stream".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Standby status update: everything up to `confirmed` is safely handled, so the slot may
+    /// forget it.
+    pub async fn send_status(
+        &mut self,
+        confirmed: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0)
+            - PG_EPOCH_OFFSET_MICROS;
+        let mut payload = BytesMut::with_capacity(34);
+        payload.put_u8(b'r');
+        payload.put_u64(confirmed.0); // written
+        payload.put_u64(confirmed.0); // flushed: what the slot's confirmed_flush_lsn becomes
+        payload.put_u64(confirmed.0); // applied
+        payload.put_i64(now);
+        payload.put_u8(u8::from(reply_requested));
+        frontend::CopyData::new(payload.freeze())
+            .map_err(proto)?
+            .write(&mut self.client.write_buf);
+        self.client.flush().await
+    }
+
+    /// Clean end: the final status update first, then CopyDone, then waits briefly for the server
+    /// to close its side so the position is persisted before the process exits.
+    pub async fn finish(mut self, confirmed: Lsn) -> Result<(), ReplicationError> {
+        self.send_status(confirmed, false).await?;
+        frontend::copy_done(&mut self.client.write_buf);
+        self.client.flush().await?;
+        let drain = async {
+            loop {
+                match self.client.recv_frame().await? {
+                    Frame::Other(Message::ReadyForQuery(_)) => return Ok(()),
+                    Frame::Other(Message::ErrorResponse(body)) => return Err(server_error(&body)),
+                    _ => {}
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), drain).await {
+            Ok(r) => r,
+            Err(_) => Err(ReplicationError::Protocol(
+                "server did not end the stream within 10s of CopyDone".into(),
+            )),
+        }
+    }
+}
+
+fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationError> {
+    let short = || ReplicationError::Protocol("truncated CopyData message".into());
+    if data.is_empty() {
+        return Err(short());
+    }
+    match data.get_u8() {
+        b'w' => {
+            if data.len() < 24 {
+                return Err(short());
+            }
+            let wal_start = Lsn(data.get_u64());
+            let wal_end = Lsn(data.get_u64());
+            let _send_time = data.get_i64();
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            })
+        }
+        b'k' => {
+            if data.len() < 17 {
+                return Err(short());
+            }
+            let wal_end = Lsn(data.get_u64());
+            let _send_time = data.get_i64();
+            Ok(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested: data.get_u8() == 1,
+            })
+        }
+        other => Err(ReplicationError::Protocol(format!(
+            "unknown CopyData message type {other:#04x}"
+        ))),
+    }
+}
+
+/// Quotes an SQL identifier: embedded double quotes are doubled, so no name can break out.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_data_is_bounds_checked() {
+        assert!(parse_copy_data(Bytes::from_static(b"")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"w\0\0")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"k\0")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"z")).is_err());
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&7u64.to_be_bytes());
+        k.extend_from_slice(&0i64.to_be_bytes());
+        k.push(1);
+        match parse_copy_data(Bytes::from(k)).unwrap() {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                assert_eq!(wal_end, Lsn(7));
+                assert!(reply_requested);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,221 @@
+//! The PostgreSQL side: preflight checks, publication and slot, the replication stream, the backfill
+//! and the `sent_to_kafka` ledger. It produces [`crate::event::ChangeEvent`]s and takes
+//! acknowledgements back as row ids and LSNs; it knows nothing of Kafka or ClickHouse.
+
+pub mod backfill;
+pub mod catalog;
+pub mod change;
+pub mod client;
+pub mod ledger;
+pub mod pgoutput;
+pub mod stream;
+
+use std::str::FromStr;
+
+use crate::event::Lsn;
+
+pub use client::ReplicationError;
+pub use pgoutput::DecodeError;
+
+/// Prefix of the transactional logical decoding message written first in every ledger transaction,
+/// so the stream can tell the relay's own `sent_to_kafka` updates from a user's and skip them.
+pub const LEDGER_MESSAGE_PREFIX: &str = "cdc_relay.ledger";
+/// Prefix of the non-transactional messages that move the slot forward on a quiet table.
+pub const HEARTBEAT_MESSAGE_PREFIX: &str = "cdc_relay.heartbeat";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot connect to PostgreSQL at {endpoint}: {source}. Check --pg-url / CDC_RELAY_PG_URL, that the server runs, and that pg_hba.conf admits this user")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL has wal_level = {actual}; logical replication needs wal_level = logical. Set `wal_level = logical` in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL")]
+    WalLevel { actual: String },
+    #[error("table {table}: {reason}")]
+    Schema { table: String, reason: String },
+    #[error("{0}")]
+    Privilege(String),
+    #[error("replication slot {slot:?} is no longer usable ({reason}): changes since its last confirmed position are gone. Re-run with --recreate-slot to create a new slot and re-send every row with sent_to_kafka = FALSE")]
+    SlotLost { slot: String, reason: String },
+    #[error("column {column}: {reason}")]
+    Value {
+        column: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("invalid PostgreSQL settings: {0}")]
+    Config(String),
+}
+
+impl SourceError {
+    pub fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+        let context = context.into();
+        move |source| SourceError::Sql { context, source }
+    }
+
+    /// Whether the same operation may succeed after a pause (connection lost, server restarting).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Replication(e) => e.is_transient(),
+            SourceError::Connect { .. } => true,
+            // A client error with no server error behind it is a connection-level failure.
+            SourceError::Sql { source, .. } => match source.code() {
+                Some(c) => {
+                    let c = c.code();
+                    c.starts_with("08") || c.starts_with("57P") || c == "53300"
+                }
+                None => source.is_closed() || source.as_db_error().is_none(),
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Which operations the publication publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOps(pub Vec<&'static str>);
+
+impl PublishOps {
+    pub fn as_publish_option(&self) -> String {
+        self.0.join(", ")
+    }
+}
+
+/// Everything the PostgreSQL side needs to know.
+#[derive(Clone)]
+pub struct SourceConfig {
+    pub pg: tokio_postgres::Config,
+    pub schema: String,
+    pub table: String,
+    pub slot: String,
+    pub publication: String,
+    pub ops: PublishOps,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("endpoint", &endpoint(&self.pg))
+            .field("table", &self.qualified_table())
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("ops", &self.ops)
+            .finish()
+    }
+}
+
+impl SourceConfig {
+    /// Parses the URL and the `schema.table` name. The ordinary SQL sessions get the same output
+    /// settings as the replication session, so both paths print timestamps alike.
+    pub fn new(
+        url: &str,
+        table: &str,
+        slot: &str,
+        publication: &str,
+        ops: PublishOps,
+    ) -> Result<Self, SourceError> {
+        let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+            SourceError::Config(format!(
+                "--pg-url is not a valid PostgreSQL URL or key=value string: {e}"
+            ))
+        })?;
+        pg.options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3");
+        pg.application_name("cdc-relay");
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        let (schema, table) = match table.split_once('.') {
+            Some((s, t)) => (s.to_string(), t.to_string()),
+            None => ("public".to_string(), table.to_string()),
+        };
+        if schema.is_empty() || table.is_empty() {
+            return Err(SourceError::Config(format!(
+                "--table {table:?} must be `schema.table` or `table`"
+            )));
+        }
+        for (what, name) in [("--slot", slot)] {
+            // Slot names are restricted by PostgreSQL itself; checking here gives a clearer error.
+            if name.is_empty()
+                || name.len() > 63
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(SourceError::Config(format!(
+                    "{what} {name:?}: slot names may contain only lower-case letters, digits and underscores (at most 63)"
+                )));
+            }
+        }
+        Ok(SourceConfig {
+            pg,
+            schema,
+            table,
+            slot: slot.to_string(),
+            publication: publication.to_string(),
+            ops,
+        })
+    }
+
+    /// `"schema"."table"`, quoted for SQL.
+    pub fn qualified_table(&self) -> String {
+        format!(
+            "{}.{}",
+            client::quote_ident(&self.schema),
+            client::quote_ident(&self.table)
+        )
+    }
+
+    pub fn endpoint(&self) -> String {
+        endpoint(&self.pg)
+    }
+
+    /// Opens an ordinary SQL session; its connection task runs in the background.
+    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
+        let (client, connection) =
+            self.pg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| SourceError::Connect {
+                    endpoint: self.endpoint(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "PostgreSQL SQL connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    pub fn replication_params(&self) -> Result<client::ConnectParams, SourceError> {
+        Ok(client::ConnectParams::from_config(&self.pg)?)
+    }
+}
+
+fn endpoint(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    format!("{host}:{}", pg.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// Parses an LSN returned as text by SQL.
+pub fn parse_lsn(text: &str) -> Result<Lsn, SourceError> {
+    text.parse::<Lsn>().map_err(|e| SourceError::Value {
+        column: "lsn",
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,248 @@
+//! Shared helpers for the integration tests. They run against the real local services that
+//! `scripts/services up` starts; settings come from the environment it writes (`.local/services.env`).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+
+/// A setting from the services env; a missing one is a failure, never a skip.
+pub fn env(name: &str) -> String {
+    if let Ok(v) = std::env::var(name) {
+        return v;
+    }
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/.local/services.env");
+    if let Ok(text) = std::fs::read_to_string(file) {
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                if k == name {
+                    return v.to_string();
+                }
+            }
+        }
+    }
+    panic!("{name} is not set: run `scripts/services up` (it writes .local/services.env) or `scripts/test`")
+}
+
+/// A name unique to this test run, usable as a table, slot, publication or topic name.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+pub async fn pg() -> tokio_postgres::Client {
+    pg_url(&env("CDC_RELAY_PG_URL")).await
+}
+
+pub async fn pg_url(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// A fresh copy of the seed's table under a unique name.
+pub async fn create_table(pg: &tokio_postgres::Client, name: &str) {
+    let ddl = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/postgres/schema.sql"
+    ))
+    .unwrap();
+    pg.batch_execute(&ddl.replace("user_logins", name))
+        .await
+        .unwrap();
+}
+
+/// Drops the slot (waiting for a dying walsender to let go of it), the publication and the table.
+pub async fn drop_pipeline(pg: &tokio_postgres::Client, name: &str) {
+    for _ in 0..50 {
+        let r = pg
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await;
+        if r.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = pg
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {name}; DROP TABLE IF EXISTS {name}"
+        ))
+        .await;
+}
+
+pub fn kafka_config() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", env("CDC_RELAY_KAFKA_BROKERS"));
+    c
+}
+
+/// A JSON message read back from Kafka, with its key and partition.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: Option<String>,
+    pub partition: i32,
+    pub offset: i64,
+    pub value: serde_json::Value,
+}
+
+/// Reads the topic from the beginning until `expected` messages arrived or `timeout` passed, then
+/// keeps reading for `settle` to catch any extra (duplicate) messages.
+pub fn read_topic(
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Received> {
+    let consumer: BaseConsumer = kafka_config()
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if now > deadline || settle_until.is_some_and(|s| now > s) {
+            break;
+        }
+        if out.len() >= expected && settle_until.is_none() {
+            settle_until = Some(now + settle);
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.expect("kafka message");
+            out.push(Received {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                partition: m.partition(),
+                offset: m.offset(),
+                value: serde_json::from_slice(m.payload().unwrap_or(b"null"))
+                    .unwrap_or(serde_json::Value::Null),
+            });
+        }
+    }
+    out
+}
+
+/// The `cdc-relay` binary with the services' settings in its environment.
+pub fn relay(args: &[&str], extra_env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-relay"));
+    cmd.args(args);
+    for k in [
+        "CDC_RELAY_PG_URL",
+        "CDC_RELAY_KAFKA_BROKERS",
+        "CDC_RELAY_CLICKHOUSE_URL",
+        "CDC_RELAY_CLICKHOUSE_USER",
+        "CDC_RELAY_CLICKHOUSE_PASSWORD",
+    ] {
+        cmd.env(k, env(k));
+    }
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.env("CDC_RELAY_LOG", "info,cdc_relay=debug");
+    cmd
+}
+
+/// A running relay process, killed when dropped; its output goes to a log file for post-mortems.
+pub struct Relay {
+    pub child: Child,
+    pub log: std::path::PathBuf,
+}
+
+impl Relay {
+    pub fn start(name: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Relay {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".local/test-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = relay(args, extra_env)
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start cdc-relay");
+        Relay { child, log }
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(mut self) -> i32 {
+        unsafe_kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not stop within 60s; log: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Count of messages per key.
+pub fn by_key(msgs: &[Received]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in msgs {
+        *m.entry(r.key.clone().unwrap_or_default()).or_insert(0) += 1;
+    }
+    m
+}

@@ -1,0 +1,413 @@
+//! `cdc-relay stream` against the real PostgreSQL and Kafka: what reaches the topic, what the ledger
+//! says, and what survives stops and crashes.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::*;
+
+/// One test's private table, slot, publication and topic (all named alike).
+struct Pipeline {
+    name: String,
+    pg: tokio_postgres::Client,
+}
+
+impl Pipeline {
+    async fn new(prefix: &str) -> Pipeline {
+        let name = unique(prefix);
+        let pg = pg().await;
+        create_table(&pg, &name).await;
+        Pipeline { name, pg }
+    }
+
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "stream",
+            "--table",
+            &self.name,
+            "--slot",
+            &self.name,
+            "--publication",
+            &self.name,
+            "--topic",
+            &self.name,
+            "--heartbeat-interval",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        a
+    }
+
+    fn start(&self, extra: &[&str]) -> Relay {
+        Relay::start(&self.name, &self.args(extra), &[])
+    }
+
+    async fn exec(&self, sql: &str) {
+        self.pg
+            .batch_execute(&sql.replace("{t}", &self.name))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    async fn count(&self, where_: &str) -> i64 {
+        self.pg
+            .query_one(
+                &format!("SELECT count(*) FROM {} WHERE {where_}", self.name),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn wait_all_sent(&self, expected: i64, timeout: Duration) {
+        eventually("rows marked sent_to_kafka", timeout, || async {
+            (self.count("sent_to_kafka").await == expected).then_some(())
+        })
+        .await;
+    }
+
+    fn read(&self, expected: usize, settle: Duration) -> Vec<Received> {
+        read_topic(&self.name, expected, Duration::from_secs(60), settle)
+    }
+
+    async fn slot_confirmed(&self) -> String {
+        self.pg
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until the slot exists and a walsender streams it.
+    async fn wait_streaming(&self) {
+        eventually("slot streaming", Duration::from_secs(30), || async {
+            let n: i64 = self
+                .pg
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&self.name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        })
+        .await;
+    }
+
+    async fn drop(self) {
+        drop_pipeline(&self.pg, &self.name).await;
+    }
+}
+
+fn ids(msgs: &[Received]) -> BTreeSet<i64> {
+    msgs.iter().filter_map(|m| m.value["id"].as_i64()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_rows_reach_kafka_with_the_seed_fields_and_are_marked_sent() {
+    let p = Pipeline::new("st_seed").await;
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/postgres/seed-data.sql"
+    ))
+    .unwrap();
+    p.exec(&seed.replace("user_logins", "{t}")).await;
+    let expected: HashMap<i64, (String, String, f64)> = p
+        .pg
+        .query(
+            &format!("SELECT id::int8, username, event_type, extract(epoch FROM event_time)::float8 FROM {}", p.name),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    assert_eq!(expected.len(), 3);
+
+    let relay = p.start(&[]);
+    p.wait_all_sent(3, Duration::from_secs(30)).await;
+    let msgs = p.read(3, Duration::from_secs(1));
+    assert_eq!(msgs.len(), 3, "{msgs:?}");
+    for m in &msgs {
+        let id = m.value["id"].as_i64().unwrap();
+        let (user, event, ts) = &expected[&id];
+        assert_eq!(m.key.as_deref(), Some(id.to_string().as_str()));
+        assert_eq!(m.value["user"], *user);
+        assert_eq!(m.value["event"], *event);
+        let got = m.value["timestamp"].as_f64().unwrap();
+        assert!((got - ts).abs() < 1e-6, "timestamp {got} vs {ts}");
+        assert_eq!(m.value["op"], "snapshot");
+        assert!(m.value["lsn"].as_str().unwrap().contains('/'));
+        assert!(m.value["version"].is_u64());
+    }
+    assert_eq!(p.count("NOT sent_to_kafka").await, 0);
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_inserts_arrive_and_rolled_back_rows_never_do() {
+    let p = Pipeline::new("st_live").await;
+    let relay = p.start(&[]);
+    // Rows below come through the stream, not the backfill.
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'u' || g, 'login', now() FROM generate_series(1, 50) g").await;
+    p.exec("BEGIN; INSERT INTO {t} (username, event_type, event_time) SELECT 'rolled', 'back', now() FROM generate_series(1, 20); ROLLBACK").await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) VALUES ('last', 'logout', now())")
+        .await;
+    p.wait_all_sent(51, Duration::from_secs(30)).await;
+    let msgs = p.read(51, Duration::from_secs(2));
+    let got = ids(&msgs);
+    let want: BTreeSet<i64> =
+        p.pg.query(&format!("SELECT id::int8 FROM {}", p.name), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    assert_eq!(got, want);
+    assert_eq!(msgs.len(), 51, "no duplicates");
+    assert!(msgs.iter().all(|m| m.value["user"] != "rolled"));
+    assert!(msgs.iter().all(|m| m.value["op"] == "insert"));
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_updates_and_deletes_flow_but_ledger_updates_do_not() {
+    let p = Pipeline::new("st_ops").await;
+    let relay = p.start(&["--ops", "insert,update,delete"]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'u' || g, 'login', now() FROM generate_series(1, 10) g").await;
+    p.wait_all_sent(10, Duration::from_secs(30)).await;
+    p.exec("UPDATE {t} SET event_type = 'logout' WHERE id <= 3")
+        .await;
+    p.exec("DELETE FROM {t} WHERE id = 10").await;
+    p.wait_all_sent(9, Duration::from_secs(30)).await;
+    // 10 inserts + 3 updates + 1 delete; the ledger's 10 + 3 updates must not appear.
+    let msgs = p.read(14, Duration::from_secs(3));
+    let mut ops: HashMap<String, usize> = HashMap::new();
+    for m in &msgs {
+        *ops.entry(m.value["op"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(ops.get("insert"), Some(&10), "{ops:?}");
+    assert_eq!(ops.get("update"), Some(&3), "{ops:?}");
+    assert_eq!(ops.get("delete"), Some(&1), "{ops:?}");
+    assert_eq!(msgs.len(), 14);
+    let updates: BTreeSet<i64> = msgs
+        .iter()
+        .filter(|m| m.value["op"] == "update")
+        .map(|m| m.value["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(updates, BTreeSet::from([1, 2, 3]));
+    assert!(msgs
+        .iter()
+        .filter(|m| m.value["op"] == "update")
+        .all(|m| m.value["event"] == "logout"));
+    // Versions order the changes of one row.
+    for id in 1..=3 {
+        let v: Vec<u64> = msgs
+            .iter()
+            .filter(|m| m.value["id"] == id)
+            .map(|m| m.value["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(v.len(), 2);
+        assert!(v[0] < v[1], "versions of id {id}: {v:?}");
+    }
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clean_stop_then_start_replays_nothing_acknowledged() {
+    let p = Pipeline::new("st_restart").await;
+    let relay = p.start(&[]);
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'a' || g, 'login', now() FROM generate_series(1, 200) g").await;
+    p.wait_all_sent(200, Duration::from_secs(30)).await;
+    assert_eq!(relay.stop(), 0, "clean stop exits 0");
+    let confirmed_after_stop = p.slot_confirmed().await;
+
+    // Rows written while the relay is down come through the stream on the next start.
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'b' || g, 'login', now() FROM generate_series(1, 100) g").await;
+    let relay = p.start(&[]);
+    p.wait_all_sent(300, Duration::from_secs(30)).await;
+    let msgs = p.read(300, Duration::from_secs(3));
+    let counts = by_key(&msgs);
+    let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dups.is_empty(), "replayed after a clean stop: {dups:?}");
+    assert_eq!(ids(&msgs).len(), 300);
+    assert_ne!(confirmed_after_stop, "0/0");
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_a_100k_load_loses_nothing() {
+    let p = Pipeline::new("st_kill").await;
+    let relay = p.start(&[]);
+    let loader_pg = pg().await;
+    let table = p.name.clone();
+    let loader = tokio::spawn(async move {
+        for _ in 0..100 {
+            loader_pg
+                .batch_execute(&format!(
+                    "INSERT INTO {table} (username, event_type, event_time) SELECT 'k' || g, 'login', clock_timestamp() FROM generate_series(1, 1000) g"
+                ))
+                .await
+                .unwrap();
+        }
+    });
+    // Kill once part of the load is through.
+    eventually("some rows sent", Duration::from_secs(60), || async {
+        (p.count("sent_to_kafka").await > 10_000).then_some(())
+    })
+    .await;
+    relay.kill9();
+    loader.await.unwrap();
+    let relay = p.start(&[]);
+    p.wait_all_sent(100_000, Duration::from_secs(180)).await;
+    let msgs = p.read(100_000, Duration::from_secs(3));
+    let counts = by_key(&msgs);
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    println!("kill -9 during 100k load: {} messages, {} distinct ids, {duplicates} duplicates (unconfirmed tail)", msgs.len(), counts.len());
+    assert_eq!(ids(&msgs).len(), 100_000, "every id reached Kafka");
+    assert!(
+        duplicates < 60_000,
+        "duplicates only for the unconfirmed tail, got {duplicates}"
+    );
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_round_trip_exactly() {
+    let p = Pipeline::new("st_values").await;
+    p.exec(
+        "INSERT INTO {t} (id, username, event_type, event_time) VALUES \
+         (1, 'Ünïcødé 名前 🚀', '', '2024-02-29 23:59:59.999999'), \
+         (2, NULL, NULL, NULL), \
+         (3, 'quote''s \"and\" back\\slash', E'tab\\tnew\\nline', '1999-12-31 00:00:00.000001'), \
+         (4, 'old', 'login', '1900-01-01 00:00:00')",
+    )
+    .await;
+    let relay = p.start(&[]);
+    p.wait_all_sent(4, Duration::from_secs(30)).await;
+    // And the same values once more through the stream rather than the backfill.
+    p.exec(
+        "INSERT INTO {t} (id, username, event_type, event_time) \
+         SELECT id + 100, username, event_type, event_time FROM {t} WHERE id <= 4",
+    )
+    .await;
+    p.wait_all_sent(8, Duration::from_secs(30)).await;
+    let msgs = p.read(8, Duration::from_secs(2));
+    assert_eq!(msgs.len(), 8);
+    for m in &msgs {
+        let id = m.value["id"].as_i64().unwrap() % 100;
+        let v = &m.value;
+        match id {
+            1 => {
+                assert_eq!(v["user"], "Ünïcødé 名前 🚀");
+                assert_eq!(v["event"], "");
+                assert_eq!(v["event_time"], "2024-02-29T23:59:59.999999");
+                assert_eq!(v["timestamp"].as_f64().unwrap(), 1_709_251_199.999_999);
+            }
+            2 => {
+                assert!(v["user"].is_null() && v["event"].is_null());
+                assert!(v["timestamp"].is_null() && v["event_time"].is_null());
+            }
+            3 => {
+                assert_eq!(v["user"], "quote's \"and\" back\\slash");
+                assert_eq!(v["event"], "tab\tnew\nline");
+                assert_eq!(v["event_time"], "1999-12-31T00:00:00.000001");
+            }
+            4 => {
+                assert_eq!(v["event_time"], "1900-01-01T00:00:00");
+                assert_eq!(v["timestamp"].as_f64().unwrap(), -2_208_988_800.0);
+            }
+            _ => panic!("unexpected id {id}"),
+        }
+    }
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_level_replica_is_a_clear_error_with_exit_code_2() {
+    // A throwaway cluster with wal_level = replica, as the postgres OS user (initdb refuses root).
+    let bin = env("CDC_RELAY_PG_BIN");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!(".local/{}", unique("pg_replica")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let as_postgres = |args: &[&str]| {
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args:?}");
+    };
+    std::process::Command::new("chown")
+        .arg("postgres")
+        .arg(&dir)
+        .status()
+        .unwrap();
+    let data = dir.join("data");
+    let pwfile = dir.join("pw");
+    std::fs::write(&pwfile, "secret\n").unwrap();
+    std::process::Command::new("chown")
+        .arg("postgres")
+        .arg(&pwfile)
+        .status()
+        .unwrap();
+    as_postgres(&[
+        &format!("{bin}/initdb"),
+        "-D",
+        data.to_str().unwrap(),
+        "-U",
+        "postgres",
+        "--auth=scram-sha-256",
+        &format!("--pwfile={}", pwfile.display()),
+    ]);
+    let port = 25432 + (std::process::id() % 1000) as u16;
+    let opts = format!("-c wal_level=replica -c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}", dir.display());
+    as_postgres(&[
+        &format!("{bin}/pg_ctl"),
+        "-D",
+        data.to_str().unwrap(),
+        "-o",
+        &opts,
+        "-w",
+        "start",
+    ]);
+    let url = format!("postgres://postgres:secret@127.0.0.1:{port}/postgres");
+    let out = relay(&["stream"], &[("CDC_RELAY_PG_URL", url.as_str())])
+        .output()
+        .unwrap();
+    as_postgres(&[
+        &format!("{bin}/pg_ctl"),
+        "-D",
+        data.to_str().unwrap(),
+        "-m",
+        "immediate",
+        "stop",
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("wal_level = replica"), "{stderr}");
+    assert!(
+        stderr.contains("wal_level = logical") && stderr.contains("restart PostgreSQL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "the password leaked: {stderr}");
+}
