@@ -1,10 +1,242 @@
-//! `cdc-relay sink`: Kafka → ClickHouse.
+//! `cdc-relay sink`: wires the Kafka consumer to the ClickHouse writer.
+//!
+//! Offsets are committed only after ClickHouse confirmed the insert of every message below them
+//! (dead-lettered messages count once the dead-letter topic has them). A crash anywhere re-reads
+//! from the last commit; re-inserted rows carry the same `_version` and collapse.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::config::SinkArgs;
 use crate::error::Error;
+use crate::event::{ChangeEvent, Op};
+use crate::failpoints;
+use crate::kafka::consumer::{Consumed, DeadLetters, KafkaConsumer};
+use crate::kafka::producer::base_config;
+use crate::kafka::topic::ensure_topic;
+use crate::sink::clickhouse::{schema, ClickHouseConfig, ClickHouseWriter, UserLoginRow};
 
-pub async fn run(_args: SinkArgs, _shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    Err(Error::Config("`sink` is not implemented yet".into()))
+struct Batch {
+    rows: Vec<UserLoginRow>,
+    /// Highest handled offset per partition.
+    handled: BTreeMap<i32, i64>,
+    deadline: Option<Instant>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            rows: Vec::new(),
+            handled: BTreeMap::new(),
+            deadline: None,
+        }
+    }
+
+    fn mark(&mut self, msg: &Consumed, interval: Duration) {
+        let e = self.handled.entry(msg.partition).or_insert(msg.offset);
+        *e = (*e).max(msg.offset);
+        self.deadline
+            .get_or_insert_with(|| Instant::now() + interval);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.handled.is_empty()
+    }
+}
+
+struct SinkCommand {
+    args: SinkArgs,
+    consumer: KafkaConsumer,
+    dead_letters: DeadLetters,
+    writer: ClickHouseWriter,
+    shutdown: watch::Receiver<bool>,
+    dead_lettered: u64,
+    inserted: u64,
+}
+
+pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let ch = ClickHouseConfig {
+        url: args.clickhouse.clickhouse_url.clone(),
+        user: args.clickhouse.clickhouse_user.clone(),
+        password: args.clickhouse.clickhouse_password.clone(),
+        database: args.clickhouse.clickhouse_database.clone(),
+        table: args.clickhouse.clickhouse_table.clone(),
+    };
+    let client = ch.client();
+    // ClickHouse may still be starting: wait for it rather than exit.
+    let mut backoff = Backoff::new();
+    let version = loop {
+        match schema::server_version(&client, &ch.url).await {
+            Ok(v) => break v,
+            Err(e) => {
+                let pause = backoff.next_pause();
+                tracing::warn!(error = %e, retry_in = ?pause, "ClickHouse not reachable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+        }
+    };
+    schema::ensure_schema(&client, &ch, version).await?;
+    tracing::info!(version = %format!("{}.{}", version.major, version.minor), table = %ch.qualified_table(), view = %ch.qualified_view(), "ClickHouse ready");
+
+    let kafka = base_config(&args.kafka.kafka_brokers);
+    ensure_topic(&kafka, &args.kafka.topic, 3, 1).await?;
+    ensure_topic(&kafka, &args.dlq_topic, 1, 1).await?;
+    let consumer = KafkaConsumer::new(&args.kafka.kafka_brokers, &args.group, &args.kafka.topic)?;
+    let dead_letters = DeadLetters::new(&args.kafka.kafka_brokers, &args.dlq_topic)?;
+    tracing::info!(topic = %args.kafka.topic, group = %args.group, dead_letters = %args.dlq_topic, "sink starting");
+
+    let mut cmd = SinkCommand {
+        writer: ClickHouseWriter::new(&ch),
+        args,
+        consumer,
+        dead_letters,
+        shutdown,
+        dead_lettered: 0,
+        inserted: 0,
+    };
+    cmd.run().await
+}
+
+impl SinkCommand {
+    async fn run(&mut self) -> Result<(), Error> {
+        let mut batch = Batch::new();
+        loop {
+            let deadline = batch.deadline;
+            let room = batch.rows.len() < self.args.batch_rows;
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => break,
+                msg = self.consumer.recv(), if room => {
+                    match msg {
+                        Ok(msg) => self.handle(msg, &mut batch).await?,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Kafka consumer error");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+                _ = sleep_until_opt(deadline) => {
+                    if !self.flush(&mut batch).await {
+                        break;
+                    }
+                }
+            }
+            if batch.rows.len() >= self.args.batch_rows && !self.flush(&mut batch).await {
+                break;
+            }
+        }
+        self.flush(&mut batch).await;
+        tracing::info!(
+            inserted = self.inserted,
+            dead_lettered = self.dead_lettered,
+            "sink stopped"
+        );
+        Ok(())
+    }
+
+    async fn handle(&mut self, msg: Consumed, batch: &mut Batch) -> Result<(), Error> {
+        let parsed = ChangeEvent::from_json(&msg.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|event| match event.op {
+                Op::Truncate => Ok((event, None)),
+                _ => UserLoginRow::from_event(&event)
+                    .map(|row| (event, Some(row)))
+                    .map_err(|e| e.to_string()),
+            });
+        match parsed {
+            Ok((_, Some(row))) => batch.rows.push(row),
+            Ok((event, None)) => {
+                // Everything before the truncate must be stored before it applies.
+                if !self.flush(batch).await {
+                    return Ok(());
+                }
+                self.retry("applying a truncate", || {
+                    self.writer.truncate_before(event.version)
+                })
+                .await;
+            }
+            Err(reason) => self.dead_letter(&msg, &reason).await,
+        }
+        batch.mark(&msg, self.args.batch_interval);
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, msg: &Consumed, reason: &str) {
+        self.dead_lettered += 1;
+        let n = self.dead_lettered;
+        // Logged without flooding: the first ten, then at powers of two.
+        if n <= 10 || n.is_power_of_two() {
+            tracing::warn!(partition = msg.partition, offset = msg.offset, error = reason, dead_lettered_total = n, topic = %self.dead_letters.topic(), "message sent to the dead-letter topic");
+        }
+        let dl = &self.dead_letters;
+        self.retry("writing to the dead-letter topic", || dl.send(msg, reason))
+            .await;
+    }
+
+    /// Retries `op` with backoff until it succeeds or shutdown is asked for (then gives up; the
+    /// offsets of the unfinished work are not committed, so nothing is lost).
+    async fn retry<F, Fut, E>(&self, what: &str, mut op: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let mut backoff = Backoff::new();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            match op().await {
+                Ok(()) => return true,
+                Err(e) => {
+                    let pause = backoff.next_pause();
+                    tracing::warn!(error = %e, retry_in = ?pause, "{what} failed; retrying");
+                    if *shutdown.borrow() {
+                        return false;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => return false,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inserts the batch, then commits its offsets. `false` if it gave up because of shutdown.
+    async fn flush(&mut self, batch: &mut Batch) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let writer = &self.writer;
+        let rows = &batch.rows;
+        if !self
+            .retry("inserting into ClickHouse", || writer.insert(rows))
+            .await
+        {
+            return false;
+        }
+        failpoints::hit(failpoints::SINK_AFTER_INSERT);
+        self.inserted += batch.rows.len() as u64;
+        tracing::debug!(rows = batch.rows.len(), "batch inserted");
+        if let Err(e) = self.consumer.commit(&batch.handled) {
+            // Not fatal: the rows are stored; a later commit covers them, or they are re-read and
+            // collapse with the stored versions.
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+        *batch = Batch::new();
+        true
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }

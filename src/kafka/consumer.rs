@@ -1,1 +1,147 @@
-pub struct Placeholder;
+//! The sink's consumer-group member, and the dead-letter producer.
+//!
+//! Auto-commit is off: offsets are committed only by [`KafkaConsumer::commit`], which the sink calls
+//! after ClickHouse confirmed every message below those offsets. A rebalance therefore never commits
+//! anything by itself; a partition taken away mid-batch is simply read again by its next owner.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::producer::base_config;
+use super::KafkaError;
+
+/// One consumed message, detached from librdkafka's buffers.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+pub struct KafkaConsumer {
+    consumer: StreamConsumer,
+    topic: String,
+}
+
+impl KafkaConsumer {
+    pub fn new(brokers: &str, group: &str, topic: &str) -> Result<Self, KafkaError> {
+        let consumer: StreamConsumer = base_config(brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "10000")
+            .set("fetch.wait.max.ms", "50")
+            // Bound what librdkafka prefetches per partition, so memory stays flat under any backlog.
+            .set("queued.max.messages.kbytes", "16384")
+            .create()
+            .map_err(KafkaError::client("creating the consumer"))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(KafkaError::client(format!("subscribing to {topic}")))?;
+        Ok(KafkaConsumer {
+            consumer,
+            topic: topic.to_string(),
+        })
+    }
+
+    /// The next message. Cancel-safe.
+    pub async fn recv(&self) -> Result<Consumed, KafkaError> {
+        let m = self
+            .consumer
+            .recv()
+            .await
+            .map_err(KafkaError::client(format!("reading {}", self.topic)))?;
+        Ok(Consumed {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        })
+    }
+
+    /// Commits, per partition, the offset after the highest message handled.
+    pub fn commit(&self, handled: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+        if handled.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in handled {
+            tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(offset + 1))
+                .map_err(KafkaError::client("building the offsets to commit"))?;
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(KafkaError::client("committing offsets"))
+    }
+}
+
+/// Where messages the sink cannot use go, with why and where they came from in headers.
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl DeadLetters {
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = base_config(brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .map_err(KafkaError::client("creating the dead-letter producer"))?;
+        Ok(DeadLetters {
+            producer,
+            topic: topic.to_string(),
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Sends the original key and payload, and waits until Kafka has it.
+    pub async fn send(&self, original: &Consumed, error: &str) -> Result<(), KafkaError> {
+        let partition = original.partition.to_string();
+        let offset = original.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "cdc_relay.error",
+                value: Some(error),
+            })
+            .insert(Header {
+                key: "cdc_relay.original_topic",
+                value: Some(&original.topic),
+            })
+            .insert(Header {
+                key: "cdc_relay.original_partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "cdc_relay.original_offset",
+                value: Some(&offset),
+            });
+        let mut record = FutureRecord::to(&self.topic)
+            .payload(&original.payload)
+            .headers(headers);
+        if let Some(k) = &original.key {
+            record = record.key(k);
+        }
+        self.producer
+            .send(record, Duration::from_secs(60))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| {
+                KafkaError::Delivery(format!("dead-letter topic {}: {e}", self.topic))
+            })
+    }
+}

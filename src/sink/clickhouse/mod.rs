@@ -1,7 +1,32 @@
-//! The ClickHouse sink: schema for the server's version, batching and inserts.
+//! The ClickHouse sink: picks DDL for the server's version, creates or checks the table and its
+//! current-rows view, turns change events into rows and inserts batches. Knows nothing of Kafka: it
+//! takes [`crate::event::ChangeEvent`]s and says when they are stored.
+
+pub mod config;
+pub mod row;
+pub mod schema;
+pub mod writer;
+
+pub use config::ClickHouseConfig;
+pub use row::UserLoginRow;
+pub use schema::ServerVersion;
+pub use writer::ClickHouseWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("{0}")]
-    Other(String),
+    #[error("ClickHouse at {url} ({context}): {source}. Check --clickhouse-url / --clickhouse-user / the password, and that the server runs")]
+    Client {
+        url: String,
+        context: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    #[error("ClickHouse table {table}: column {column} {reason}. Drop or rename the table, or point --clickhouse-table elsewhere, so the sink can create it")]
+    Schema {
+        table: String,
+        column: String,
+        reason: String,
+    },
+    #[error("ClickHouse server version {0:?} is not understood")]
+    Version(String),
 }

@@ -1,0 +1,100 @@
+//! One change event as a row of the ClickHouse table.
+
+use clickhouse::Row;
+use serde::Serialize;
+
+use crate::event::{ChangeEvent, Op};
+
+/// The stored row. Field names are the column names (the insert names them explicitly).
+#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+pub struct UserLoginRow {
+    pub id: u64,
+    pub username: Option<String>,
+    pub event_type: Option<String>,
+    /// Seconds since the epoch, for a `DateTime` column: its range is 1970..2106, so times outside
+    /// it are stored as NULL here and kept exactly in `event_time_us`.
+    pub event_time: Option<u32>,
+    /// Microseconds since the epoch: the exact value, whatever the date.
+    pub event_time_us: Option<i64>,
+    pub op: String,
+    pub _lsn: String,
+    pub _version: u64,
+    pub _deleted: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RowError {
+    #[error("id {0} is negative and cannot be stored as UInt64")]
+    NegativeId(i64),
+    #[error("op {0} carries no row")]
+    NoRow(&'static str),
+}
+
+impl UserLoginRow {
+    pub fn from_event(event: &ChangeEvent) -> Result<Self, RowError> {
+        let id = event.id.ok_or(RowError::NoRow(event.op.as_str()))?;
+        let id = u64::try_from(id).map_err(|_| RowError::NegativeId(id))?;
+        let micros = event.event_time_micros();
+        let seconds = micros.and_then(|us| u32::try_from(us.div_euclid(1_000_000)).ok());
+        Ok(UserLoginRow {
+            id,
+            username: event.user.clone(),
+            event_type: event.event.clone(),
+            event_time: seconds,
+            event_time_us: micros,
+            op: event.op.as_str().to_string(),
+            _lsn: event.lsn.clone(),
+            _version: event.version,
+            _deleted: u8::from(event.op == Op::Delete),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(op: Op, id: Option<i64>) -> ChangeEvent {
+        ChangeEvent {
+            id,
+            op,
+            user: Some("u".into()),
+            event: None,
+            timestamp: Some(1.000001),
+            event_time: Some("1970-01-01T00:00:01.000001".into()),
+            lsn: "0/1".into(),
+            version: 9,
+            unchanged: vec![],
+        }
+    }
+
+    #[test]
+    fn maps_fields_and_deletes() {
+        let row = UserLoginRow::from_event(&event(Op::Insert, Some(5))).unwrap();
+        assert_eq!(
+            (row.id, row.event_time, row.event_time_us),
+            (5, Some(1), Some(1_000_001))
+        );
+        assert_eq!(row._deleted, 0);
+        assert_eq!(
+            UserLoginRow::from_event(&event(Op::Delete, Some(5)))
+                .unwrap()
+                ._deleted,
+            1
+        );
+        assert_eq!(
+            UserLoginRow::from_event(&event(Op::Insert, Some(-1))),
+            Err(RowError::NegativeId(-1))
+        );
+        assert!(UserLoginRow::from_event(&event(Op::Truncate, None)).is_err());
+    }
+
+    #[test]
+    fn times_before_1970_keep_microseconds_only() {
+        let mut e = event(Op::Insert, Some(1));
+        e.event_time = Some("1900-01-01T00:00:00".into());
+        let row = UserLoginRow::from_event(&e).unwrap();
+        assert_eq!(row.event_time, None);
+        assert_eq!(row.event_time_us, Some(-2_208_988_800_000_000));
+    }
+}

@@ -1,0 +1,494 @@
+//! `cdc-relay sink` against the real Kafka and ClickHouse (and, end to end, with `stream` from the real
+//! PostgreSQL): what the current view shows after redeliveries, deletes, poison messages and faults.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clickhouse::Row;
+use common::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Deserialize;
+use serde_json::json;
+
+fn ch_client(url: &str) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(url)
+        .with_user(env("CDC_RELAY_CLICKHOUSE_USER"))
+        .with_password(env("CDC_RELAY_CLICKHOUSE_PASSWORD"))
+        .with_validation(false)
+}
+
+#[derive(Debug, Row, Deserialize, PartialEq)]
+struct Current {
+    id: u64,
+    username: Option<String>,
+    event_type: Option<String>,
+    event_time: Option<u32>,
+    event_time_us: Option<i64>,
+    _version: u64,
+}
+
+async fn current(ch: &clickhouse::Client, table: &str) -> Vec<Current> {
+    ch.query(&format!(
+        "SELECT id, username, event_type, event_time, event_time_us, _version FROM {table}_current ORDER BY id"
+    ))
+    .fetch_all()
+    .await
+    .unwrap_or_default()
+}
+
+async fn count(ch: &clickhouse::Client, sql: &str) -> u64 {
+    ch.query(sql).fetch_one::<u64>().await.unwrap_or(0)
+}
+
+/// A sink test's own topic, group and ClickHouse table.
+struct SinkSetup {
+    name: String,
+    ch_url: String,
+}
+
+impl SinkSetup {
+    fn new(prefix: &str) -> Self {
+        SinkSetup {
+            name: unique(prefix),
+            ch_url: env("CDC_RELAY_CLICKHOUSE_URL"),
+        }
+    }
+
+    fn dlq(&self) -> String {
+        format!("{}_dlq", self.name)
+    }
+
+    fn start(&self, tag: &str) -> Relay {
+        let dlq = self.dlq();
+        let args = [
+            "sink",
+            "--topic",
+            &self.name,
+            "--group",
+            &self.name,
+            "--clickhouse-table",
+            &self.name,
+            "--dlq-topic",
+            &dlq,
+            "--batch-rows",
+            "2000",
+        ];
+        Relay::start(
+            &format!("{}_{tag}", self.name),
+            &args,
+            &[("CDC_RELAY_CLICKHOUSE_URL", self.ch_url.as_str())],
+        )
+    }
+
+    fn ch(&self) -> clickhouse::Client {
+        ch_client(&self.ch_url)
+    }
+
+    async fn wait_current(&self, expected: u64, timeout: Duration) {
+        let ch = self.ch();
+        let sql = format!("SELECT count() FROM {}_current", self.name);
+        eventually(
+            &format!("{expected} rows in the current view"),
+            timeout,
+            || async { (count(&ch, &sql).await == expected).then_some(()) },
+        )
+        .await;
+    }
+}
+
+fn event(id: i64, op: &str, user: &str, version: u64) -> serde_json::Value {
+    json!({
+        "id": id, "op": op, "user": user, "event": "login",
+        "timestamp": 1_700_000_000.5 + id as f64,
+        "event_time": null, "lsn": "0/1", "version": version,
+    })
+}
+
+async fn produce(topic: &str, messages: &[(Option<String>, Vec<u8>)]) {
+    let producer: FutureProducer = kafka_config().set("linger.ms", "5").create().unwrap();
+    // The topic exists with 3 partitions before the sink starts.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_config().create().unwrap();
+    let _ = admin
+        .create_topics(
+            [&rdkafka::admin::NewTopic::new(
+                topic,
+                3,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await;
+    // send_result enqueues at once; awaiting `send` one by one would produce one message per linger.
+    let mut acks = Vec::with_capacity(messages.len());
+    for (k, v) in messages {
+        loop {
+            let mut r = FutureRecord::to(topic).payload(v);
+            if let Some(k) = k {
+                r = r.key(k);
+            }
+            match producer.send_result(r) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("delivery report").expect("produced");
+    }
+}
+
+fn good(events: &[serde_json::Value]) -> Vec<(Option<String>, Vec<u8>)> {
+    events
+        .iter()
+        .map(|e| (Some(e["id"].to_string()), serde_json::to_vec(e).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_rows_end_to_end_from_postgres_to_clickhouse() {
+    let name = unique("e2e_seed");
+    let pg = pg().await;
+    create_table(&pg, &name).await;
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/postgres/seed-data.sql"
+    ))
+    .unwrap();
+    pg.batch_execute(&seed.replace("user_logins", &name))
+        .await
+        .unwrap();
+    let expected: Vec<(i64, String, String, i64)> = pg
+        .query(
+            &format!("SELECT id::int8, username, event_type, (extract(epoch FROM event_time) * 1000000)::int8 FROM {name} ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let stream = Relay::start(
+        &format!("{name}_stream"),
+        &[
+            "stream",
+            "--table",
+            &name,
+            "--slot",
+            &name,
+            "--publication",
+            &name,
+            "--topic",
+            &name,
+        ],
+        &[],
+    );
+    let s = SinkSetup {
+        name: name.clone(),
+        ch_url: env("CDC_RELAY_CLICKHOUSE_URL"),
+    };
+    let sink = s.start("sink");
+    s.wait_current(3, Duration::from_secs(60)).await;
+    let rows = current(&s.ch(), &name).await;
+    assert_eq!(rows.len(), 3);
+    for (row, (id, user, ev, us)) in rows.iter().zip(&expected) {
+        assert_eq!(row.id as i64, *id);
+        assert_eq!(row.username.as_deref(), Some(user.as_str()));
+        assert_eq!(row.event_type.as_deref(), Some(ev.as_str()));
+        assert_eq!(row.event_time_us, Some(*us), "microseconds survive");
+        assert_eq!(
+            row.event_time,
+            Some((*us / 1_000_000) as u32),
+            "event_time is the epoch second in UTC"
+        );
+    }
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&pg, &name).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redeliveries_collapse_to_the_newest_and_deletes_hide_rows() {
+    let s = SinkSetup::new("sk_versions");
+    let events = vec![
+        event(1, "insert", "v1", 10),
+        event(1, "update", "v3", 30),
+        event(1, "update", "v2", 20), // late redelivery of an older change
+        event(1, "update", "v3", 30), // duplicate
+        event(2, "insert", "gone", 10),
+        event(2, "delete", "", 11),
+        event(3, "snapshot", "snap", 0),
+        event(3, "snapshot", "snap", 0),
+    ];
+    produce(&s.name, &good(&events)).await;
+    let sink = s.start("sink");
+    s.wait_current(2, Duration::from_secs(60)).await;
+    let ch = s.ch();
+    // All 8 versions landed, the view shows one current row per live id.
+    let raw_sql = format!("SELECT count() FROM {}", s.name);
+    eventually("8 raw rows", Duration::from_secs(30), || async {
+        (count(&ch, &raw_sql).await == 8).then_some(())
+    })
+    .await;
+    let rows = current(&ch, &s.name).await;
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(rows[0].username.as_deref(), Some("v3"));
+    assert_eq!(rows[0]._version, 30);
+    assert_eq!(rows[1].username.as_deref(), Some("snap"));
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_go_to_the_dead_letter_topic_and_the_sink_keeps_going() {
+    let s = SinkSetup::new("sk_poison");
+    let mut msgs = Vec::new();
+    for i in 1..=10_000i64 {
+        msgs.push((
+            Some(i.to_string()),
+            serde_json::to_vec(&event(i, "insert", "u", i as u64)).unwrap(),
+        ));
+        if i % 10 == 0 {
+            let bad: Vec<u8> = match i % 40 {
+                0 => b"not json at all".to_vec(),
+                10 => br#"{"op":"insert","lsn":"0/1","version":1}"#.to_vec(), // no id
+                20 => br#"{"id":"seven","op":"insert","user":null,"event":null,"timestamp":null,"event_time":null,"lsn":"0/1","version":1}"#.to_vec(),
+                _ => serde_json::to_vec(&event(-5, "insert", "neg", 1)).unwrap(), // id out of range
+            };
+            msgs.push((None, bad));
+        }
+    }
+    produce(&s.name, &msgs).await;
+    let mut sink = s.start("sink");
+    s.wait_current(10_000, Duration::from_secs(120)).await;
+    let dlq = read_topic(
+        &s.dlq(),
+        1000,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    assert_eq!(dlq.len(), 1000, "every poison message dead-lettered once");
+    assert!(
+        sink.child.try_wait().unwrap().is_none(),
+        "sink still running"
+    );
+    // The rows are all there and the poison is not.
+    let ch = s.ch();
+    assert_eq!(
+        count(
+            &ch,
+            &format!("SELECT count() FROM {}_current WHERE id <= 10000", s.name)
+        )
+        .await,
+        10_000
+    );
+    // Headers carry the error and the original position; checked on one message.
+    let consumer: rdkafka::consumer::BaseConsumer = kafka_config()
+        .set("group.id", unique("hdr"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::{Headers, Message};
+    consumer.subscribe(&[&s.dlq()]).unwrap();
+    let m = loop {
+        if let Some(m) = consumer.poll(Duration::from_secs(5)) {
+            break m.unwrap();
+        }
+    };
+    let headers = m.headers().expect("headers");
+    let names: Vec<&str> = headers.iter().map(|h| h.key).collect();
+    for k in [
+        "cdc_relay.error",
+        "cdc_relay.original_partition",
+        "cdc_relay.original_offset",
+    ] {
+        assert!(names.contains(&k), "{names:?}");
+    }
+    assert_eq!(sink.stop(), 0);
+}
+
+/// A ClickHouse server of the test's own, so stopping it does not disturb tests running alongside.
+struct PrivateClickHouse {
+    dir: std::path::PathBuf,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateClickHouse {
+    fn start(name: &str) -> Self {
+        let services_dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".local/clickhouse");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(".local/{name}"));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let port = 28_000 + (std::process::id() % 1000) as u16;
+        let config = std::fs::read_to_string(services_dir.join("config.xml"))
+            .unwrap()
+            .replace(services_dir.to_str().unwrap(), dir.to_str().unwrap());
+        let config = regex_replace(&config, "http_port", &port.to_string());
+        let config = regex_replace(&config, "tcp_port", &(port + 1000).to_string());
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        std::fs::copy(services_dir.join("users.xml"), dir.join("users.xml")).unwrap();
+        std::fs::write(dir.join("config.xml"), config).unwrap();
+        let mut ch = PrivateClickHouse {
+            dir,
+            port,
+            child: None,
+        };
+        ch.resume();
+        ch
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn resume(&mut self) {
+        let child = std::process::Command::new("clickhouse-server")
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("config.xml").display()
+            ))
+            .current_dir(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private ClickHouse did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn regex_replace(xml: &str, tag: &str, value: &str) -> String {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = xml.find(&open).unwrap() + open.len();
+    let end = xml[start..].find(&close).unwrap() + start;
+    format!("{}{}{}", &xml[..start], value, &xml[end..])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clickhouse_down_for_10s_mid_load_loses_nothing() {
+    let mut ch_server = PrivateClickHouse::start(&unique("ch_private"));
+    let s = SinkSetup {
+        name: unique("sk_chdown"),
+        ch_url: ch_server.url(),
+    };
+    let first: Vec<_> = (1..=5_000)
+        .map(|i| event(i, "insert", "a", i as u64))
+        .collect();
+    produce(&s.name, &good(&first)).await;
+    let sink = s.start("sink");
+    s.wait_current(5_000, Duration::from_secs(60)).await;
+    ch_server.kill();
+    let second: Vec<_> = (5_001..=10_000)
+        .map(|i| event(i, "insert", "b", i as u64))
+        .collect();
+    produce(&s.name, &good(&second)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    ch_server.resume();
+    s.wait_current(10_000, Duration::from_secs(120)).await;
+    let ch = s.ch();
+    let ids: u64 = count(
+        &ch,
+        &format!("SELECT uniqExact(id) FROM {}_current", s.name),
+    )
+    .await;
+    assert_eq!(ids, 10_000);
+    assert!(
+        sink.log_text().contains("retrying"),
+        "the sink saw the outage and retried"
+    );
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_sink_mid_load_loses_nothing() {
+    let s = SinkSetup::new("sk_kill");
+    let events: Vec<_> = (1..=30_000)
+        .map(|i| event(i, "insert", "k", i as u64))
+        .collect();
+    produce(&s.name, &good(&events)).await;
+    let sink = s.start("sink1");
+    let ch = s.ch();
+    let sql = format!("SELECT count() FROM {}", s.name);
+    eventually(
+        "part of the load inserted",
+        Duration::from_secs(60),
+        || async { (count(&ch, &sql).await >= 2_000).then_some(()) },
+    )
+    .await;
+    sink.kill9();
+    let sink = s.start("sink2");
+    s.wait_current(30_000, Duration::from_secs(120)).await;
+    let raw = count(&ch, &sql).await;
+    println!(
+        "sink kill -9: {raw} raw rows for 30000 ids ({} re-inserted)",
+        raw - 30_000
+    );
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sinks_in_one_group_share_the_work() {
+    let s = SinkSetup::new("sk_two");
+    let a = s.start("a");
+    let b = s.start("b");
+    // Let both join before the load arrives, so both get partitions.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let events: Vec<_> = (1..=20_000)
+        .map(|i| event(i, "insert", "two", i as u64))
+        .collect();
+    produce(&s.name, &good(&events)).await;
+    s.wait_current(20_000, Duration::from_secs(120)).await;
+    let ch = s.ch();
+    let per_id: Vec<(u64, u64)> = ch
+        .query(&format!(
+            "SELECT id, count() FROM {}_current GROUP BY id HAVING count() > 1",
+            s.name
+        ))
+        .fetch_all()
+        .await
+        .unwrap();
+    assert!(
+        per_id.is_empty(),
+        "ids more than once in the current view: {per_id:?}"
+    );
+    let inserted = |log: &str| log.matches("batch inserted").count();
+    let (la, lb) = (a.log_text(), b.log_text());
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+    by.insert("a", inserted(&la));
+    by.insert("b", inserted(&lb));
+    assert!(
+        by.values().all(|n| *n > 0),
+        "both sinks inserted batches: {by:?}"
+    );
+    assert_eq!(a.stop(), 0);
+    assert_eq!(b.stop(), 0);
+}
