@@ -29,6 +29,7 @@ impl Error {
                 | S::SlotLost { .. },
             ) => 2,
             Error::Config(_) => 2,
+            Error::Sink(crate::sink::clickhouse::SinkError::Schema { .. }) => 2,
             _ => 1,
         }
     }

@@ -44,8 +44,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(1);
-            tracing::error!("{e:#}");
-            eprintln!("cdc-relay: error: {e:#}");
+            tracing::error!("{e}");
+            eprintln!("cdc-relay: error: {e}");
             ExitCode::from(code as u8)
         }
     }

@@ -492,3 +492,154 @@ async fn two_sinks_in_one_group_share_the_work() {
     assert_eq!(a.stop(), 0);
     assert_eq!(b.stop(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_incompatible_existing_table_is_a_clear_error_naming_the_column() {
+    let s = SinkSetup::new("sk_badschema");
+    s.ch()
+        .query(&format!("CREATE TABLE {} (id String, _version UInt64) ENGINE = ReplacingMergeTree(_version) ORDER BY id", s.name))
+        .execute()
+        .await
+        .unwrap();
+    let out = relay(
+        &[
+            "sink",
+            "--topic",
+            &s.name,
+            "--group",
+            &s.name,
+            "--clickhouse-table",
+            &s.name,
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("column id has type String"), "{stderr}");
+}
+
+/// stream + sink on one fresh table, for end-to-end checks.
+async fn start_pipeline(
+    prefix: &str,
+    ops: &str,
+) -> (String, tokio_postgres::Client, Relay, SinkSetup, Relay) {
+    let name = unique(prefix);
+    let pg = pg().await;
+    create_table(&pg, &name).await;
+    let stream = Relay::start(
+        &format!("{name}_stream"),
+        &[
+            "stream",
+            "--table",
+            &name,
+            "--slot",
+            &name,
+            "--publication",
+            &name,
+            "--topic",
+            &name,
+            "--ops",
+            ops,
+        ],
+        &[],
+    );
+    let s = SinkSetup {
+        name: name.clone(),
+        ch_url: env("CDC_RELAY_CLICKHOUSE_URL"),
+    };
+    let sink = s.start("sink");
+    eventually("slot streaming", Duration::from_secs(30), || async {
+        let n: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    (name, pg, stream, s, sink)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_that_leaves_a_toasted_value_out_keeps_it_in_clickhouse() {
+    let (name, pg, stream, s, sink) = start_pipeline("e2e_toast", "insert,update").await;
+    // ~6 KB of incompressible text: stored out of line (TOAST), so an update of another column
+    // does not send it again.
+    pg.batch_execute(&format!(
+        "INSERT INTO {name} (id, username, event_type, event_time) \
+         SELECT 1, string_agg(md5(g::text || random()::text), ''), 'login', now() FROM generate_series(1, 200) g"
+    ))
+    .await
+    .unwrap();
+    let big: String = pg
+        .query_one(&format!("SELECT username FROM {name} WHERE id = 1"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(big.len(), 6400);
+    s.wait_current(1, Duration::from_secs(60)).await;
+    pg.batch_execute(&format!(
+        "UPDATE {name} SET event_type = 'logout' WHERE id = 1"
+    ))
+    .await
+    .unwrap();
+    let ch = s.ch();
+    let row = eventually(
+        "the update in ClickHouse",
+        Duration::from_secs(60),
+        || async {
+            current(&ch, &name)
+                .await
+                .into_iter()
+                .find(|r| r.event_type.as_deref() == Some("logout"))
+        },
+    )
+    .await;
+    assert_eq!(
+        row.username.as_deref(),
+        Some(big.as_str()),
+        "the unchanged TOASTed username survives"
+    );
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&pg, &name).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_hides_earlier_rows_and_keeps_later_ones() {
+    let (name, pg, stream, s, sink) = start_pipeline("e2e_truncate", "insert,truncate").await;
+    pg.batch_execute(&format!(
+        "INSERT INTO {name} (username, event_type, event_time) SELECT 'old' || g, 'login', now() FROM generate_series(1, 5) g"
+    ))
+    .await
+    .unwrap();
+    s.wait_current(5, Duration::from_secs(60)).await;
+    pg.batch_execute(&format!(
+        "TRUNCATE {name}; INSERT INTO {name} (username, event_type, event_time) SELECT 'new' || g, 'login', now() FROM generate_series(1, 2) g"
+    ))
+    .await
+    .unwrap();
+    let ch = s.ch();
+    let rows = eventually(
+        "only the rows after the truncate",
+        Duration::from_secs(60),
+        || async {
+            let rows = current(&ch, &name).await;
+            (rows.len() == 2).then_some(rows)
+        },
+    )
+    .await;
+    assert!(
+        rows.iter()
+            .all(|r| r.username.as_deref().unwrap().starts_with("new")),
+        "{rows:?}"
+    );
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&pg, &name).await;
+}

@@ -411,3 +411,119 @@ async fn wal_level_replica_is_a_clear_error_with_exit_code_2() {
     );
     assert!(!stderr.contains("secret"), "the password leaked: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_walsender_is_reconnected_without_loss() {
+    let p = Pipeline::new("st_reconnect").await;
+    let relay = p.start(&[]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'a' || g, 'login', now() FROM generate_series(1, 100) g").await;
+    p.wait_all_sent(100, Duration::from_secs(30)).await;
+    let killed: i64 = p
+        .pg
+        .query_one(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&p.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'b' || g, 'login', now() FROM generate_series(1, 100) g").await;
+    p.wait_all_sent(200, Duration::from_secs(60)).await;
+    let msgs = p.read(200, Duration::from_secs(2));
+    assert_eq!(ids(&msgs).len(), 200);
+    assert!(
+        relay.log_text().contains("reconnecting"),
+        "the relay noticed and reconnected"
+    );
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeats_move_the_slot_on_a_quiet_table_in_a_busy_database() {
+    let p = Pipeline::new("st_quiet").await;
+    let busy = unique("st_busy");
+    p.exec(&format!("CREATE TABLE {busy} (x int, pad text)"))
+        .await;
+    let relay = p.start(&[]);
+    p.wait_streaming().await;
+    p.exec(&format!(
+        "INSERT INTO {busy} SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g"
+    ))
+    .await;
+    let target: String =
+        p.pg.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+    eventually("confirmed position past the busy table's WAL", Duration::from_secs(30), || async {
+        let ok: bool = p
+            .pg
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&p.name, &target],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ok.then_some(())
+    })
+    .await;
+    assert_eq!(relay.stop(), 0);
+    p.exec(&format!("DROP TABLE {busy}")).await;
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_stops_cleanly_and_confirms_what_was_sent() {
+    let p = Pipeline::new("st_sigint").await;
+    let relay = p.start(&[]);
+    p.wait_streaming().await;
+    // A position inside the insert's transaction: its commit, which the relay must confirm, is later.
+    let lsn_in_insert = p
+        .pg
+        .simple_query(&format!(
+            "BEGIN; INSERT INTO {} (username, event_type, event_time) SELECT 'a' || g, 'login', now() FROM generate_series(1, 1000) g; \
+             SELECT pg_current_wal_insert_lsn()::text; COMMIT",
+            p.name
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap();
+    // Stop at once, possibly while the transaction is being read.
+    unsafe_kill(relay.child.id(), "INT");
+    let mut relay = relay;
+    let status = relay.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", relay.log_text());
+    let sent = p.count("sent_to_kafka").await;
+    assert!(
+        sent == 0 || sent == 1000,
+        "a transaction is handled whole or not at all, got {sent}"
+    );
+    if sent == 1000 {
+        let ok: bool = p
+            .pg
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn AND NOT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&p.name, &lsn_in_insert],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ok, "the final position was confirmed before exit");
+    }
+    // Whatever the stop caught, the next start completes it without repeating anything.
+    let relay = p.start(&[]);
+    p.wait_all_sent(1000, Duration::from_secs(30)).await;
+    let msgs = p.read(1000, Duration::from_secs(2));
+    assert_eq!(msgs.len(), 1000, "no message twice across a clean stop");
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}

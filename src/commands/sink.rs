@@ -18,10 +18,13 @@ use crate::failpoints;
 use crate::kafka::consumer::{Consumed, DeadLetters, KafkaConsumer};
 use crate::kafka::producer::base_config;
 use crate::kafka::topic::ensure_topic;
+use crate::sink::clickhouse::writer::{fill_from_batch, fill_from_current};
 use crate::sink::clickhouse::{schema, ClickHouseConfig, ClickHouseWriter, UserLoginRow};
 
 struct Batch {
     rows: Vec<UserLoginRow>,
+    /// Rows whose update left TOASTed columns out (index into `rows`, the columns).
+    unchanged: Vec<(usize, Vec<String>)>,
     /// Highest handled offset per partition.
     handled: BTreeMap<i32, i64>,
     deadline: Option<Instant>,
@@ -31,6 +34,7 @@ impl Batch {
     fn new() -> Self {
         Batch {
             rows: Vec::new(),
+            unchanged: Vec::new(),
             handled: BTreeMap::new(),
             deadline: None,
         }
@@ -72,6 +76,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     let version = loop {
         match schema::server_version(&client, &ch.url).await {
             Ok(v) => break v,
+            Err(e) if !e.is_transient() => return Err(e.into()),
             Err(e) => {
                 let pause = backoff.next_pause();
                 tracing::warn!(error = %e, retry_in = ?pause, "ClickHouse not reachable yet");
@@ -151,24 +156,39 @@ impl SinkCommand {
                     .map_err(|e| e.to_string()),
             });
         match parsed {
-            Ok((_, Some(row))) => batch.rows.push(row),
+            Ok((event, Some(row))) => {
+                if !event.unchanged.is_empty() {
+                    batch.unchanged.push((batch.rows.len(), event.unchanged));
+                }
+                batch.rows.push(row);
+            }
             Ok((event, None)) => {
                 // Everything before the truncate must be stored before it applies.
                 if !self.flush(batch).await {
                     return Ok(());
                 }
-                self.retry("applying a truncate", || {
-                    self.writer.truncate_before(event.version)
-                })
-                .await;
+                let writer = &self.writer;
+                let applied = self
+                    .retry("applying a truncate", || {
+                        writer.truncate_before(event.version)
+                    })
+                    .await;
+                if applied.is_none() {
+                    return Ok(()); // shutting down: not marked, so read again next time
+                }
             }
-            Err(reason) => self.dead_letter(&msg, &reason).await,
+            Err(reason) => {
+                if !self.dead_letter(&msg, &reason).await {
+                    return Ok(());
+                }
+            }
         }
         batch.mark(&msg, self.args.batch_interval);
         Ok(())
     }
 
-    async fn dead_letter(&mut self, msg: &Consumed, reason: &str) {
+    /// `false` if shutdown interrupted it: the message is then not marked handled.
+    async fn dead_letter(&mut self, msg: &Consumed, reason: &str) -> bool {
         self.dead_lettered += 1;
         let n = self.dead_lettered;
         // Logged without flooding: the first ten, then at powers of two.
@@ -177,31 +197,32 @@ impl SinkCommand {
         }
         let dl = &self.dead_letters;
         self.retry("writing to the dead-letter topic", || dl.send(msg, reason))
-            .await;
+            .await
+            .is_some()
     }
 
     /// Retries `op` with backoff until it succeeds or shutdown is asked for (then gives up; the
     /// offsets of the unfinished work are not committed, so nothing is lost).
-    async fn retry<F, Fut, E>(&self, what: &str, mut op: F) -> bool
+    async fn retry<T, F, Fut, E>(&self, what: &str, mut op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), E>>,
+        Fut: std::future::Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
         let mut backoff = Backoff::new();
         let mut shutdown = self.shutdown.clone();
         loop {
             match op().await {
-                Ok(()) => return true,
+                Ok(v) => return Some(v),
                 Err(e) => {
                     let pause = backoff.next_pause();
                     tracing::warn!(error = %e, retry_in = ?pause, "{what} failed; retrying");
                     if *shutdown.borrow() {
-                        return false;
+                        return None;
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = shutdown.changed() => return false,
+                        _ = shutdown.changed() => return None,
                     }
                 }
             }
@@ -214,10 +235,27 @@ impl SinkCommand {
             return true;
         }
         let writer = &self.writer;
+        if !batch.unchanged.is_empty() {
+            let unchanged = std::mem::take(&mut batch.unchanged);
+            let rest = fill_from_batch(&mut batch.rows, unchanged);
+            if !rest.is_empty() {
+                let ids: Vec<u64> = rest.iter().map(|(i, _)| batch.rows[*i].id).collect();
+                let Some(current) = self
+                    .retry("reading values an update left unchanged", || {
+                        writer.current_rows(&ids)
+                    })
+                    .await
+                else {
+                    return false;
+                };
+                fill_from_current(&mut batch.rows, &rest, &current);
+            }
+        }
         let rows = &batch.rows;
-        if !self
+        if self
             .retry("inserting into ClickHouse", || writer.insert(rows))
             .await
+            .is_none()
         {
             return false;
         }

@@ -324,7 +324,15 @@ impl StreamCommand {
         let mut reported = *confirmed;
         let mut backfilled = 0u64;
 
+        // Set on shutdown while a transaction is half read: reading goes on until its Commit (or
+        // this deadline), so a clean stop leaves nothing to replay.
+        let mut stopping: Option<Instant> = None;
         let end = loop {
+            if let Some(deadline) = stopping {
+                if !source.in_transaction() || Instant::now() > deadline {
+                    break SessionEnd::Shutdown;
+                }
+            }
             if let (Some(at), BackfillState::AfterCatchUp) = (catch_up_at, &*backfill) {
                 if t.confirmed >= at && backfill_rx.is_none() {
                     tracing::info!("stream caught up; backfilling rows still marked unsent");
@@ -345,7 +353,14 @@ impl StreamCommand {
             let read_more = t.in_flight < max_in_flight && !t.broken;
             tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => break SessionEnd::Shutdown,
+                _ = self.shutdown.changed(), if stopping.is_none() => {
+                    if !source.in_transaction() {
+                        break SessionEnd::Shutdown;
+                    }
+                    tracing::info!("finishing the transaction being read before stopping");
+                    stopping = Some(Instant::now() + Duration::from_secs(30));
+                    backfill_rx = None;
+                }
                 result = t.next_ack(), if t.has_delivery_at_head() => {
                     t.on_ack(result);
                     if t.ledger_ids.len() >= self.args.ledger_batch {

@@ -14,7 +14,7 @@ pub use writer::ClickHouseWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("ClickHouse at {url} ({context}): {source}. Check --clickhouse-url / --clickhouse-user / the password, and that the server runs")]
+    #[error("ClickHouse at {url} ({context}): {source}")]
     Client {
         url: String,
         context: String,
@@ -29,4 +29,28 @@ pub enum SinkError {
     },
     #[error("ClickHouse server version {0:?} is not understood")]
     Version(String),
+}
+
+impl SinkError {
+    /// Network trouble and timeouts pass; a refused login or a bad query does not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Client { source, .. } => match source {
+                clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => true,
+                // Server-side trouble that passes: too many parts/queries, memory, shutting down.
+                clickhouse::error::Error::BadResponse(text) => [
+                    "Code: 252",
+                    "Code: 202",
+                    "Code: 241",
+                    "Code: 242",
+                    "Code: 210",
+                    "Code: 209",
+                ]
+                .iter()
+                .any(|c| text.contains(c)),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }

@@ -1,12 +1,12 @@
 //! One change event as a row of the ClickHouse table.
 
 use clickhouse::Row;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{ChangeEvent, Op};
 
 /// The stored row. Field names are the column names (the insert names them explicitly).
-#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
 pub struct UserLoginRow {
     pub id: u64,
     pub username: Option<String>,

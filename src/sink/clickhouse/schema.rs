@@ -195,6 +195,17 @@ mod tests {
     }
 
     #[test]
+    fn reference_ddl_matches_the_code() {
+        let reference = include_str!("../../../sql/clickhouse/schema.sql");
+        for (name, ty) in COLUMNS {
+            assert!(
+                reference.contains(&format!("{name} {ty},")),
+                "{name} {ty} missing from sql/clickhouse/schema.sql"
+            );
+        }
+    }
+
+    #[test]
     fn engine_follows_the_version() {
         let old = ServerVersion::parse("18.16.1").unwrap();
         let new = ServerVersion::parse("25.8.2.29").unwrap();

@@ -7,7 +7,7 @@ use crate::event::{ChangeEvent, Lsn, Op};
 
 use super::change::{change_event, TableShape};
 use super::client::{ReplicationClient, ReplicationMessage, ReplicationStream};
-use super::pgoutput::{decode, PgOutput, RelationCache};
+use super::pgoutput::{decode, PgOutput, RelationCache, Value};
 use super::{SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX, LEDGER_MESSAGE_PREFIX};
 
 /// What the stream hands to the command.
@@ -139,7 +139,8 @@ impl ReplicationSource {
             }
             PgOutput::Origin { .. } | PgOutput::Type { .. } => Ok(None),
             PgOutput::Insert { relation, new } => self.row(Op::Insert, relation, &new, wal_start),
-            PgOutput::Update { relation, new, .. } => {
+            PgOutput::Update { relation, old, new } => {
+                let new = fill_unchanged_toast(new, old.as_deref());
                 self.row(Op::Update, relation, &new, wal_start)
             }
             PgOutput::Delete { relation, old } => self.row(Op::Delete, relation, &old, wal_start),
@@ -167,7 +168,7 @@ impl ReplicationSource {
         &mut self,
         op: Op,
         relation: u32,
-        values: &[super::pgoutput::Value],
+        values: &[Value],
         lsn: Lsn,
     ) -> Result<Option<SourceMessage>, SourceError> {
         if self.skipping_ledger_tx {
@@ -189,6 +190,12 @@ impl ReplicationSource {
         Ok(Some(SourceMessage::Change(event)))
     }
 
+    /// Between a Begin and its Commit: stopping now would leave a half-handled transaction that the
+    /// next start replays.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
     pub async fn send_status(&mut self, confirmed: Lsn, reply: bool) -> Result<(), SourceError> {
         Ok(self.stream.send_status(confirmed, reply).await?)
     }
@@ -196,5 +203,45 @@ impl ReplicationSource {
     /// Ends the stream cleanly, confirming `confirmed` as the last act.
     pub async fn finish(self, confirmed: Lsn) -> Result<(), SourceError> {
         Ok(self.stream.finish(confirmed).await?)
+    }
+}
+
+/// An update leaves TOASTed values it did not change out of the new tuple. With `REPLICA IDENTITY
+/// FULL` the old tuple carries them, so they are taken from there; otherwise they stay marked
+/// unchanged (see docs/message-format.md).
+fn fill_unchanged_toast(mut new: Vec<Value>, old: Option<&[Value]>) -> Vec<Value> {
+    if let Some(old) = old {
+        for (i, v) in new.iter_mut().enumerate() {
+            if *v == Value::UnchangedToast {
+                if let Some(o @ (Value::Text(_) | Value::Binary(_) | Value::Null)) = old.get(i) {
+                    *v = o.clone();
+                }
+            }
+        }
+    }
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn unchanged_toast_comes_from_the_old_row_when_it_has_it() {
+        let new = vec![
+            Value::Text(Bytes::from_static(b"1")),
+            Value::UnchangedToast,
+            Value::UnchangedToast,
+        ];
+        let old = vec![
+            Value::Text(Bytes::from_static(b"1")),
+            Value::Text(Bytes::from_static(b"big")),
+            Value::UnchangedToast,
+        ];
+        let merged = fill_unchanged_toast(new.clone(), Some(&old));
+        assert_eq!(merged[1], Value::Text(Bytes::from_static(b"big")));
+        assert_eq!(merged[2], Value::UnchangedToast);
+        assert_eq!(fill_unchanged_toast(new.clone(), None), new);
     }
 }
