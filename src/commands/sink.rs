@@ -259,9 +259,9 @@ impl SinkCommand {
         {
             return false;
         }
+        tracing::debug!(rows = batch.rows.len(), "batch inserted");
         failpoints::hit(failpoints::SINK_AFTER_INSERT);
         self.inserted += batch.rows.len() as u64;
-        tracing::debug!(rows = batch.rows.len(), "batch inserted");
         if let Err(e) = self.consumer.commit(&batch.handled) {
             // Not fatal: the rows are stored; a later commit covers them, or they are re-read and
             // collapse with the stored versions.
