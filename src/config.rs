@@ -167,6 +167,10 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_BACKFILL_CHUNK", default_value_t = 10_000)]
     pub backfill_chunk: i64,
 
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187) at /metrics.
+    #[arg(long, env = "CDC_RELAY_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Seconds between heartbeats that keep the slot's confirmed position moving on a quiet table.
     #[arg(long, env = "CDC_RELAY_HEARTBEAT_SECS", default_value = "10", value_parser = parse_secs)]
     pub heartbeat_interval: Duration,
@@ -192,6 +196,10 @@ pub struct SinkArgs {
     #[arg(long, env = "CDC_RELAY_BATCH_ROWS", default_value_t = 50_000)]
     pub batch_rows: usize,
 
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9188) at /metrics.
+    #[arg(long, env = "CDC_RELAY_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Longest time a consumed message waits before its batch is inserted, in milliseconds.
     #[arg(long, env = "CDC_RELAY_BATCH_INTERVAL_MS", default_value = "100", value_parser = parse_millis)]
     pub batch_interval: Duration,
@@ -201,6 +209,55 @@ pub struct SinkArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub postgres: PostgresArgs,
+
+    /// Kafka bootstrap servers; without them the Kafka section is skipped.
+    #[arg(long, env = "CDC_RELAY_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Topic that carries the change events.
+    #[arg(long, env = "CDC_RELAY_TOPIC", default_value = "user_events")]
+    pub topic: String,
+
+    /// Consumer group whose lag is shown.
+    #[arg(long, env = "CDC_RELAY_GROUP", default_value = "user_logins_consumer")]
+    pub group: String,
+
+    /// Dead-letter topic whose size is shown.
+    #[arg(long, env = "CDC_RELAY_DLQ_TOPIC", default_value = "user_events.dlq")]
+    pub dlq_topic: String,
+
+    /// ClickHouse HTTP(S) URL; without it the ClickHouse section is skipped.
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
+
+    /// ClickHouse user.
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_USER", default_value = "default")]
+    pub clickhouse_user: String,
+
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "CDC_RELAY_CLICKHOUSE_PASSWORD",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub clickhouse_password: String,
+
+    /// ClickHouse database.
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_DATABASE", default_value = "default")]
+    pub clickhouse_database: String,
+
+    /// ClickHouse table.
+    #[arg(
+        long,
+        env = "CDC_RELAY_CLICKHOUSE_TABLE",
+        default_value = "user_logins"
+    )]
+    pub clickhouse_table: String,
+
+    /// Consumer-group lag (messages, all partitions) above which the status is unhealthy.
+    #[arg(long, env = "CDC_RELAY_MAX_LAG", default_value_t = 100_000)]
+    pub max_lag: i64,
 
     /// Print JSON instead of a table.
     #[arg(long)]

@@ -11,5 +11,6 @@ pub mod error;
 pub mod event;
 pub mod failpoints;
 pub mod kafka;
+pub mod metrics;
 pub mod sink;
 pub mod source;

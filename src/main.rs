@@ -33,17 +33,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result: anyhow::Result<()> = runtime.block_on(async move {
+    let result: anyhow::Result<i32> = runtime.block_on(async move {
         let shutdown = shutdown_signal();
-        let outcome: Result<(), Error> = match cli.command {
-            Command::Stream(args) => commands::stream::run(args, shutdown).await,
-            Command::Sink(args) => commands::sink::run(args, shutdown).await,
-            Command::Status(_) => Err(Error::Config("`status` is not implemented yet".into())),
+        let outcome: Result<i32, Error> = match cli.command {
+            Command::Stream(args) => commands::stream::run(args, shutdown).await.map(|()| 0),
+            Command::Sink(args) => commands::sink::run(args, shutdown).await.map(|()| 0),
+            Command::Status(args) => commands::status::run(args).await,
         };
         outcome.map_err(anyhow::Error::from)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             let code = e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(1);
             tracing::error!("{e}");

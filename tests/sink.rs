@@ -643,3 +643,63 @@ async fn truncate_hides_earlier_rows_and_keeps_later_ones() {
     assert_eq!(stream.stop(), 0);
     drop_pipeline(&pg, &name).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_every_stage_and_fails_when_the_stream_is_down() {
+    let (name, pg, stream, s, sink) = start_pipeline("e2e_status", "insert").await;
+    pg.batch_execute(&format!(
+        "INSERT INTO {name} (username, event_type, event_time) SELECT 'u' || g, 'login', now() FROM generate_series(1, 25) g"
+    ))
+    .await
+    .unwrap();
+    s.wait_current(25, Duration::from_secs(60)).await;
+    let dlq = s.dlq();
+    let args = [
+        "status",
+        "--json",
+        "--table",
+        &name,
+        "--slot",
+        &name,
+        "--publication",
+        &name,
+        "--topic",
+        &name,
+        "--group",
+        &name,
+        "--clickhouse-table",
+        &name,
+        "--dlq-topic",
+        &dlq,
+    ];
+    // The sink commits right after its insert; give the commit a moment to be visible.
+    let status = eventually(
+        "a healthy status with zero lag",
+        Duration::from_secs(30),
+        || async {
+            let out = relay(&args, &[]).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (out.status.code() == Some(0) && v["kafka"]["total_lag"] == 0).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(status["postgres"]["unsent_rows"], 0);
+    assert_eq!(status["postgres"]["sent_rows"], 25);
+    assert_eq!(status["postgres"]["slot"]["active"], true);
+    assert_eq!(
+        status["postgres"]["publication_ops"],
+        serde_json::json!(["insert"])
+    );
+    assert_eq!(status["kafka"]["partitions"].as_array().unwrap().len(), 3);
+    assert_eq!(status["clickhouse"]["current_rows"], 25);
+    assert_eq!(status["kafka"]["dead_letters"], 0);
+
+    assert_eq!(stream.stop(), 0);
+    let out = relay(&args, &[]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "an inactive slot is unhealthy");
+    assert_eq!(v["healthy"], false);
+    assert!(v["problems"][0].as_str().unwrap().contains("not active"));
+    assert_eq!(sink.stop(), 0);
+    drop_pipeline(&pg, &name).await;
+}

@@ -2,4 +2,5 @@
 //! the sink stay unaware of each other.
 
 pub mod sink;
+pub mod status;
 pub mod stream;

@@ -16,8 +16,10 @@ use crate::error::Error;
 use crate::event::{ChangeEvent, Op};
 use crate::failpoints;
 use crate::kafka::consumer::{Consumed, DeadLetters, KafkaConsumer};
+use crate::kafka::inspect;
 use crate::kafka::producer::base_config;
 use crate::kafka::topic::ensure_topic;
+use crate::metrics::{Counter, Gauge, Registry, Seconds};
 use crate::sink::clickhouse::writer::{fill_from_batch, fill_from_current};
 use crate::sink::clickhouse::{schema, ClickHouseConfig, ClickHouseWriter, UserLoginRow};
 
@@ -52,7 +54,49 @@ impl Batch {
     }
 }
 
+/// What `sink` exports at /metrics.
+struct SinkMetrics {
+    messages: Counter,
+    bytes: Counter,
+    rows_inserted: Counter,
+    batches: Counter,
+    insert_seconds: Seconds,
+    dead_lettered: Counter,
+    retries: Counter,
+    commits: Counter,
+    consumer_lag: Gauge,
+}
+
+impl SinkMetrics {
+    fn new(r: &Registry) -> Self {
+        SinkMetrics {
+            messages: r.counter("sink_messages_total", "Messages consumed from Kafka."),
+            bytes: r.counter("sink_bytes_total", "Payload bytes consumed."),
+            rows_inserted: r.counter("sink_rows_inserted_total", "Rows inserted into ClickHouse."),
+            batches: r.counter("sink_batches_total", "ClickHouse inserts."),
+            insert_seconds: r.seconds(
+                "sink_insert_seconds_total",
+                "Time spent in ClickHouse inserts.",
+            ),
+            dead_lettered: r.counter(
+                "sink_dead_lettered_total",
+                "Messages sent to the dead-letter topic.",
+            ),
+            retries: r.counter(
+                "sink_retries_total",
+                "Retried operations (inserts, dead letters, truncates).",
+            ),
+            commits: r.counter("sink_commits_total", "Offset commits."),
+            consumer_lag: r.gauge(
+                "sink_consumer_lag",
+                "Messages of the topic the group has not committed.",
+            ),
+        }
+    }
+}
+
 struct SinkCommand {
+    metrics: SinkMetrics,
     args: SinkArgs,
     consumer: KafkaConsumer,
     dead_letters: DeadLetters,
@@ -97,7 +141,18 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     let dead_letters = DeadLetters::new(&args.kafka.kafka_brokers, &args.dlq_topic)?;
     tracing::info!(topic = %args.kafka.topic, group = %args.group, dead_letters = %args.dlq_topic, "sink starting");
 
+    let registry = Registry::default();
+    let metrics = SinkMetrics::new(&registry);
+    if let Some(addr) = args.metrics_addr {
+        let bound = registry
+            .serve(addr)
+            .await
+            .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
+        tracing::info!(%bound, "serving metrics at /metrics");
+        spawn_lag_probe(&args, metrics.consumer_lag.clone());
+    }
     let mut cmd = SinkCommand {
+        metrics,
         writer: ClickHouseWriter::new(&ch),
         args,
         consumer,
@@ -147,6 +202,8 @@ impl SinkCommand {
     }
 
     async fn handle(&mut self, msg: Consumed, batch: &mut Batch) -> Result<(), Error> {
+        self.metrics.messages.inc();
+        self.metrics.bytes.add(msg.payload.len() as u64);
         let parsed = ChangeEvent::from_json(&msg.payload)
             .map_err(|e| e.to_string())
             .and_then(|event| match event.op {
@@ -190,6 +247,7 @@ impl SinkCommand {
     /// `false` if shutdown interrupted it: the message is then not marked handled.
     async fn dead_letter(&mut self, msg: &Consumed, reason: &str) -> bool {
         self.dead_lettered += 1;
+        self.metrics.dead_lettered.inc();
         let n = self.dead_lettered;
         // Logged without flooding: the first ten, then at powers of two.
         if n <= 10 || n.is_power_of_two() {
@@ -216,6 +274,7 @@ impl SinkCommand {
                 Ok(v) => return Some(v),
                 Err(e) => {
                     let pause = backoff.next_pause();
+                    self.metrics.retries.inc();
                     tracing::warn!(error = %e, retry_in = ?pause, "{what} failed; retrying");
                     if *shutdown.borrow() {
                         return None;
@@ -252,6 +311,7 @@ impl SinkCommand {
             }
         }
         let rows = &batch.rows;
+        let started = Instant::now();
         if self
             .retry("inserting into ClickHouse", || writer.insert(rows))
             .await
@@ -259,9 +319,13 @@ impl SinkCommand {
         {
             return false;
         }
+        self.metrics.insert_seconds.record(started.elapsed());
+        self.metrics.batches.inc();
+        self.metrics.rows_inserted.add(batch.rows.len() as u64);
         tracing::debug!(rows = batch.rows.len(), "batch inserted");
         failpoints::hit(failpoints::SINK_AFTER_INSERT);
         self.inserted += batch.rows.len() as u64;
+        self.metrics.commits.inc();
         if let Err(e) = self.consumer.commit(&batch.handled) {
             // Not fatal: the rows are stored; a later commit covers them, or they are re-read and
             // collapse with the stored versions.
@@ -277,4 +341,24 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// Refreshes the consumer-lag gauge every 10 s (watermarks and committed offsets, off the runtime).
+fn spawn_lag_probe(args: &SinkArgs, gauge: Gauge) {
+    let (brokers, topic, group) = (
+        args.kafka.kafka_brokers.clone(),
+        args.kafka.topic.clone(),
+        args.group.clone(),
+    );
+    tokio::spawn(async move {
+        loop {
+            let (b, t, g) = (brokers.clone(), topic.clone(), group.clone());
+            if let Ok(Ok(parts)) =
+                tokio::task::spawn_blocking(move || inspect::group_lag(&b, &t, &g)).await
+            {
+                gauge.set(parts.iter().map(|p| p.lag).sum());
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
 }

@@ -20,6 +20,7 @@ use crate::event::{ChangeEvent, Lsn, Op};
 use crate::failpoints;
 use crate::kafka::producer::{base_config, DeliveryResult, KafkaProducer, ProducerConfig};
 use crate::kafka::topic::ensure_topic;
+use crate::metrics::{Counter, Gauge, Registry, Seconds};
 use crate::source::postgres::backfill::Backfill;
 use crate::source::postgres::catalog;
 use crate::source::postgres::client::ReplicationClient;
@@ -142,6 +143,68 @@ impl Tracker {
     }
 }
 
+/// What `stream` exports at /metrics.
+struct StreamMetrics {
+    events: Counter,
+    backfill_rows: Counter,
+    bytes: Counter,
+    acked: Counter,
+    delivery_failures: Counter,
+    ledger_writes: Counter,
+    ledger_rows: Counter,
+    ledger_seconds: Seconds,
+    confirmed_lsn: Gauge,
+    lag_bytes: Gauge,
+    in_flight: Gauge,
+    restarts: Counter,
+}
+
+impl StreamMetrics {
+    fn new(r: &Registry) -> Self {
+        StreamMetrics {
+            events: r.counter(
+                "stream_events_total",
+                "Change events produced to Kafka (stream and backfill).",
+            ),
+            backfill_rows: r.counter(
+                "stream_backfill_rows_total",
+                "Rows produced by the backfill.",
+            ),
+            bytes: r.counter("stream_bytes_total", "Payload bytes produced to Kafka."),
+            acked: r.counter("stream_acked_total", "Messages acknowledged by Kafka."),
+            delivery_failures: r.counter(
+                "stream_delivery_failures_total",
+                "Messages Kafka did not acknowledge.",
+            ),
+            ledger_writes: r.counter(
+                "stream_ledger_writes_total",
+                "sent_to_kafka ledger statements.",
+            ),
+            ledger_rows: r.counter("stream_ledger_rows_total", "Row ids written to the ledger."),
+            ledger_seconds: r.seconds(
+                "stream_ledger_seconds_total",
+                "Time spent in ledger statements.",
+            ),
+            confirmed_lsn: r.gauge(
+                "stream_confirmed_lsn",
+                "Position confirmed to the slot (as an integer).",
+            ),
+            lag_bytes: r.gauge(
+                "stream_replication_lag_bytes",
+                "Server WAL end minus the confirmed position.",
+            ),
+            in_flight: r.gauge(
+                "stream_in_flight",
+                "Messages produced and not yet acknowledged.",
+            ),
+            restarts: r.counter(
+                "stream_session_restarts_total",
+                "Replication sessions restarted after a fault.",
+            ),
+        }
+    }
+}
+
 /// Why a streaming session ended.
 enum SessionEnd {
     Shutdown,
@@ -158,6 +221,7 @@ enum BackfillState {
 }
 
 struct StreamCommand {
+    metrics: StreamMetrics,
     args: StreamArgs,
     cfg: SourceConfig,
     producer: KafkaProducer,
@@ -224,7 +288,17 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     };
     drop(sql);
 
+    let registry = Registry::default();
+    let metrics = StreamMetrics::new(&registry);
+    if let Some(addr) = args.metrics_addr {
+        let bound = registry
+            .serve(addr)
+            .await
+            .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
+        tracing::info!(%bound, "serving metrics at /metrics");
+    }
     let mut cmd = StreamCommand {
+        metrics,
         ledger: Ledger::new(&cfg),
         args,
         cfg,
@@ -254,6 +328,7 @@ impl StreamCommand {
                     return Ok(());
                 }
                 Ok(SessionEnd::Retry(why)) => {
+                    self.metrics.restarts.inc();
                     if session_start.elapsed() > Duration::from_secs(60) {
                         backoff.reset();
                     }
@@ -362,6 +437,7 @@ impl StreamCommand {
                     backfill_rx = None;
                 }
                 result = t.next_ack(), if t.has_delivery_at_head() => {
+                    if result.is_ok() { self.metrics.acked.inc() } else { self.metrics.delivery_failures.inc() }
                     t.on_ack(result);
                     if t.ledger_ids.len() >= self.args.ledger_batch {
                         if let Err(e) = self.flush_ledger(&mut t).await {
@@ -373,10 +449,10 @@ impl StreamCommand {
                 msg = source.next(), if read_more => {
                     match msg {
                         Ok(Some(SourceMessage::Change(event))) => {
-                            match self.producer.send(&event).await {
-                                Ok(ack) => t.push_delivery(&event, Box::pin(ack), false),
-                                Err(e) => return Err(e.into()),
-                            }
+                            let (ack, bytes) = self.producer.send(&event).await?;
+                            t.push_delivery(&event, Box::pin(ack), false);
+                            self.metrics.events.inc();
+                            self.metrics.bytes.add(bytes as u64);
                         }
                         Ok(Some(SourceMessage::Position { lsn })) => t.push_position(lsn),
                         Ok(Some(SourceMessage::ReplyRequested)) => {
@@ -394,11 +470,12 @@ impl StreamCommand {
                     match chunk {
                         Some(Ok(events)) => {
                             for event in &events {
-                                match self.producer.send(event).await {
-                                    Ok(ack) => t.push_delivery(event, Box::pin(ack), true),
-                                    Err(e) => return Err(e.into()),
-                                }
+                                let (ack, bytes) = self.producer.send(event).await?;
+                                t.push_delivery(event, Box::pin(ack), true);
+                                self.metrics.events.inc();
+                                self.metrics.bytes.add(bytes as u64);
                             }
+                            self.metrics.backfill_rows.add(events.len() as u64);
                             if backfilled > 0 {
                                 // The first chunk is in flight or in the ledger: a crash here
                                 // leaves a partly done backfill behind.
@@ -432,6 +509,8 @@ impl StreamCommand {
                     }
                 }
                 _ = status_tick.tick() => {
+                    self.metrics.in_flight.set(t.in_flight as i64);
+                    self.metrics.lag_bytes.set(source.server_wal_end().0.saturating_sub(t.confirmed.0) as i64);
                     tracing::debug!(produced = t.produced, acked = t.acked, in_flight = t.in_flight, queued = t.queue.len(), confirmable = %t.confirmable, confirmed = %t.confirmed, "stream progress");
                     if let Err(e) = source.send_status(t.confirmed, false).await {
                         break SessionEnd::Retry(e.to_string());
@@ -502,11 +581,16 @@ impl StreamCommand {
     async fn flush_ledger(&mut self, t: &mut Tracker) -> Result<(), SourceError> {
         if !t.ledger_ids.is_empty() {
             failpoints::hit(failpoints::STREAM_AFTER_KAFKA_ACK);
+            let started = Instant::now();
             self.ledger.mark_sent(&mut t.ledger_ids).await?;
+            self.metrics.ledger_seconds.record(started.elapsed());
+            self.metrics.ledger_writes.inc();
+            self.metrics.ledger_rows.add(t.ledger_ids.len() as u64);
             t.ledger_ids.clear();
             failpoints::hit(failpoints::STREAM_AFTER_LEDGER_WRITE);
         }
         t.confirmed = t.confirmed.max(t.confirmable);
+        self.metrics.confirmed_lsn.set(t.confirmed.0 as i64);
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! handling. Speaks [`crate::event::ChangeEvent`] and bytes; knows neither PostgreSQL nor ClickHouse.
 
 pub mod consumer;
+pub mod inspect;
 pub mod producer;
 pub mod topic;
 

@@ -62,12 +62,12 @@ impl KafkaProducer {
         })
     }
 
-    /// Enqueues one event and returns the future of its acknowledgement. Waits (without blocking
-    /// the runtime) while librdkafka's local queue is full.
+    /// Enqueues one event and returns the future of its acknowledgement and the payload size.
+    /// Waits (without blocking the runtime) while librdkafka's local queue is full.
     pub async fn send(
         &self,
         event: &ChangeEvent,
-    ) -> Result<impl Future<Output = DeliveryResult> + Send + 'static, KafkaError> {
+    ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
         let payload = event.to_json();
         let key = event.key();
         loop {
@@ -77,13 +77,14 @@ impl KafkaProducer {
             }
             match self.producer.send_result(record) {
                 Ok(delivery) => {
-                    return Ok(async move {
+                    let ack = async move {
                         match delivery.await {
                             Ok(Ok(_)) => Ok(()),
                             Ok(Err((e, _))) => Err(KafkaError::Delivery(e.to_string())),
                             Err(_) => Err(KafkaError::Delivery("producer dropped".into())),
                         }
-                    })
+                    };
+                    return Ok((ack, payload.len()));
                 }
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;

@@ -124,3 +124,33 @@ fn copy_columns(row: &mut UserLoginRow, from: &UserLoginRow, cols: &[String]) {
         }
     }
 }
+
+impl ClickHouseWriter {
+    /// Stored versions and current rows, for `cdc-relay status`.
+    pub async fn counts(&self) -> Result<(u64, u64), SinkError> {
+        let err = |source| SinkError::Client {
+            url: self.cfg.url.clone(),
+            context: "counting rows".into(),
+            source,
+        };
+        let raw: u64 = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {}",
+                self.cfg.qualified_table()
+            ))
+            .fetch_one()
+            .await
+            .map_err(err)?;
+        let current: u64 = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {}",
+                self.cfg.qualified_view()
+            ))
+            .fetch_one()
+            .await
+            .map_err(err)?;
+        Ok((raw, current))
+    }
+}

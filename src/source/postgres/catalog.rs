@@ -74,18 +74,21 @@ pub async fn preflight(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceErr
 /// Creates the publication if it is missing. An existing one is checked: it must contain the table,
 /// and if it publishes other operations than `--ops` it is altered (which needs table ownership; a
 /// least-privilege role gets an error naming the statement for the owner to run).
+/// The operations a publication publishes, as an array of names.
+const PUBLICATION_OPS: &str = "ARRAY_REMOVE(ARRAY[CASE WHEN pubinsert THEN 'insert' END, \
+     CASE WHEN pubupdate THEN 'update' END, CASE WHEN pubdelete THEN 'delete' END, \
+     CASE WHEN pubtruncate THEN 'truncate' END], NULL)";
+
 pub async fn ensure_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
     let publish = quote_literal(&cfg.ops.as_publish_option());
     let name = quote_ident(&cfg.publication);
     let existing = sql
         .query_opt(
-            "SELECT ARRAY_REMOVE(ARRAY[CASE WHEN pubinsert THEN 'insert' END, \
-                                  CASE WHEN pubupdate THEN 'update' END, \
-                                  CASE WHEN pubdelete THEN 'delete' END, \
-                                  CASE WHEN pubtruncate THEN 'truncate' END], NULL), \
-                    puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prpubid = p.oid \
+            &format!(
+                "SELECT {PUBLICATION_OPS}, puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prpubid = p.oid \
                         AND r.prrelid = to_regclass($2)) \
-             FROM pg_publication p WHERE pubname = $1",
+                 FROM pg_publication p WHERE pubname = $1"
+            ),
             &[&cfg.publication, &cfg.qualified_table()],
         )
         .await
@@ -191,4 +194,67 @@ pub async fn emit_heartbeat(sql: &Client) -> Result<Lsn, SourceError> {
         .await
         .map_err(SourceError::sql("writing a heartbeat message"))?;
     parse_lsn(row.get::<_, &str>(0))
+}
+
+/// What `cdc-relay status` shows of the PostgreSQL side.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceStatus {
+    pub slot: Option<SlotStatus>,
+    /// Operations the publication publishes; `None` when it does not exist.
+    pub publication_ops: Option<Vec<String>>,
+    /// Rows with `sent_to_kafka` not TRUE (the seed's first monitoring query).
+    pub unsent_rows: i64,
+    /// Rows with `sent_to_kafka = TRUE` (the seed's second).
+    pub sent_rows: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotStatus {
+    pub active: bool,
+    pub confirmed_lsn: Option<String>,
+    /// WAL the slot keeps from being removed.
+    pub retained_wal_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+}
+
+pub async fn status(cfg: &SourceConfig, sql: &Client) -> Result<SourceStatus, SourceError> {
+    let slot = sql
+        .query_opt(
+            "SELECT active, confirmed_flush_lsn::text, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(SourceError::sql("reading the slot"))?
+        .map(|r| SlotStatus {
+            active: r.get(0),
+            confirmed_lsn: r.get(1),
+            retained_wal_bytes: r.get(2),
+            wal_status: r.get(3),
+        });
+    let publication_ops = sql
+        .query_opt(
+            &format!("SELECT {PUBLICATION_OPS} FROM pg_publication WHERE pubname = $1"),
+            &[&cfg.publication],
+        )
+        .await
+        .map_err(SourceError::sql("reading the publication"))?
+        .map(|r| r.get::<_, Vec<String>>(0));
+    let counts = sql
+        .query_one(
+            &format!(
+                "SELECT count(*) FILTER (WHERE sent_to_kafka IS NOT TRUE), count(*) FILTER (WHERE sent_to_kafka) FROM {}",
+                cfg.qualified_table()
+            ),
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("counting sent and unsent rows"))?;
+    Ok(SourceStatus {
+        slot,
+        publication_ops,
+        unsent_rows: counts.get(0),
+        sent_rows: counts.get(1),
+    })
 }

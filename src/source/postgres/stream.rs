@@ -32,6 +32,8 @@ pub struct ReplicationSource {
     /// The current transaction is the relay's own ledger write: its row changes are dropped.
     skipping_ledger_tx: bool,
     pub skipped_ledger_changes: u64,
+    /// The server's WAL end as last reported: how far behind the stream is.
+    server_wal_end: Lsn,
 }
 
 impl ReplicationSource {
@@ -58,6 +60,7 @@ impl ReplicationSource {
             in_transaction: false,
             skipping_ledger_tx: false,
             skipped_ledger_changes: 0,
+            server_wal_end: start,
         })
     }
 
@@ -72,6 +75,7 @@ impl ReplicationSource {
                     wal_end,
                     reply_requested,
                 } => {
+                    self.server_wal_end = self.server_wal_end.max(wal_end);
                     if reply_requested {
                         return Ok(Some(SourceMessage::ReplyRequested));
                     }
@@ -82,8 +86,11 @@ impl ReplicationSource {
                     }
                 }
                 ReplicationMessage::XLogData {
-                    wal_start, data, ..
+                    wal_start,
+                    wal_end,
+                    data,
                 } => {
+                    self.server_wal_end = self.server_wal_end.max(wal_end);
                     if let Some(out) = self.handle(wal_start, decode(&data)?)? {
                         return Ok(Some(out));
                     }
@@ -188,6 +195,11 @@ impl ReplicationSource {
         // The change's own WAL position orders the writes of one row (row locks serialise them).
         let event = change_event(op, &row, lsn, lsn.0)?;
         Ok(Some(SourceMessage::Change(event)))
+    }
+
+    /// The server's WAL end as last reported.
+    pub fn server_wal_end(&self) -> Lsn {
+        self.server_wal_end
     }
 
     /// Between a Begin and its Commit: stopping now would leave a half-handled transaction that the

@@ -1,0 +1,99 @@
+//! Read-only views of a topic and a consumer group, for `cdc-relay status`.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use super::producer::base_config;
+use super::KafkaError;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionLag {
+    pub partition: i32,
+    /// Next offset to be written.
+    pub high: i64,
+    /// The group's committed offset, if it has one.
+    pub committed: Option<i64>,
+    /// Messages the group has not committed yet.
+    pub lag: i64,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn client(brokers: &str, group: &str) -> Result<BaseConsumer, KafkaError> {
+    base_config(brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(KafkaError::client("creating an inspection client"))
+}
+
+fn partitions(c: &BaseConsumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
+    let md = c
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .map_err(KafkaError::client(format!("reading metadata of {topic}")))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none())
+        .ok_or_else(|| KafkaError::Topic {
+            topic: topic.into(),
+            reason: "does not exist".into(),
+        })?;
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
+}
+
+/// Lag of `group` on every partition of `topic`.
+pub fn group_lag(brokers: &str, topic: &str, group: &str) -> Result<Vec<PartitionLag>, KafkaError> {
+    let c = client(brokers, group)?;
+    let parts = partitions(&c, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in &parts {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = c
+        .committed_offsets(tpl, TIMEOUT)
+        .map_err(KafkaError::client(format!(
+            "reading the offsets of group {group}"
+        )))?;
+    let mut out = Vec::new();
+    for p in parts {
+        let (low, high) = c
+            .fetch_watermarks(topic, p, TIMEOUT)
+            .map_err(KafkaError::client(format!(
+                "reading watermarks of {topic}/{p}"
+            )))?;
+        let committed = committed
+            .find_partition(topic, p)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        let lag = high - committed.unwrap_or(low).max(low);
+        out.push(PartitionLag {
+            partition: p,
+            high,
+            committed,
+            lag,
+        });
+    }
+    Ok(out)
+}
+
+/// Messages currently held by `topic` (all partitions).
+pub fn topic_messages(brokers: &str, topic: &str) -> Result<i64, KafkaError> {
+    let c = client(brokers, "cdc-relay-status")?;
+    let mut total = 0;
+    for p in partitions(&c, topic)? {
+        let (low, high) = c
+            .fetch_watermarks(topic, p, TIMEOUT)
+            .map_err(KafkaError::client(format!(
+                "reading watermarks of {topic}/{p}"
+            )))?;
+        total += high - low;
+    }
+    Ok(total)
+}
