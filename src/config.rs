@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "cdc-relay",
+    after_help = "Settings come from flags, then CDC_RELAY_* environment variables, then the TOML file named by --config (keys are the flag names with underscores, e.g. pg_url = \"postgres://…\").",
     version,
     about = "Change-data-capture relay: PostgreSQL (pgoutput) -> Apache Kafka -> ClickHouse",
     long_about = "Change-data-capture relay: PostgreSQL (pgoutput) -> Apache Kafka -> ClickHouse.\n\n\
@@ -19,6 +20,10 @@ marking each row `sent_to_kafka = TRUE` once Kafka acknowledged it. `sink` is a 
 member that writes the topic into a ClickHouse ReplacingMergeTree table keyed on `id`."
 )]
 pub struct Cli {
+    /// TOML file with settings (lowest precedence: flags and CDC_RELAY_* variables win).
+    #[arg(long, global = true, env = "CDC_RELAY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Log output format.
     #[arg(long, global = true, env = "CDC_RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -41,6 +46,19 @@ pub enum Command {
     Sink(SinkArgs),
     /// Show the state of the slot, the ledger, the topic and the ClickHouse table.
     Status(StatusArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the settings and print the effective values, secrets masked.
+    Check {
+        /// Check only the settings of this command (default: stream, sink and status).
+        #[arg(long = "for", value_parser = ["stream", "sink", "status"])]
+        for_command: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -112,6 +130,15 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+}
+
+/// Turns `--ops` into what the source understands.
+pub struct PublishOpsArg;
+
+impl PublishOpsArg {
+    pub fn ops(ops: &[Op]) -> crate::source::postgres::PublishOps {
+        crate::source::postgres::PublishOps(ops.iter().map(|o| o.as_str()).collect())
+    }
 }
 
 impl Op {
@@ -264,6 +291,113 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// Every `CDC_RELAY_*` variable some command reads, with the flag it stands for.
+pub fn known_settings() -> std::collections::BTreeMap<String, String> {
+    use clap::CommandFactory;
+    let mut out = std::collections::BTreeMap::new();
+    fn walk(cmd: &clap::Command, out: &mut std::collections::BTreeMap<String, String>) {
+        for arg in cmd.get_arguments() {
+            if let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) {
+                out.insert(env.to_string_lossy().into_owned(), long.to_string());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    walk(&Cli::command(), &mut out);
+    out
+}
+
+/// Reads the TOML file and exports each key as its `CDC_RELAY_*` variable, unless that variable is
+/// already set (flags and the environment take precedence). Unknown keys are errors. Returns the
+/// variables it set. Must run before the command line is parsed and before any thread starts.
+pub fn apply_config_file(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("config file {} is not valid TOML: {e}", path.display()))?;
+    // File keys are the flag names with underscores: `batch_interval`, not the env name's `_MS`.
+    let by_key: std::collections::BTreeMap<String, String> = known_settings()
+        .into_iter()
+        .filter(|(_, flag)| flag != "config")
+        .map(|(env, flag)| (flag.replace('-', "_"), env))
+        .collect();
+    let mut set = Vec::new();
+    for (key, value) in table {
+        let Some(env) = by_key.get(&key.replace('-', "_")).cloned() else {
+            let valid: Vec<&str> = by_key.keys().map(String::as_str).collect();
+            return Err(format!(
+                "config file {}: unknown key {key:?}; known keys: {}",
+                path.display(),
+                valid.join(", ")
+            ));
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => {
+                return Err(format!(
+                    "config file {}: key {key:?} has an unsupported value {other:?}",
+                    path.display()
+                ))
+            }
+        };
+        if std::env::var_os(&env).is_none() {
+            // Single-threaded at this point (called from main before the runtime starts).
+            std::env::set_var(&env, text);
+            set.push(env);
+        }
+    }
+    Ok(set)
+}
+
+/// Masks secrets: password settings entirely, and the password inside URLs.
+pub fn mask(setting: &str, value: &str) -> String {
+    if setting.contains("PASSWORD") {
+        return if value.is_empty() {
+            String::new()
+        } else {
+            "****".into()
+        };
+    }
+    match (value.find("://"), value.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &value[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:****{}", &value[..scheme + 3], &value[at..]),
+                None => value.to_string(),
+            }
+        }
+        _ => {
+            // key=value connection strings
+            value
+                .split(' ')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=****"
+                    } else {
+                        kv
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    }
+}
+
 fn parse_millis(s: &str) -> Result<Duration, String> {
     s.parse::<u64>()
         .map(Duration::from_millis)
@@ -284,6 +418,34 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(
+            mask("CDC_RELAY_PG_URL", "postgres://u:secret@h:5432/db"),
+            "postgres://u:****@h:5432/db"
+        );
+        assert_eq!(
+            mask("CDC_RELAY_PG_URL", "host=h password=secret user=u"),
+            "host=h password=**** user=u"
+        );
+        assert_eq!(mask("CDC_RELAY_CLICKHOUSE_PASSWORD", "secret"), "****");
+        assert_eq!(mask("CDC_RELAY_TOPIC", "t"), "t");
+    }
+
+    #[test]
+    fn every_setting_has_an_env_name() {
+        let known = known_settings();
+        for k in [
+            "CDC_RELAY_PG_URL",
+            "CDC_RELAY_KAFKA_BROKERS",
+            "CDC_RELAY_CLICKHOUSE_PASSWORD",
+            "CDC_RELAY_OPS",
+            "CDC_RELAY_GROUP",
+        ] {
+            assert!(known.contains_key(k), "{k}");
+        }
     }
 
     #[test]

@@ -7,11 +7,21 @@ use clap::Parser;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
-use cdc_relay::config::{Cli, Command, LogFormat};
+use cdc_relay::config::{Cli, Command, ConfigCommand, LogFormat};
 use cdc_relay::{commands, error::Error};
 
 fn main() -> ExitCode {
+    // The config file feeds the environment, so it is read before the command line is parsed.
+    if let Some(path) = config_file_from_args() {
+        if let Err(e) = cdc_relay::config::apply_config_file(&path) {
+            eprintln!("cdc-relay: error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let cli = Cli::parse();
+    if let Command::Config(ConfigCommand::Check { for_command }) = &cli.command {
+        return ExitCode::from(commands::config::check(for_command.as_deref()) as u8);
+    }
     let filter = EnvFilter::try_from_env("CDC_RELAY_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
     let builder = tracing_subscriber::fmt()
@@ -39,6 +49,7 @@ fn main() -> ExitCode {
             Command::Stream(args) => commands::stream::run(args, shutdown).await.map(|()| 0),
             Command::Sink(args) => commands::sink::run(args, shutdown).await.map(|()| 0),
             Command::Status(args) => commands::status::run(args).await,
+            Command::Config(_) => Ok(0),
         };
         outcome.map_err(anyhow::Error::from)
     });
@@ -51,6 +62,20 @@ fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// `--config FILE`, `--config=FILE` or `CDC_RELAY_CONFIG`.
+fn config_file_from_args() -> Option<std::path::PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    for (i, a) in args.iter().enumerate() {
+        if a == "--config" {
+            return args.get(i + 1).map(Into::into);
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(v.into());
+        }
+    }
+    std::env::var_os("CDC_RELAY_CONFIG").map(Into::into)
 }
 
 /// Flips to `true` on the first SIGINT or SIGTERM; a second one exits at once.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::backoff::Backoff;
-use crate::config::StreamArgs;
+use crate::config::{PublishOpsArg, StreamArgs};
 use crate::error::Error;
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::failpoints;
@@ -26,7 +26,7 @@ use crate::source::postgres::catalog;
 use crate::source::postgres::client::ReplicationClient;
 use crate::source::postgres::ledger::Ledger;
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
-use crate::source::postgres::{PublishOps, SourceConfig, SourceError};
+use crate::source::postgres::{SourceConfig, SourceError};
 
 type Delivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
 
@@ -230,7 +230,7 @@ struct StreamCommand {
 }
 
 pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    let ops = PublishOps(args.ops.iter().map(|o| o.as_str()).collect());
+    let ops = PublishOpsArg::ops(&args.ops);
     let cfg = SourceConfig::new(
         &args.postgres.pg_url,
         &args.postgres.table,
