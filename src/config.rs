@@ -46,6 +46,11 @@ pub enum Command {
     Sink(SinkArgs),
     /// Show the state of the slot, the ledger, the topic and the ClickHouse table.
     Status(StatusArgs),
+    /// Create the publication, the slot, the topics and the ClickHouse table ahead of time.
+    Setup(SetupArgs),
+    /// Drop the slot and the publication. The slot's position is lost: a later `stream` backfills
+    /// from the ledger (`sent_to_kafka`).
+    Teardown(TeardownArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -230,6 +235,50 @@ pub struct SinkArgs {
     /// Longest time a consumed message waits before its batch is inserted, in milliseconds.
     #[arg(long, env = "CDC_RELAY_BATCH_INTERVAL_MS", default_value = "100", value_parser = parse_millis)]
     pub batch_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+
+    /// Operations the publication publishes.
+    #[arg(
+        long,
+        env = "CDC_RELAY_OPS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "insert"
+    )]
+    pub ops: Vec<Op>,
+
+    /// Partitions of the topic when it has to be created.
+    #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+
+    /// Replication factor of the topic when it has to be created.
+    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+
+    /// Topic that receives messages the sink cannot parse.
+    #[arg(long, env = "CDC_RELAY_DLQ_TOPIC", default_value = "user_events.dlq")]
+    pub dlq_topic: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TeardownArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    /// Required: confirms that the slot (and with it the stream's position) may be dropped.
+    #[arg(long)]
+    pub yes_drop_slot: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -12,5 +12,6 @@ pub mod event;
 pub mod failpoints;
 pub mod kafka;
 pub mod metrics;
+pub mod progress;
 pub mod sink;
 pub mod source;

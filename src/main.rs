@@ -49,6 +49,8 @@ fn main() -> ExitCode {
             Command::Stream(args) => commands::stream::run(args, shutdown).await.map(|()| 0),
             Command::Sink(args) => commands::sink::run(args, shutdown).await.map(|()| 0),
             Command::Status(args) => commands::status::run(args).await,
+            Command::Setup(args) => commands::setup::setup(args).await.map(|()| 0),
+            Command::Teardown(args) => commands::setup::teardown(args).await.map(|()| 0),
             Command::Config(_) => Ok(0),
         };
         outcome.map_err(anyhow::Error::from)

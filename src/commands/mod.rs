@@ -2,6 +2,7 @@
 //! the sink stay unaware of each other.
 
 pub mod config;
+pub mod setup;
 pub mod sink;
 pub mod status;
 pub mod stream;

@@ -21,6 +21,7 @@ use crate::failpoints;
 use crate::kafka::producer::{base_config, DeliveryResult, KafkaProducer, ProducerConfig};
 use crate::kafka::topic::ensure_topic;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
+use crate::progress::Progress;
 use crate::source::postgres::backfill::Backfill;
 use crate::source::postgres::catalog;
 use crate::source::postgres::client::ReplicationClient;
@@ -372,8 +373,11 @@ impl StreamCommand {
         let mut backfill_task = None;
         let mut catch_up_at: Option<Lsn> = None;
 
+        let mut progress: Option<Progress> = None;
         match std::mem::replace(backfill, BackfillState::Done) {
             BackfillState::Snapshot(b) => {
+                let total = b.count_remaining(&self.cfg).await.ok().map(|n| n as u64);
+                progress = Some(Progress::new("backfill", total));
                 let (tx, rx) = mpsc::channel(1);
                 backfill_task = Some(tokio::spawn(read_backfill(*b, tx)));
                 backfill_rx = Some(rx);
@@ -416,6 +420,8 @@ impl StreamCommand {
                         Err(e) if e.is_transient() => break SessionEnd::Retry(e.to_string()),
                         Err(e) => return Err(e.into()),
                     };
+                    let total = b.count_remaining(&self.cfg).await.ok().map(|n| n as u64);
+                    progress = Some(Progress::new("backfill", total));
                     let (tx, rx) = mpsc::channel(1);
                     backfill_task = Some(tokio::spawn(read_backfill(b, tx)));
                     backfill_rx = Some(rx);
@@ -482,7 +488,9 @@ impl StreamCommand {
                                 failpoints::hit(failpoints::STREAM_MID_BACKFILL);
                             }
                             backfilled += events.len() as u64;
-                            tracing::debug!(rows = backfilled, first = ?events.first().and_then(|e| e.id), last = ?events.last().and_then(|e| e.id), "backfill progress");
+                            if let Some(p) = progress.as_mut() {
+                                p.add(events.len() as u64);
+                            }
                         }
                         Some(Err(e)) if e.is_transient() => break SessionEnd::Retry(e.to_string()),
                         Some(Err(e)) => return Err(e.into()),
@@ -492,7 +500,9 @@ impl StreamCommand {
                             if !t.backfill_failed {
                                 *backfill = BackfillState::Done;
                             }
-                            tracing::info!(rows = backfilled, "backfill done");
+                            if let Some(p) = progress.take() {
+                                p.finish();
+                            }
                         }
                     }
                 }

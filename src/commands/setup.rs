@@ -1,0 +1,113 @@
+//! `cdc-relay setup` and `teardown`: create everything ahead of time (e.g. by an administrator with
+//! more privileges than the relay), or remove the PostgreSQL side again.
+
+use crate::config::{PublishOpsArg, SetupArgs, TeardownArgs};
+use crate::error::Error;
+use crate::kafka::producer::base_config;
+use crate::kafka::topic::ensure_topic;
+use crate::sink::clickhouse::{schema, ClickHouseConfig};
+use crate::source::postgres::catalog;
+use crate::source::postgres::client::ReplicationClient;
+use crate::source::postgres::{PublishOps, SourceConfig, SourceError};
+
+pub async fn setup(args: SetupArgs) -> Result<(), Error> {
+    let cfg = SourceConfig::new(
+        &args.postgres.pg_url,
+        &args.postgres.table,
+        &args.postgres.slot,
+        &args.postgres.publication,
+        PublishOpsArg::ops(&args.ops),
+    )?;
+    let sql = cfg.connect_sql().await?;
+    catalog::preflight(&cfg, &sql).await?;
+    catalog::ensure_publication(&cfg, &sql).await?;
+    match catalog::slot_info(&cfg, &sql).await? {
+        Some(info) => {
+            catalog::check_slot(&cfg, &info)?;
+            println!("slot {}: exists", cfg.slot);
+        }
+        None => {
+            // No snapshot: the first `stream` finds the slot and backfills unsent rows after it
+            // caught up, which covers everything committed before this moment.
+            let mut client = ReplicationClient::connect(&cfg.replication_params()?)
+                .await
+                .map_err(SourceError::from)?;
+            let created = client
+                .create_logical_slot(&cfg.slot, false)
+                .await
+                .map_err(SourceError::from)?;
+            println!("slot {}: created at {}", cfg.slot, created.consistent_point);
+        }
+    }
+    println!(
+        "publication {}: publishes {}",
+        cfg.publication,
+        cfg.ops.as_publish_option()
+    );
+
+    let kafka = base_config(&args.kafka.kafka_brokers);
+    let n = ensure_topic(
+        &kafka,
+        &args.kafka.topic,
+        args.topic_partitions,
+        args.topic_replication,
+    )
+    .await?;
+    println!("topic {}: {n} partitions", args.kafka.topic);
+    let n = ensure_topic(&kafka, &args.dlq_topic, 1, args.topic_replication).await?;
+    println!("topic {}: {n} partitions", args.dlq_topic);
+
+    let ch = ClickHouseConfig {
+        url: args.clickhouse.clickhouse_url.clone(),
+        user: args.clickhouse.clickhouse_user.clone(),
+        password: args.clickhouse.clickhouse_password.clone(),
+        database: args.clickhouse.clickhouse_database.clone(),
+        table: args.clickhouse.clickhouse_table.clone(),
+    };
+    let client = ch.client();
+    let version = schema::server_version(&client, &ch.url).await?;
+    schema::ensure_schema(&client, &ch, version).await?;
+    println!(
+        "clickhouse {}: ready (server {}.{})",
+        ch.qualified_table(),
+        version.major,
+        version.minor
+    );
+    Ok(())
+}
+
+pub async fn teardown(args: TeardownArgs) -> Result<(), Error> {
+    if !args.yes_drop_slot {
+        return Err(Error::Config(
+            "teardown drops the replication slot, and with it the stream's position; pass --yes-drop-slot to confirm".into(),
+        ));
+    }
+    let cfg = SourceConfig::new(
+        &args.postgres.pg_url,
+        &args.postgres.table,
+        &args.postgres.slot,
+        &args.postgres.publication,
+        PublishOps(vec![]),
+    )?;
+    let sql = cfg.connect_sql().await?;
+    if let Some(info) = catalog::slot_info(&cfg, &sql).await? {
+        if info.active {
+            return Err(Error::Config(format!(
+                "slot {} is in use by a running `cdc-relay stream`: stop it first",
+                cfg.slot
+            )));
+        }
+        sql.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
+            .await
+            .map_err(SourceError::sql("dropping the replication slot"))?;
+        println!("slot {}: dropped", cfg.slot);
+    }
+    sql.batch_execute(&format!(
+        "DROP PUBLICATION IF EXISTS {}",
+        crate::source::postgres::client::quote_ident(&cfg.publication)
+    ))
+    .await
+    .map_err(SourceError::sql("dropping the publication"))?;
+    println!("publication {}: dropped", cfg.publication);
+    Ok(())
+}
