@@ -16,7 +16,9 @@ async fn main() {
     let seconds: u64 = args.get(3).map(|r| r.parse().unwrap()).unwrap_or(60);
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
 
-    let (pg, conn) = tokio_postgres::connect(&env("CDC_RELAY_PG_URL"), tokio_postgres::NoTls).await.unwrap();
+    let (pg, conn) = tokio_postgres::connect(&env("CDC_RELAY_PG_URL"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let ch = clickhouse::Client::default()
         .with_url(env("CDC_RELAY_CLICKHOUSE_URL"))
@@ -57,7 +59,9 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(seconds + 30);
     loop {
         let ids: Vec<u64> = ch
-            .query(&format!("SELECT id FROM {table}_current WHERE id > ? ORDER BY id"))
+            .query(&format!(
+                "SELECT id FROM {table}_current WHERE id > ? ORDER BY id"
+            ))
             .bind(seen_up_to)
             .fetch_all()
             .await
@@ -76,7 +80,10 @@ async fn main() {
             }
         }
         if Instant::now() > deadline {
-            eprintln!("gave up waiting; {} rows never seen", committed.lock().unwrap().len());
+            eprintln!(
+                "gave up waiting; {} rows never seen",
+                committed.lock().unwrap().len()
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

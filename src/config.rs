@@ -199,6 +199,15 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_BACKFILL_CHUNK", default_value_t = 10_000)]
     pub backfill_chunk: i64,
 
+    /// Create a new slot when the old one was dropped or invalidated (its WAL removed). Changes made
+    /// while it was gone are not streamed; rows still marked unsent are backfilled.
+    #[arg(long, env = "CDC_RELAY_RECREATE_SLOT")]
+    pub recreate_slot: bool,
+
+    /// Warn (log and metric) when the slot retains more WAL than this many MiB.
+    #[arg(long, env = "CDC_RELAY_MAX_RETAINED_WAL_MB", default_value_t = 1024)]
+    pub max_retained_wal_mb: u64,
+
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187) at /metrics.
     #[arg(long, env = "CDC_RELAY_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -715,14 +715,41 @@ async fn setup_ahead_of_time_then_stream_delivers_old_and_new_rows_once_and_tear
     pg.batch_execute(&insert("before")).await.unwrap();
     let dlq = format!("{name}_dlq");
     let common = ["--table", &name, "--slot", &name, "--publication", &name];
-    let mut setup_args = vec!["setup", "--topic", &name, "--clickhouse-table", &name, "--dlq-topic", &dlq];
+    let mut setup_args = vec![
+        "setup",
+        "--topic",
+        &name,
+        "--clickhouse-table",
+        &name,
+        "--dlq-topic",
+        &dlq,
+    ];
     setup_args.extend_from_slice(&common);
     let out = relay(&setup_args, &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let slots: i64 = pg.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", &[&name]).await.unwrap().get(0);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let slots: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(slots, 1);
-    let s = SinkSetup { name: name.clone(), ch_url: env("CDC_RELAY_CLICKHOUSE_URL") };
-    assert_eq!(count(&s.ch(), &format!("SELECT count() FROM {name}_current")).await, 0, "table and view exist");
+    let s = SinkSetup {
+        name: name.clone(),
+        ch_url: env("CDC_RELAY_CLICKHOUSE_URL"),
+    };
+    assert_eq!(
+        count(&s.ch(), &format!("SELECT count() FROM {name}_current")).await,
+        0,
+        "table and view exist"
+    );
     pg.batch_execute(&insert("after")).await.unwrap();
 
     let mut stream_args = vec!["stream", "--topic", &name];
@@ -731,19 +758,39 @@ async fn setup_ahead_of_time_then_stream_delivers_old_and_new_rows_once_and_tear
     let sink = s.start("sink");
     s.wait_current(10, Duration::from_secs(60)).await;
     let msgs = read_topic(&name, 10, Duration::from_secs(30), Duration::from_secs(2));
-    assert_eq!(msgs.len(), 10, "rows from before the slot by the backfill, later ones by the stream, none twice");
+    assert_eq!(
+        msgs.len(),
+        10,
+        "rows from before the slot by the backfill, later ones by the stream, none twice"
+    );
     assert_eq!(sink.stop(), 0);
     assert_eq!(stream.stop(), 0);
 
     let mut teardown = vec!["teardown"];
     teardown.extend_from_slice(&common);
     let out = relay(&teardown, &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "teardown without confirmation refuses");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "teardown without confirmation refuses"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--yes-drop-slot"));
     teardown.push("--yes-drop-slot");
     let out = relay(&teardown, &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let slots: i64 = pg.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", &[&name]).await.unwrap().get(0);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let slots: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(slots, 0);
     drop_pipeline(&pg, &name).await;
 }

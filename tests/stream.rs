@@ -527,3 +527,54 @@ async fn sigint_stops_cleanly_and_confirms_what_was_sent() {
     assert_eq!(relay.stop(), 0);
     p.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_slot_is_not_silently_replaced() {
+    let p = Pipeline::new("st_dropped").await;
+    let relay = p.start(&["--max-retained-wal-mb", "0"]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'a' || g, 'login', now() FROM generate_series(1, 10) g").await;
+    p.wait_all_sent(10, Duration::from_secs(30)).await;
+    assert_eq!(relay.stop(), 0);
+    assert!(
+        relay_log_contains(&p.name, "retains a lot of WAL"),
+        "retention warning with a 0 MiB limit"
+    );
+
+    // Someone drops the slot; rows change meanwhile.
+    p.pg.execute("SELECT pg_drop_replication_slot($1)", &[&p.name])
+        .await
+        .unwrap();
+    p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'b' || g, 'login', now() FROM generate_series(1, 5) g").await;
+    p.exec("UPDATE {t} SET sent_to_kafka = FALSE WHERE id = 1")
+        .await;
+
+    let out = common::relay(&p.args(&[]), &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("already holds events") && stderr.contains("--recreate-slot"),
+        "{stderr}"
+    );
+
+    // Told to, it creates a new slot and backfills everything still unsent.
+    let relay = p.start(&["--recreate-slot"]);
+    p.wait_all_sent(15, Duration::from_secs(30)).await;
+    let msgs = p.read(16, Duration::from_secs(2));
+    assert_eq!(ids(&msgs).len(), 15);
+    assert_eq!(
+        msgs.iter().filter(|m| m.value["id"] == 1).count(),
+        2,
+        "row 1 was reset to unsent and sent again"
+    );
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}
+
+fn relay_log_contains(name: &str, needle: &str) -> bool {
+    let log = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!(".local/test-logs/{name}.log"));
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(needle)
+}

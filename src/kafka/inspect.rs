@@ -97,3 +97,40 @@ pub fn topic_messages(brokers: &str, topic: &str) -> Result<i64, KafkaError> {
     }
     Ok(total)
 }
+
+/// Whether the last message of any partition of `topic` is a cdc-relay change event: then a slot
+/// has fed this topic before. Messages of other producers (the seed pipeline's) do not count.
+pub fn holds_relay_events(brokers: &str, topic: &str) -> Result<bool, KafkaError> {
+    let c = client(brokers, "cdc-relay-inspect")?;
+    let parts = match partitions(&c, topic) {
+        Ok(p) => p,
+        Err(KafkaError::Topic { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    for p in parts {
+        let (low, high) = c
+            .fetch_watermarks(topic, p, TIMEOUT)
+            .map_err(KafkaError::client(format!(
+                "reading watermarks of {topic}/{p}"
+            )))?;
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(high - 1))
+            .map_err(KafkaError::client("positioning the inspection client"))?;
+        c.assign(&tpl)
+            .map_err(KafkaError::client("assigning the inspection client"))?;
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                use rdkafka::message::Message;
+                if crate::event::ChangeEvent::from_json(m.payload().unwrap_or_default()).is_ok() {
+                    return Ok(true);
+                }
+                break;
+            }
+        }
+    }
+    Ok(false)
+}

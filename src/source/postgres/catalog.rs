@@ -183,6 +183,30 @@ pub fn check_slot(cfg: &SourceConfig, slot: &SlotInfo) -> Result<(), SourceError
     Ok(())
 }
 
+/// WAL the slot keeps (bytes from its restart position to the current end) and its WAL status.
+pub async fn slot_retention(
+    cfg: &SourceConfig,
+    sql: &Client,
+) -> Result<Option<(i64, Option<String>)>, SourceError> {
+    let row = sql
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(SourceError::sql("reading the slot's WAL retention"))?;
+    Ok(row.map(|r| (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))))
+}
+
+/// Drops the slot (to replace a lost one).
+pub async fn drop_slot(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+    sql.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
+        .await
+        .map_err(SourceError::sql("dropping the lost replication slot"))?;
+    Ok(())
+}
+
 /// Writes a non-transactional logical decoding message and returns its position. The stream sees it
 /// even when the table is quiet, which lets the slot's confirmed position move on.
 pub async fn emit_heartbeat(sql: &Client) -> Result<Lsn, SourceError> {

@@ -37,7 +37,7 @@ pub enum SourceError {
     Schema { table: String, reason: String },
     #[error("{0}")]
     Privilege(String),
-    #[error("replication slot {slot:?} is no longer usable ({reason}): changes since its last confirmed position are gone. Re-run with --recreate-slot to create a new slot and re-send every row with sent_to_kafka = FALSE")]
+    #[error("replication slot {slot:?} is no longer usable ({reason}): changes since its last confirmed position may be gone. To go on, run with --recreate-slot: a new slot streams from now and every row with sent_to_kafka not TRUE is backfilled; see docs/operations.md")]
     SlotLost { slot: String, reason: String },
     #[error("column {column}: {reason}")]
     Value {

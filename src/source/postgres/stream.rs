@@ -50,7 +50,15 @@ impl ReplicationSource {
         };
         let stream = client
             .start_replication(&cfg.slot, start, &cfg.publication)
-            .await?;
+            .await
+            .map_err(|e| match e.code() {
+                // undefined_object: dropped; object_not_in_prerequisite_state: invalidated.
+                Some("42704") | Some("55000") => SourceError::SlotLost {
+                    slot: cfg.slot.clone(),
+                    reason: e.to_string(),
+                },
+                _ => e.into(),
+            })?;
         Ok(ReplicationSource {
             stream,
             relations: RelationCache::default(),

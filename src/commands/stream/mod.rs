@@ -5,22 +5,25 @@
 //! the slot's confirmed position passes its transaction. Acknowledgements are handled strictly in the
 //! order the changes were read, so a confirmed position never jumps over an unacknowledged change.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+mod metrics;
+mod tracker;
+
+use metrics::StreamMetrics;
+use tracker::Tracker;
+
 use crate::backoff::Backoff;
 use crate::config::{PublishOpsArg, StreamArgs};
 use crate::error::Error;
-use crate::event::{ChangeEvent, Lsn, Op};
+use crate::event::{ChangeEvent, Lsn};
 use crate::failpoints;
-use crate::kafka::producer::{base_config, DeliveryResult, KafkaProducer, ProducerConfig};
+use crate::kafka::inspect;
+use crate::kafka::producer::{base_config, KafkaProducer, ProducerConfig};
 use crate::kafka::topic::ensure_topic;
-use crate::metrics::{Counter, Gauge, Registry, Seconds};
+use crate::metrics::Registry;
 use crate::progress::Progress;
 use crate::source::postgres::backfill::Backfill;
 use crate::source::postgres::catalog;
@@ -28,183 +31,6 @@ use crate::source::postgres::client::ReplicationClient;
 use crate::source::postgres::ledger::Ledger;
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
 use crate::source::postgres::{SourceConfig, SourceError};
-
-type Delivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
-
-enum Item {
-    Delivery {
-        ledger_id: Option<i64>,
-        from_backfill: bool,
-        ack: Delivery,
-    },
-    Position(Lsn),
-}
-
-/// Where acknowledgements are tracked between Kafka and PostgreSQL.
-struct Tracker {
-    queue: VecDeque<Item>,
-    in_flight: usize,
-    /// Acknowledged rows not yet in the ledger.
-    ledger_ids: Vec<i64>,
-    /// Every change before this is acknowledged (its id is in `ledger_ids` or the ledger).
-    confirmable: Lsn,
-    /// Every change before this is acknowledged and in the ledger: what the slot is told.
-    confirmed: Lsn,
-    /// A delivery failed in this session: positions stop advancing until the stream restarts.
-    broken: bool,
-    backfill_failed: bool,
-    produced: u64,
-    acked: u64,
-}
-
-impl Tracker {
-    fn new(confirmed: Lsn) -> Self {
-        Tracker {
-            queue: VecDeque::new(),
-            in_flight: 0,
-            ledger_ids: Vec::new(),
-            confirmable: confirmed,
-            confirmed,
-            broken: false,
-            backfill_failed: false,
-            produced: 0,
-            acked: 0,
-        }
-    }
-
-    fn push_delivery(&mut self, event: &ChangeEvent, ack: Delivery, from_backfill: bool) {
-        let ledger_id = match event.op {
-            Op::Snapshot | Op::Insert | Op::Update => event.id,
-            Op::Delete | Op::Truncate => None,
-        };
-        self.queue.push_back(Item::Delivery {
-            ledger_id,
-            from_backfill,
-            ack,
-        });
-        self.in_flight += 1;
-        self.produced += 1;
-    }
-
-    fn push_position(&mut self, lsn: Lsn) {
-        if let Some(Item::Position(last)) = self.queue.back_mut() {
-            *last = (*last).max(lsn);
-        } else {
-            self.queue.push_back(Item::Position(lsn));
-        }
-        self.advance();
-    }
-
-    /// Consumes positions at the head of the queue.
-    fn advance(&mut self) {
-        while let Some(Item::Position(lsn)) = self.queue.front() {
-            if !self.broken {
-                self.confirmable = self.confirmable.max(*lsn);
-            }
-            self.queue.pop_front();
-        }
-    }
-
-    /// Resolves when the oldest delivery is acknowledged or failed.
-    fn next_ack(&mut self) -> impl Future<Output = DeliveryResult> + '_ {
-        std::future::poll_fn(move |cx| match self.queue.front_mut() {
-            Some(Item::Delivery { ack, .. }) => ack.as_mut().poll(cx),
-            _ => Poll::Pending,
-        })
-    }
-
-    fn on_ack(&mut self, result: DeliveryResult) {
-        let Some(Item::Delivery {
-            ledger_id,
-            from_backfill,
-            ..
-        }) = self.queue.pop_front()
-        else {
-            return;
-        };
-        self.in_flight -= 1;
-        match result {
-            Ok(()) => {
-                self.acked += 1;
-                self.ledger_ids.extend(ledger_id);
-            }
-            Err(e) => {
-                if !self.broken {
-                    tracing::warn!(error = %e, "Kafka delivery failed; the stream will restart from its last confirmed position");
-                }
-                self.broken = true;
-                self.backfill_failed |= from_backfill;
-            }
-        }
-        self.advance();
-    }
-
-    fn has_delivery_at_head(&self) -> bool {
-        matches!(self.queue.front(), Some(Item::Delivery { .. }))
-    }
-}
-
-/// What `stream` exports at /metrics.
-struct StreamMetrics {
-    events: Counter,
-    backfill_rows: Counter,
-    bytes: Counter,
-    acked: Counter,
-    delivery_failures: Counter,
-    ledger_writes: Counter,
-    ledger_rows: Counter,
-    ledger_seconds: Seconds,
-    confirmed_lsn: Gauge,
-    lag_bytes: Gauge,
-    in_flight: Gauge,
-    restarts: Counter,
-}
-
-impl StreamMetrics {
-    fn new(r: &Registry) -> Self {
-        StreamMetrics {
-            events: r.counter(
-                "stream_events_total",
-                "Change events produced to Kafka (stream and backfill).",
-            ),
-            backfill_rows: r.counter(
-                "stream_backfill_rows_total",
-                "Rows produced by the backfill.",
-            ),
-            bytes: r.counter("stream_bytes_total", "Payload bytes produced to Kafka."),
-            acked: r.counter("stream_acked_total", "Messages acknowledged by Kafka."),
-            delivery_failures: r.counter(
-                "stream_delivery_failures_total",
-                "Messages Kafka did not acknowledge.",
-            ),
-            ledger_writes: r.counter(
-                "stream_ledger_writes_total",
-                "sent_to_kafka ledger statements.",
-            ),
-            ledger_rows: r.counter("stream_ledger_rows_total", "Row ids written to the ledger."),
-            ledger_seconds: r.seconds(
-                "stream_ledger_seconds_total",
-                "Time spent in ledger statements.",
-            ),
-            confirmed_lsn: r.gauge(
-                "stream_confirmed_lsn",
-                "Position confirmed to the slot (as an integer).",
-            ),
-            lag_bytes: r.gauge(
-                "stream_replication_lag_bytes",
-                "Server WAL end minus the confirmed position.",
-            ),
-            in_flight: r.gauge(
-                "stream_in_flight",
-                "Messages produced and not yet acknowledged.",
-            ),
-            restarts: r.counter(
-                "stream_session_restarts_total",
-                "Replication sessions restarted after a fault.",
-            ),
-        }
-    }
-}
 
 /// Why a streaming session ended.
 enum SessionEnd {
@@ -257,7 +83,36 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     })?;
     tracing::info!(table = %cfg.qualified_table(), topic = %args.kafka.topic, partitions, slot = %cfg.slot, "stream starting");
 
-    let (client, start, backfill) = match catalog::slot_info(&cfg, &sql).await? {
+    let mut slot = catalog::slot_info(&cfg, &sql).await?;
+    if let Some(info) = &slot {
+        if let Err(e @ SourceError::SlotLost { .. }) = catalog::check_slot(&cfg, info) {
+            if !args.recreate_slot {
+                return Err(e.into());
+            }
+            tracing::warn!(slot = %cfg.slot, "replacing the lost slot (--recreate-slot)");
+            catalog::drop_slot(&cfg, &sql).await?;
+            slot = None;
+        }
+    } else if !args.recreate_slot {
+        // No slot, but the topic already carries our events: the slot existed and was dropped.
+        // A new one would start from now and silently skip what happened in between.
+        let (brokers, topic) = (args.kafka.kafka_brokers.clone(), args.kafka.topic.clone());
+        let fed_before =
+            tokio::task::spawn_blocking(move || inspect::holds_relay_events(&brokers, &topic))
+                .await
+                .map_err(|e| Error::Config(format!("inspecting the topic failed: {e}")))??;
+        if fed_before {
+            return Err(SourceError::SlotLost {
+                slot: cfg.slot.clone(),
+                reason: format!(
+                    "it does not exist, but topic {} already holds events streamed from it",
+                    args.kafka.topic
+                ),
+            }
+            .into());
+        }
+    }
+    let (client, start, backfill) = match slot {
         Some(info) => {
             catalog::check_slot(&cfg, &info)?;
             tracing::info!(slot = %cfg.slot, confirmed = ?info.confirmed_flush.map(|l| l.to_string()), "resuming from existing slot");
@@ -401,6 +256,7 @@ impl StreamCommand {
         let mut heartbeat_tick = tokio::time::interval(self.args.heartbeat_interval);
         heartbeat_tick.reset();
         let mut reported = *confirmed;
+        let mut retention_checks = 0u64;
         let mut backfilled = 0u64;
 
         // Set on shutdown while a transaction is half read: reading goes on until its Commit (or
@@ -519,6 +375,10 @@ impl StreamCommand {
                     }
                 }
                 _ = status_tick.tick() => {
+                    retention_checks += 1;
+                    if retention_checks % 6 == 1 {
+                        self.check_retention().await;
+                    }
                     self.metrics.in_flight.set(t.in_flight as i64);
                     self.metrics.lag_bytes.set(source.server_wal_end().0.saturating_sub(t.confirmed.0) as i64);
                     tracing::debug!(produced = t.produced, acked = t.acked, in_flight = t.in_flight, queued = t.queue.len(), confirmable = %t.confirmable, confirmed = %t.confirmed, "stream progress");
@@ -584,6 +444,22 @@ impl StreamCommand {
                 Ok(SessionEnd::Shutdown)
             }
             retry => Ok(retry),
+        }
+    }
+
+    /// Warns when the slot holds more WAL than allowed; every 30 s, best effort.
+    async fn check_retention(&mut self) {
+        let sql = match self.ledger.sql().await {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        if let Ok(Some((bytes, status))) = catalog::slot_retention(&self.cfg, sql).await {
+            self.metrics.retained_wal.set(bytes);
+            let limit = self.args.max_retained_wal_mb.saturating_mul(1 << 20);
+            if bytes as u64 > limit || status.as_deref() == Some("unreserved") {
+                tracing::warn!(slot = %self.cfg.slot, retained_mb = bytes >> 20, limit_mb = self.args.max_retained_wal_mb, wal_status = ?status,
+                    "the slot retains a lot of WAL: is the relay keeping up? See docs/operations.md (max_slot_wal_keep_size)");
+            }
         }
     }
 
