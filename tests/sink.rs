@@ -528,6 +528,7 @@ async fn start_pipeline(
     let name = unique(prefix);
     let pg = pg().await;
     create_table(&pg, &name).await;
+    publish(&pg, &name, &ops.replace(',', ", ")).await;
     let stream = Relay::start(
         &format!("{name}_stream"),
         &[
@@ -768,7 +769,10 @@ async fn setup_ahead_of_time_then_stream_delivers_old_and_new_rows_once_and_tear
 
     let mut teardown = vec!["teardown"];
     teardown.extend_from_slice(&common);
-    let out = relay(&teardown, &[]).output().unwrap();
+    // Dropping the publication takes the table's owner: teardown is an administrator's job.
+    let owner_url = env("CDC_RELAY_PG_URL");
+    let owner = [("CDC_RELAY_PG_URL", owner_url.as_str())];
+    let out = relay(&teardown, &owner).output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -776,7 +780,7 @@ async fn setup_ahead_of_time_then_stream_delivers_old_and_new_rows_once_and_tear
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--yes-drop-slot"));
     teardown.push("--yes-drop-slot");
-    let out = relay(&teardown, &[]).output().unwrap();
+    let out = relay(&teardown, &owner).output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),

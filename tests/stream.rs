@@ -184,6 +184,7 @@ async fn live_inserts_arrive_and_rolled_back_rows_never_do() {
 #[tokio::test(flavor = "multi_thread")]
 async fn user_updates_and_deletes_flow_but_ledger_updates_do_not() {
     let p = Pipeline::new("st_ops").await;
+    publish(&p.pg, &p.name, "insert, update, delete").await;
     let relay = p.start(&["--ops", "insert,update,delete"]);
     p.wait_streaming().await;
     p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'u' || g, 'login', now() FROM generate_series(1, 10) g").await;
@@ -419,8 +420,9 @@ async fn a_terminated_walsender_is_reconnected_without_loss() {
     p.wait_streaming().await;
     p.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'a' || g, 'login', now() FROM generate_series(1, 100) g").await;
     p.wait_all_sent(100, Duration::from_secs(30)).await;
-    let killed: i64 = p
-        .pg
+    // Terminating another role's backend takes a superuser (or pg_signal_backend).
+    let admin = pg_url(&env("CDC_RELAY_PG_ADMIN_URL")).await;
+    let killed: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = $1 AND active",
             &[&p.name],

@@ -49,7 +49,9 @@ pub async fn pg_url(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A fresh copy of the seed's table under a unique name.
+/// A fresh copy of the seed's table under a unique name, set up as sql/postgres/roles.sql sets up
+/// `user_logins`: the least-privilege relay role may read it and write only `sent_to_kafka`, and the
+/// owner creates the publication (inserts only; see `publish`).
 pub async fn create_table(pg: &tokio_postgres::Client, name: &str) {
     let ddl = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -57,6 +59,19 @@ pub async fn create_table(pg: &tokio_postgres::Client, name: &str) {
     ))
     .unwrap();
     pg.batch_execute(&ddl.replace("user_logins", name))
+        .await
+        .unwrap();
+    pg.batch_execute(&format!(
+        "GRANT SELECT, UPDATE (sent_to_kafka) ON {name} TO cdc_relay; \
+         CREATE PUBLICATION {name} FOR TABLE {name} WITH (publish = 'insert')"
+    ))
+    .await
+    .unwrap();
+}
+
+/// Changes what the test's publication publishes, as its owner would (the relay role cannot).
+pub async fn publish(pg: &tokio_postgres::Client, name: &str, ops: &str) {
+    pg.batch_execute(&format!("ALTER PUBLICATION {name} SET (publish = '{ops}')"))
         .await
         .unwrap();
 }
@@ -141,8 +156,9 @@ pub fn read_topic(
 pub fn relay(args: &[&str], extra_env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-relay"));
     cmd.args(args);
+    // The relay runs as the least-privilege role, never as the table's owner or a superuser.
+    cmd.env("CDC_RELAY_PG_URL", env("CDC_RELAY_PG_RELAY_URL"));
     for k in [
-        "CDC_RELAY_PG_URL",
         "CDC_RELAY_KAFKA_BROKERS",
         "CDC_RELAY_CLICKHOUSE_URL",
         "CDC_RELAY_CLICKHOUSE_USER",
