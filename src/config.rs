@@ -72,6 +72,10 @@ pub struct PostgresArgs {
     #[arg(long, env = "CDC_RELAY_PG_URL", hide_env_values = true)]
     pub pg_url: String,
 
+    /// File holding the PostgreSQL password (overrides one in the URL; keeps it out of the URL).
+    #[arg(long, env = "CDC_RELAY_PG_PASSWORD_FILE")]
+    pub pg_password_file: Option<std::path::PathBuf>,
+
     /// Source table, schema-qualified.
     #[arg(long, env = "CDC_RELAY_TABLE", default_value = "public.user_logins")]
     pub table: String,
@@ -114,6 +118,10 @@ pub struct ClickHouseArgs {
         default_value = ""
     )]
     pub clickhouse_password: String,
+
+    /// File holding the ClickHouse password (overrides --clickhouse-password).
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_PASSWORD_FILE")]
+    pub clickhouse_password_file: Option<std::path::PathBuf>,
 
     /// ClickHouse database.
     #[arg(long, env = "CDC_RELAY_CLICKHOUSE_DATABASE", default_value = "default")]
@@ -328,6 +336,10 @@ pub struct StatusArgs {
     )]
     pub clickhouse_password: String,
 
+    /// File holding the ClickHouse password (overrides --clickhouse-password).
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_PASSWORD_FILE")]
+    pub clickhouse_password_file: Option<std::path::PathBuf>,
+
     /// ClickHouse database.
     #[arg(long, env = "CDC_RELAY_CLICKHOUSE_DATABASE", default_value = "default")]
     pub clickhouse_database: String,
@@ -454,6 +466,14 @@ pub fn mask(setting: &str, value: &str) -> String {
                 .join(" ")
         }
     }
+}
+
+/// Reads a secret from a file: the whole content without the trailing newline. The error names the
+/// file, never the content.
+pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn parse_millis(s: &str) -> Result<Duration, String> {

@@ -580,3 +580,60 @@ fn relay_log_contains(name: &str, needle: &str) -> bool {
         .unwrap_or_default()
         .contains(needle)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_come_from_files_and_never_show_in_logs_or_errors() {
+    let p = Pipeline::new("st_secret").await;
+    let url = env("CDC_RELAY_PG_RELAY_URL");
+    let parsed: tokio_postgres::Config = url.parse().unwrap();
+    let password = String::from_utf8(parsed.get_password().unwrap().to_vec()).unwrap();
+    let bare = url.replacen(&format!(":{password}@"), "@", 1);
+    assert!(!bare.contains(&password));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".local/test-config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{}.pw", p.name));
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let file_s = file.to_str().unwrap().to_string();
+
+    let relay = Relay::start(
+        &p.name,
+        &p.args(&[]),
+        &[
+            ("CDC_RELAY_PG_URL", bare.as_str()),
+            ("CDC_RELAY_PG_PASSWORD_FILE", file_s.as_str()),
+        ],
+    );
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) VALUES ('s', 'login', now())")
+        .await;
+    p.wait_all_sent(1, Duration::from_secs(30)).await;
+    assert_eq!(relay.stop(), 0);
+    assert!(
+        !relay_log_contains(&p.name, &password),
+        "the password appeared in the log"
+    );
+
+    // A wrong secret: a clear error that shows neither the wrong nor the right password.
+    std::fs::write(&file, "not-the-password\n").unwrap();
+    let out = common::relay(
+        &p.args(&[]),
+        &[
+            ("CDC_RELAY_PG_URL", bare.as_str()),
+            ("CDC_RELAY_PG_PASSWORD_FILE", file_s.as_str()),
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("not-the-password") && !stderr.contains(&password),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&file);
+    p.drop().await;
+}

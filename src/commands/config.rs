@@ -4,7 +4,7 @@
 use clap::Parser;
 
 use crate::config::{known_settings, mask, Cli, Command, PublishOpsArg};
-use crate::source::postgres::{PublishOps, SourceConfig};
+use crate::source::postgres::PublishOps;
 
 /// Prints the report; returns the exit code (0 valid, 2 invalid).
 pub fn check(for_command: Option<&str>) -> i32 {
@@ -59,8 +59,7 @@ fn validate(name: &str) -> Result<(), String> {
         _ => None,
     };
     if let Some((pg, ops)) = pg {
-        SourceConfig::new(&pg.pg_url, &pg.table, &pg.slot, &pg.publication, ops)
-            .map_err(|e| e.to_string())?;
+        super::source_config(pg, ops).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -6,3 +6,39 @@ pub mod setup;
 pub mod sink;
 pub mod status;
 pub mod stream;
+
+use crate::config::{read_secret, PostgresArgs};
+use crate::error::Error;
+use crate::sink::clickhouse::ClickHouseConfig;
+use crate::source::postgres::{PublishOps, SourceConfig};
+
+/// The source settings from the command line, with the password from its file if one is named.
+pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig, Error> {
+    let mut cfg = SourceConfig::new(&pg.pg_url, &pg.table, &pg.slot, &pg.publication, ops)?;
+    if let Some(file) = &pg.pg_password_file {
+        cfg.pg.password(read_secret(file).map_err(Error::Config)?);
+    }
+    Ok(cfg)
+}
+
+/// The ClickHouse settings, with the password from its file if one is named.
+pub fn clickhouse_config(
+    url: &str,
+    user: &str,
+    password: &str,
+    password_file: Option<&std::path::Path>,
+    database: &str,
+    table: &str,
+) -> Result<ClickHouseConfig, Error> {
+    let password = match password_file {
+        Some(f) => read_secret(f).map_err(Error::Config)?,
+        None => password.to_string(),
+    };
+    Ok(ClickHouseConfig {
+        url: url.to_string(),
+        user: user.to_string(),
+        password,
+        database: database.to_string(),
+        table: table.to_string(),
+    })
+}

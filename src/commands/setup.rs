@@ -5,19 +5,13 @@ use crate::config::{PublishOpsArg, SetupArgs, TeardownArgs};
 use crate::error::Error;
 use crate::kafka::producer::base_config;
 use crate::kafka::topic::ensure_topic;
-use crate::sink::clickhouse::{schema, ClickHouseConfig};
+use crate::sink::clickhouse::schema;
 use crate::source::postgres::catalog;
 use crate::source::postgres::client::ReplicationClient;
-use crate::source::postgres::{PublishOps, SourceConfig, SourceError};
+use crate::source::postgres::{PublishOps, SourceError};
 
 pub async fn setup(args: SetupArgs) -> Result<(), Error> {
-    let cfg = SourceConfig::new(
-        &args.postgres.pg_url,
-        &args.postgres.table,
-        &args.postgres.slot,
-        &args.postgres.publication,
-        PublishOpsArg::ops(&args.ops),
-    )?;
+    let cfg = super::source_config(&args.postgres, PublishOpsArg::ops(&args.ops))?;
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;
     catalog::ensure_publication(&cfg, &sql).await?;
@@ -57,13 +51,15 @@ pub async fn setup(args: SetupArgs) -> Result<(), Error> {
     let n = ensure_topic(&kafka, &args.dlq_topic, 1, args.topic_replication).await?;
     println!("topic {}: {n} partitions", args.dlq_topic);
 
-    let ch = ClickHouseConfig {
-        url: args.clickhouse.clickhouse_url.clone(),
-        user: args.clickhouse.clickhouse_user.clone(),
-        password: args.clickhouse.clickhouse_password.clone(),
-        database: args.clickhouse.clickhouse_database.clone(),
-        table: args.clickhouse.clickhouse_table.clone(),
-    };
+    let c = &args.clickhouse;
+    let ch = super::clickhouse_config(
+        &c.clickhouse_url,
+        &c.clickhouse_user,
+        &c.clickhouse_password,
+        c.clickhouse_password_file.as_deref(),
+        &c.clickhouse_database,
+        &c.clickhouse_table,
+    )?;
     let client = ch.client();
     let version = schema::server_version(&client, &ch.url).await?;
     schema::ensure_schema(&client, &ch, version).await?;
@@ -82,13 +78,7 @@ pub async fn teardown(args: TeardownArgs) -> Result<(), Error> {
             "teardown drops the replication slot, and with it the stream's position; pass --yes-drop-slot to confirm".into(),
         ));
     }
-    let cfg = SourceConfig::new(
-        &args.postgres.pg_url,
-        &args.postgres.table,
-        &args.postgres.slot,
-        &args.postgres.publication,
-        PublishOps(vec![]),
-    )?;
+    let cfg = super::source_config(&args.postgres, PublishOps(vec![]))?;
     let sql = cfg.connect_sql().await?;
     if let Some(info) = catalog::slot_info(&cfg, &sql).await? {
         if info.active {

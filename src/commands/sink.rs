@@ -21,7 +21,7 @@ use crate::kafka::producer::base_config;
 use crate::kafka::topic::ensure_topic;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
 use crate::sink::clickhouse::writer::{fill_from_batch, fill_from_current};
-use crate::sink::clickhouse::{schema, ClickHouseConfig, ClickHouseWriter, UserLoginRow};
+use crate::sink::clickhouse::{schema, ClickHouseWriter, UserLoginRow};
 
 struct Batch {
     rows: Vec<UserLoginRow>,
@@ -107,13 +107,15 @@ struct SinkCommand {
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    let ch = ClickHouseConfig {
-        url: args.clickhouse.clickhouse_url.clone(),
-        user: args.clickhouse.clickhouse_user.clone(),
-        password: args.clickhouse.clickhouse_password.clone(),
-        database: args.clickhouse.clickhouse_database.clone(),
-        table: args.clickhouse.clickhouse_table.clone(),
-    };
+    let c = &args.clickhouse;
+    let ch = super::clickhouse_config(
+        &c.clickhouse_url,
+        &c.clickhouse_user,
+        &c.clickhouse_password,
+        c.clickhouse_password_file.as_deref(),
+        &c.clickhouse_database,
+        &c.clickhouse_table,
+    )?;
     let client = ch.client();
     // ClickHouse may still be starting: wait for it rather than exit.
     let mut backoff = Backoff::new();

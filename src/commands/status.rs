@@ -6,9 +6,9 @@ use serde::Serialize;
 use crate::config::StatusArgs;
 use crate::error::Error;
 use crate::kafka::inspect::{self, PartitionLag};
-use crate::sink::clickhouse::{ClickHouseConfig, ClickHouseWriter};
+use crate::sink::clickhouse::ClickHouseWriter;
 use crate::source::postgres::catalog::{self, SourceStatus};
-use crate::source::postgres::{PublishOps, SourceConfig};
+use crate::source::postgres::PublishOps;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -37,13 +37,7 @@ pub struct ClickHouseStatus {
 
 /// Collects the status; `Ok` even when unhealthy (see `healthy`).
 pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
-    let cfg = SourceConfig::new(
-        &args.postgres.pg_url,
-        &args.postgres.table,
-        &args.postgres.slot,
-        &args.postgres.publication,
-        PublishOps(vec![]),
-    )?;
+    let cfg = super::source_config(&args.postgres, PublishOps(vec![]))?;
     let sql = cfg.connect_sql().await?;
     let postgres = catalog::status(&cfg, &sql).await?;
     let mut problems = Vec::new();
@@ -98,13 +92,14 @@ pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
     let clickhouse = match &args.clickhouse_url {
         None => None,
         Some(url) => {
-            let ch = ClickHouseConfig {
-                url: url.clone(),
-                user: args.clickhouse_user.clone(),
-                password: args.clickhouse_password.clone(),
-                database: args.clickhouse_database.clone(),
-                table: args.clickhouse_table.clone(),
-            };
+            let ch = super::clickhouse_config(
+                url,
+                &args.clickhouse_user,
+                &args.clickhouse_password,
+                args.clickhouse_password_file.as_deref(),
+                &args.clickhouse_database,
+                &args.clickhouse_table,
+            )?;
             match ClickHouseWriter::new(&ch).counts().await {
                 Ok((raw_rows, current_rows)) => Some(ClickHouseStatus {
                     table: ch.qualified_table(),

@@ -58,13 +58,7 @@ struct StreamCommand {
 
 pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
     let ops = PublishOpsArg::ops(&args.ops);
-    let cfg = SourceConfig::new(
-        &args.postgres.pg_url,
-        &args.postgres.table,
-        &args.postgres.slot,
-        &args.postgres.publication,
-        ops,
-    )?;
+    let cfg = super::source_config(&args.postgres, ops)?;
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;
     catalog::ensure_publication(&cfg, &sql).await?;

@@ -25,7 +25,7 @@ pub const HEARTBEAT_MESSAGE_PREFIX: &str = "cdc_relay.heartbeat";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot connect to PostgreSQL at {endpoint}: {source}. Check --pg-url / CDC_RELAY_PG_URL, that the server runs, and that pg_hba.conf admits this user")]
+    #[error("cannot connect to PostgreSQL at {endpoint}: {}. Check --pg-url / CDC_RELAY_PG_URL (and --pg-password-file), that the server runs, and that pg_hba.conf admits this user", pg_text(.source))]
     Connect {
         endpoint: String,
         #[source]
@@ -48,7 +48,7 @@ pub enum SourceError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", pg_text(.source))]
     Sql {
         context: String,
         #[source]
@@ -210,6 +210,31 @@ fn endpoint(pg: &tokio_postgres::Config) -> String {
         None => "localhost".into(),
     };
     format!("{host}:{}", pg.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// A tokio-postgres error with the server's own words: its Display alone says only "db error".
+pub fn pg_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut t = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                t.push_str(&format!(" (detail: {d})"));
+            }
+            if let Some(h) = db.hint() {
+                t.push_str(&format!(" (hint: {h})"));
+            }
+            t
+        }
+        None => {
+            let mut t = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                t.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            t
+        }
+    }
 }
 
 /// Parses an LSN returned as text by SQL.
