@@ -40,8 +40,8 @@ impl KafkaConsumer {
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
             .set("fetch.wait.max.ms", "50")
-            // Bound what librdkafka prefetches per partition, so memory stays flat under any backlog.
-            .set("queued.max.messages.kbytes", "16384")
+            // Bound what librdkafka prefetches (per partition), so memory stays flat under any backlog.
+            .set("queued.max.messages.kbytes", "4096")
             .create()
             .map_err(KafkaError::client("creating the consumer"))?;
         consumer

@@ -1,0 +1,378 @@
+//! Chaos run for `scripts/chaos`: loads rows while `stream` and `sink` are killed with -9 at random
+//! moments and PostgreSQL, Kafka and ClickHouse are each stopped and started once; then waits for the
+//! pipeline to catch up and compares every committed PostgreSQL row with the ClickHouse current view.
+//!
+//!   cargo run --release --example chaos -- --rows N --kills K --seed S
+//!
+//! Reads the settings of `.local/services.env` from the environment. Exits non-zero on any missing,
+//! mismatched or extra row, or if the pipeline does not converge.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clickhouse::Row;
+use serde::Deserialize;
+
+/// username, event_type, event_time in microseconds.
+type PgValues = (Option<String>, Option<String>, Option<i64>);
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*: reproducible from --seed, no dependency.
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn env(k: &str) -> String {
+    std::env::var(k)
+        .unwrap_or_else(|_| panic!("{k} is not set: load .local/services.env (scripts/chaos does)"))
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
+}
+
+struct Proc {
+    name: &'static str,
+    args: Vec<String>,
+    log: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let relay_url =
+            std::env::var("CDC_RELAY_PG_RELAY_URL").unwrap_or_else(|_| env("CDC_RELAY_PG_URL"));
+        let child = Command::new(env("CDC_RELAY_BIN"))
+            .args(&self.args)
+            .env("CDC_RELAY_PG_URL", relay_url)
+            .env("CDC_RELAY_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start cdc-relay");
+        self.child = Some(child);
+    }
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn services(args: &[&str]) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ok = Command::new(format!("{root}/scripts/services"))
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "scripts/services {args:?} failed");
+}
+
+#[derive(Debug, Row, Deserialize, PartialEq)]
+struct ChRow {
+    id: u64,
+    username: Option<String>,
+    event_type: Option<String>,
+    event_time_us: Option<i64>,
+}
+
+async fn pg() -> tokio_postgres::Client {
+    loop {
+        match tokio_postgres::connect(&env("CDC_RELAY_PG_URL"), tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                return c;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = arg("--rows", 1_000_000);
+    let kills = arg("--kills", 20);
+    let seed = arg("--seed", 1);
+    let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let started = Instant::now();
+    let name = format!("chaos_{}_{}", std::process::id(), seed);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".local/chaos");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let admin = pg().await;
+    let ddl = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/postgres/schema.sql"
+    ))
+    .unwrap();
+    admin
+        .batch_execute(&ddl.replace("user_logins", &name))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "GRANT SELECT, UPDATE (sent_to_kafka) ON {name} TO cdc_relay; \
+             CREATE PUBLICATION {name} FOR TABLE {name} WITH (publish = 'insert')"
+        ))
+        .await
+        .unwrap();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut stream = Proc {
+        name: "stream",
+        args: s(&[
+            "stream",
+            "--table",
+            &name,
+            "--slot",
+            &name,
+            "--publication",
+            &name,
+            "--topic",
+            &name,
+        ]),
+        log: dir.join(format!("{name}.stream.log")),
+        child: None,
+    };
+    let mut sink = Proc {
+        name: "sink",
+        args: s(&[
+            "sink",
+            "--topic",
+            &name,
+            "--group",
+            &name,
+            "--clickhouse-table",
+            &name,
+            "--dlq-topic",
+            &format!("{name}.dlq"),
+        ]),
+        log: dir.join(format!("{name}.sink.log")),
+        child: None,
+    };
+    stream.start();
+    sink.start();
+
+    // Loader: transactions of 1..=2000 rows, one in ten rolled back, until `rows` are committed.
+    let loader = {
+        let name = name.clone();
+        let mut rng = Rng(rng.next() | 1);
+        tokio::spawn(async move {
+            let mut client = pg().await;
+            let mut committed = 0u64;
+            let mut rolled_back = 0u64;
+            while committed < rows {
+                let n = (1 + rng.below(2000)).min(rows - committed);
+                let rollback = rng.below(10) == 0;
+                let sql = format!(
+                    "BEGIN; INSERT INTO {name} (username, event_type, event_time) \
+                     SELECT 'u' || g || '-' || md5(random()::text), CASE WHEN g % 3 = 0 THEN 'logout' ELSE 'login' END, clock_timestamp() \
+                     FROM generate_series(1, {n}) g; {}",
+                    if rollback { "ROLLBACK" } else { "COMMIT" }
+                );
+                match client.batch_execute(&sql).await {
+                    Ok(()) if rollback => rolled_back += n,
+                    Ok(()) => committed += n,
+                    // PostgreSQL restarting: whether the last commit landed is settled by the final
+                    // comparison, which reads what PostgreSQL holds.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        client = pg().await;
+                        committed = client
+                            .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+                            .await
+                            .map(|r| r.get::<_, i64>(0) as u64)
+                            .unwrap_or(committed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (committed, rolled_back)
+        })
+    };
+
+    // Chaos: kills spread over the load, and each service restarted once among them.
+    let mut restarts = vec!["postgres", "kafka", "clickhouse"];
+    let events = kills + restarts.len() as u64;
+    let mut done_kills = 0;
+    let mut done_restarts = 0;
+    let mut step = 0u64;
+    while !loader.is_finished() || step < events {
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
+        if step >= events {
+            continue;
+        }
+        let restart_now = !restarts.is_empty() && rng.below(events - step) < restarts.len() as u64;
+        if restart_now {
+            let svc = restarts.remove(rng.below(restarts.len() as u64) as usize);
+            eprintln!("chaos: stopping {svc}");
+            services(&["stop", svc]);
+            tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
+            services(&["up"]);
+            done_restarts += 1;
+        } else {
+            let p = if rng.below(2) == 0 {
+                &mut stream
+            } else {
+                &mut sink
+            };
+            eprintln!("chaos: kill -9 {}", p.name);
+            p.kill9();
+            tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
+            p.start();
+            done_kills += 1;
+        }
+        step += 1;
+    }
+    let (committed, rolled_back) = loader.await.unwrap();
+    eprintln!("chaos: load done ({committed} rows committed, {rolled_back} rolled back); waiting to converge");
+
+    // Converge: every row sent, ClickHouse holding as many current rows as PostgreSQL has.
+    let ch = clickhouse::Client::default()
+        .with_url(env("CDC_RELAY_CLICKHOUSE_URL"))
+        .with_user(env("CDC_RELAY_CLICKHOUSE_USER"))
+        .with_password(env("CDC_RELAY_CLICKHOUSE_PASSWORD"))
+        .with_validation(false);
+    let admin = pg().await;
+    let load_done = Instant::now();
+    let pg_rows: i64 = admin
+        .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut converged = false;
+    while load_done.elapsed() < Duration::from_secs(600) {
+        let unsent: i64 = admin
+            .query_one(
+                &format!("SELECT count(*) FROM {name} WHERE sent_to_kafka IS NOT TRUE"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let current: u64 = ch
+            .query(&format!("SELECT count() FROM {name}_current"))
+            .fetch_one()
+            .await
+            .unwrap_or(0);
+        if unsent == 0 && current == pg_rows as u64 {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let converge_secs = load_done.elapsed().as_secs_f64();
+
+    // Compare row by row.
+    let pg_map: HashMap<u64, PgValues> = admin
+        .query(
+            &format!("SELECT id::int8, username, event_type, (extract(epoch FROM event_time) * 1000000)::int8 FROM {name}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0) as u64, (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    let ch_rows: Vec<ChRow> = ch
+        .query(&format!(
+            "SELECT id, username, event_type, event_time_us FROM {name}_current"
+        ))
+        .fetch_all()
+        .await
+        .unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    let (mut mismatched, mut extra, mut doubled) = (0u64, 0u64, 0u64);
+    for r in &ch_rows {
+        if !seen.insert(r.id) {
+            doubled += 1;
+        }
+        match pg_map.get(&r.id) {
+            None => extra += 1,
+            Some((u, e, t)) if (u, e, t) != (&r.username, &r.event_type, &r.event_time_us) => {
+                mismatched += 1
+            }
+            Some(_) => {}
+        }
+    }
+    let missing = pg_map.keys().filter(|id| !seen.contains(id)).count() as u64;
+    let slot_ok: bool = admin
+        .query_one(
+            "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) < 16 * 1024 * 1024, false) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(false);
+    let (brokers, topic) = (env("CDC_RELAY_KAFKA_BROKERS"), name.clone());
+    let messages = tokio::task::spawn_blocking(move || {
+        cdc_relay::kafka::inspect::topic_messages(&brokers, &topic)
+    })
+    .await
+    .unwrap()
+    .unwrap_or(-1);
+    stream.stop();
+    sink.stop();
+
+    println!();
+    println!("{:<28} {}", "rows committed (PostgreSQL)", pg_rows);
+    println!("{:<28} {}", "rows rolled back", rolled_back);
+    println!("{:<28} {}", "kill -9 of stream/sink", done_kills);
+    println!("{:<28} {}", "service restarts", done_restarts);
+    println!("{:<28} {}", "missing in ClickHouse", missing);
+    println!("{:<28} {}", "mismatched values", mismatched);
+    println!("{:<28} {}", "extra rows", extra + doubled);
+    println!("{:<28} {}", "Kafka duplicates", messages - pg_rows);
+    println!("{:<28} {}", "slot caught up", slot_ok);
+    println!(
+        "{:<28} {:.1}s (total {:.0}s)",
+        "time to converge",
+        converge_secs,
+        started.elapsed().as_secs_f64()
+    );
+    let ok = converged && missing == 0 && mismatched == 0 && extra == 0 && doubled == 0 && slot_ok;
+    println!("{:<28} {}", "result", if ok { "PASS" } else { "FAIL" });
+    if ok {
+        println!("chaos: 1 passed, 0 failed");
+        let _ = admin
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION {name}; DROP TABLE {name}"
+            ))
+            .await;
+    } else {
+        println!("chaos: 0 passed, 1 failed (logs in {})", dir.display());
+        std::process::exit(1);
+    }
+}
