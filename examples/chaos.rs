@@ -347,6 +347,7 @@ async fn main() {
     sink.stop();
 
     println!();
+    println!("{:<28} {}", "seed", seed);
     println!("{:<28} {}", "rows committed (PostgreSQL)", pg_rows);
     println!("{:<28} {}", "rows rolled back", rolled_back);
     println!("{:<28} {}", "kill -9 of stream/sink", done_kills);

@@ -53,19 +53,21 @@ async fn main() {
         })
     };
 
-    // Reader: polls ClickHouse for ids it has not seen yet.
-    let mut seen_up_to: u64 = 0;
+    // Reader: polls ClickHouse for rows it has not seen yet. Partitions are inserted independently,
+    // so rows become visible out of id order: ask from the oldest id still unseen.
     let mut latencies: Vec<f64> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(seconds + 30);
     loop {
-        let ids: Vec<u64> = ch
-            .query(&format!(
-                "SELECT id FROM {table}_current WHERE id > ? ORDER BY id"
-            ))
-            .bind(seen_up_to)
-            .fetch_all()
-            .await
-            .unwrap_or_default();
+        let lowest = committed.lock().unwrap().keys().min().copied();
+        let ids: Vec<u64> = match lowest {
+            Some(low) => ch
+                .query(&format!("SELECT id FROM {table}_current WHERE id >= ?"))
+                .bind(low as u64)
+                .fetch_all()
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let now = Instant::now();
         {
             let mut c = committed.lock().unwrap();
@@ -73,7 +75,6 @@ async fn main() {
                 if let Some(t) = c.remove(&(*id as i64)) {
                     latencies.push(now.duration_since(t).as_secs_f64() * 1000.0);
                 }
-                seen_up_to = seen_up_to.max(*id);
             }
             if writer.is_finished() && c.is_empty() {
                 break;

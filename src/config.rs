@@ -242,7 +242,7 @@ pub struct SinkArgs {
     pub dlq_topic: String,
 
     /// Most rows in one ClickHouse insert.
-    #[arg(long, env = "CDC_RELAY_BATCH_ROWS", default_value_t = 50_000)]
+    #[arg(long, env = "CDC_RELAY_BATCH_ROWS", default_value_t = 20_000)]
     pub batch_rows: usize,
 
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9188) at /metrics.

@@ -41,7 +41,7 @@ impl KafkaConsumer {
             .set("session.timeout.ms", "10000")
             .set("fetch.wait.max.ms", "50")
             // Bound what librdkafka prefetches (per partition), so memory stays flat under any backlog.
-            .set("queued.max.messages.kbytes", "4096")
+            .set("queued.max.messages.kbytes", "16384")
             .create()
             .map_err(KafkaError::client("creating the consumer"))?;
         consumer
