@@ -7,8 +7,9 @@ pub mod sink;
 pub mod status;
 pub mod stream;
 
-use crate::config::{read_secret, PostgresArgs};
+use crate::config::{read_secret, ClickHouseArgs, PostgresArgs};
 use crate::error::Error;
+use crate::metrics::Registry;
 use crate::sink::clickhouse::ClickHouseConfig;
 use crate::source::postgres::{PublishOps, SourceConfig};
 
@@ -19,6 +20,34 @@ pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig,
         cfg.pg.password(read_secret(file).map_err(Error::Config)?);
     }
     Ok(cfg)
+}
+
+/// The sink's and setup's ClickHouse settings.
+pub fn clickhouse_from_args(c: &ClickHouseArgs) -> Result<ClickHouseConfig, Error> {
+    clickhouse_config(
+        &c.clickhouse_url,
+        &c.clickhouse_user,
+        &c.clickhouse_password,
+        c.clickhouse_password_file.as_deref(),
+        &c.clickhouse_database,
+        &c.clickhouse_table,
+    )
+}
+
+/// Serves `registry` at `addr` if one is given.
+pub async fn serve_metrics(
+    registry: &Registry,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<(), Error> {
+    if let Some(addr) = addr {
+        let bound = registry
+            .clone()
+            .serve(addr)
+            .await
+            .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
+        tracing::info!(%bound, "serving metrics at /metrics");
+    }
+    Ok(())
 }
 
 /// The ClickHouse settings, with the password from its file if one is named.

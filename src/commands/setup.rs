@@ -51,15 +51,7 @@ pub async fn setup(args: SetupArgs) -> Result<(), Error> {
     let n = ensure_topic(&kafka, &args.dlq_topic, 1, args.topic_replication).await?;
     println!("topic {}: {n} partitions", args.dlq_topic);
 
-    let c = &args.clickhouse;
-    let ch = super::clickhouse_config(
-        &c.clickhouse_url,
-        &c.clickhouse_user,
-        &c.clickhouse_password,
-        c.clickhouse_password_file.as_deref(),
-        &c.clickhouse_database,
-        &c.clickhouse_table,
-    )?;
+    let ch = super::clickhouse_from_args(&args.clickhouse)?;
     let client = ch.client();
     let version = schema::server_version(&client, &ch.url).await?;
     schema::ensure_schema(&client, &ch, version).await?;

@@ -107,15 +107,7 @@ struct SinkCommand {
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    let c = &args.clickhouse;
-    let ch = super::clickhouse_config(
-        &c.clickhouse_url,
-        &c.clickhouse_user,
-        &c.clickhouse_password,
-        c.clickhouse_password_file.as_deref(),
-        &c.clickhouse_database,
-        &c.clickhouse_table,
-    )?;
+    let ch = super::clickhouse_from_args(&args.clickhouse)?;
     let client = ch.client();
     // ClickHouse may still be starting: wait for it rather than exit.
     let mut backoff = Backoff::new();
@@ -145,12 +137,8 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
 
     let registry = Registry::default();
     let metrics = SinkMetrics::new(&registry);
-    if let Some(addr) = args.metrics_addr {
-        let bound = registry
-            .serve(addr)
-            .await
-            .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
-        tracing::info!(%bound, "serving metrics at /metrics");
+    super::serve_metrics(&registry, args.metrics_addr).await?;
+    if args.metrics_addr.is_some() {
         spawn_lag_probe(&args, metrics.consumer_lag.clone());
     }
     let mut cmd = SinkCommand {

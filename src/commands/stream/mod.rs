@@ -140,13 +140,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
 
     let registry = Registry::default();
     let metrics = StreamMetrics::new(&registry);
-    if let Some(addr) = args.metrics_addr {
-        let bound = registry
-            .serve(addr)
-            .await
-            .map_err(|e| Error::Config(format!("--metrics-addr {addr}: {e}")))?;
-        tracing::info!(%bound, "serving metrics at /metrics");
-    }
+    super::serve_metrics(&registry, args.metrics_addr).await?;
     let mut cmd = StreamCommand {
         metrics,
         ledger: Ledger::new(&cfg),
