@@ -637,3 +637,96 @@ async fn passwords_come_from_files_and_never_show_in_logs_or_errors() {
     let _ = std::fs::remove_file(&file);
     p.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identifiers_with_quotes_and_spaces_work_and_cannot_inject() {
+    let base = unique("st_ident");
+    let table = format!("q\"t x_{base}");
+    let publication = format!("pub\"x y_{base}");
+    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let owner = pg().await;
+    owner
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id SERIAL PRIMARY KEY, username TEXT, event_type TEXT, event_time TIMESTAMP, sent_to_kafka BOOLEAN DEFAULT FALSE); \
+             GRANT SELECT, UPDATE (sent_to_kafka) ON {t} TO cdc_relay; \
+             CREATE PUBLICATION {p} FOR TABLE {t} WITH (publish = 'insert'); \
+             INSERT INTO {t} (username, event_type, event_time) VALUES ('odd', 'login', now())",
+            t = q(&table),
+            p = q(&publication)
+        ))
+        .await
+        .unwrap();
+    let qualified = format!("public.{table}");
+    let relay = Relay::start(
+        &base,
+        &[
+            "stream",
+            "--table",
+            &qualified,
+            "--slot",
+            &base,
+            "--publication",
+            &publication,
+            "--topic",
+            &base,
+        ],
+        &[],
+    );
+    eventually(
+        "the odd table's row sent",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = owner
+                .query_one(
+                    &format!("SELECT count(*) FROM {} WHERE sent_to_kafka", q(&table)),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        read_topic(&base, 1, Duration::from_secs(30), Duration::from_secs(1)).len(),
+        1
+    );
+    assert_eq!(relay.stop(), 0);
+
+    // A name crafted to break out of quoting is just a table that does not exist.
+    let victim = unique("st_victim");
+    owner
+        .batch_execute(&format!("CREATE TABLE {victim} (x int)"))
+        .await
+        .unwrap();
+    let hostile = format!("public.x\"; DROP TABLE {victim}; --");
+    let out = common::relay(
+        &[
+            "stream", "--table", &hostile, "--slot", &victim, "--topic", &victim,
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    let still: i64 = owner
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename = $1",
+            &[&victim],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1, "nothing was injected");
+
+    let _ = owner
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot('{base}'); DROP PUBLICATION {}; DROP TABLE {}; DROP TABLE {victim}",
+            q(&publication),
+            q(&table)
+        ))
+        .await;
+}
