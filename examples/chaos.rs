@@ -91,9 +91,16 @@ impl Proc {
 
 fn services(args: &[&str]) {
     let root = env!("CARGO_MANIFEST_DIR");
+    // Its output goes to a file: servers it starts must not hold our caller's pipes open.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{root}/.local/chaos/services.log"))
+        .unwrap();
     let ok = Command::new(format!("{root}/scripts/services"))
         .args(args)
-        .stdout(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
@@ -184,6 +191,11 @@ async fn main() {
     stream.start();
     sink.start();
 
+    // The chaos below takes about a second per event; the load is paced to last as long, so every
+    // kill and restart lands while rows are flowing.
+    let events = kills + 3;
+    let load_secs = events as f64 * 1.05;
+
     // Loader: transactions of 1..=2000 rows, one in ten rolled back, until `rows` are committed.
     let loader = {
         let name = name.clone();
@@ -192,7 +204,12 @@ async fn main() {
             let mut client = pg().await;
             let mut committed = 0u64;
             let mut rolled_back = 0u64;
+            let began = Instant::now();
             while committed < rows {
+                let due = Duration::from_secs_f64(load_secs * committed as f64 / rows as f64);
+                if let Some(wait) = due.checked_sub(began.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
                 let n = (1 + rng.below(2000)).min(rows - committed);
                 let rollback = rng.below(10) == 0;
                 let sql = format!(
@@ -224,7 +241,6 @@ async fn main() {
 
     // Chaos: kills spread over the load, and each service restarted once among them.
     let mut restarts = vec!["postgres", "kafka", "clickhouse"];
-    let events = kills + restarts.len() as u64;
     let mut done_kills = 0;
     let mut done_restarts = 0;
     let mut step = 0u64;

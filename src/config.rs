@@ -72,6 +72,15 @@ pub struct PostgresArgs {
     #[arg(long, env = "CDC_RELAY_PG_URL", hide_env_values = true)]
     pub pg_url: String,
 
+    /// TLS to PostgreSQL: disable, prefer, require, verify-ca or verify-full (overrides sslmode in
+    /// the URL; default prefer).
+    #[arg(long, env = "CDC_RELAY_PG_SSLMODE")]
+    pub pg_sslmode: Option<String>,
+
+    /// CA certificate(s), PEM, that verify-ca and verify-full check the server against.
+    #[arg(long, env = "CDC_RELAY_PG_SSLROOTCERT")]
+    pub pg_sslrootcert: Option<std::path::PathBuf>,
+
     /// File holding the PostgreSQL password (overrides one in the URL; keeps it out of the URL).
     #[arg(long, env = "CDC_RELAY_PG_PASSWORD_FILE")]
     pub pg_password_file: Option<std::path::PathBuf>,

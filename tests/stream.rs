@@ -730,3 +730,52 @@ async fn identifiers_with_quotes_and_spaces_work_and_cannot_inject() {
         ))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_verify_full_against_the_local_ca_and_a_wrong_ca_is_refused() {
+    let p = Pipeline::new("st_tls").await;
+    let ca = env("CDC_RELAY_PG_CA_FILE");
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={ca}",
+        env("CDC_RELAY_PG_RELAY_URL")
+    );
+    let relay = Relay::start(&p.name, &p.args(&[]), &[("CDC_RELAY_PG_URL", url.as_str())]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) VALUES ('tls', 'login', now())")
+        .await;
+    p.wait_all_sent(1, Duration::from_secs(30)).await;
+    // The replication connection is encrypted (and the ledger's SQL session worked over TLS too).
+    // Another role's sessions show in pg_stat_ssl to a superuser only.
+    let admin = pg_url(&env("CDC_RELAY_PG_ADMIN_URL")).await;
+    let ssl: bool = admin
+        .query_one(
+            "SELECT s.ssl FROM pg_replication_slots r JOIN pg_stat_ssl s ON s.pid = r.active_pid WHERE r.slot_name = $1",
+            &[&p.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the walsender connection uses TLS");
+    assert_eq!(relay.stop(), 0);
+
+    // A certificate from another CA fails verification, with an error that says so.
+    let wrong = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        env("CDC_RELAY_PG_RELAY_URL"),
+        env("CDC_RELAY_PG_OTHER_CA_FILE")
+    );
+    let out = common::relay(&p.args(&[]), &[("CDC_RELAY_PG_URL", wrong.as_str())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    // verify-full without a CA file is a configuration error.
+    let no_ca = format!("{}?sslmode=verify-full", env("CDC_RELAY_PG_RELAY_URL"));
+    let out = common::relay(&p.args(&[]), &[("CDC_RELAY_PG_URL", no_ca.as_str())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sslrootcert"));
+    p.drop().await;
+}

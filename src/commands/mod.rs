@@ -11,6 +11,7 @@ use crate::config::{read_secret, ClickHouseArgs, PostgresArgs};
 use crate::error::Error;
 use crate::metrics::Registry;
 use crate::sink::clickhouse::ClickHouseConfig;
+use crate::source::postgres::tls::{PgTls, SslMode};
 use crate::source::postgres::{PublishOps, SourceConfig};
 
 /// The source settings from the command line, with the password from its file if one is named.
@@ -18,6 +19,17 @@ pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig,
     let mut cfg = SourceConfig::new(&pg.pg_url, &pg.table, &pg.slot, &pg.publication, ops)?;
     if let Some(file) = &pg.pg_password_file {
         cfg.pg.password(read_secret(file).map_err(Error::Config)?);
+    }
+    if pg.pg_sslmode.is_some() || pg.pg_sslrootcert.is_some() {
+        let mode = match &pg.pg_sslmode {
+            Some(m) => SslMode::parse(m).map_err(Error::Config)?,
+            None => cfg.tls.mode,
+        };
+        let root = pg
+            .pg_sslrootcert
+            .clone()
+            .or_else(|| cfg.tls.root_cert.clone());
+        cfg.set_tls(PgTls::new(mode, root).map_err(Error::Config)?);
     }
     Ok(cfg)
 }

@@ -51,6 +51,8 @@ pub enum ReplicationError {
     Auth(String),
     #[error("invalid connection settings: {0}")]
     Config(String),
+    #[error("TLS to PostgreSQL: {0}")]
+    Tls(String),
 }
 
 impl ReplicationError {
@@ -77,6 +79,45 @@ impl ReplicationError {
             }
             _ => false,
         }
+    }
+}
+
+/// SSLRequest, then TLS if the server agrees (and the mode allows plain text if it does not).
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    params: &ConnectParams,
+) -> Result<Box<dyn Socket>, ReplicationError> {
+    use super::tls::SslMode;
+    let Some(config) = params.tls.client_config() else {
+        return Ok(Box::new(tcp));
+    };
+    let io = |source| ReplicationError::Io {
+        endpoint: params.endpoint(),
+        source,
+    };
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    tcp.write_all(&buf).await.map_err(io)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io)?;
+    match answer[0] {
+        b'S' => {
+            let name = super::tls::server_name(&params.host).map_err(ReplicationError::Tls)?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+            Ok(Box::new(stream))
+        }
+        b'N' if params.tls.mode == SslMode::Prefer => Ok(Box::new(tcp)),
+        b'N' => Err(ReplicationError::Tls(format!(
+            "the server at {} does not accept TLS, and sslmode {:?} requires it",
+            params.endpoint(),
+            params.tls.mode
+        ))),
+        other => Err(ReplicationError::Protocol(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
     }
 }
 
@@ -107,6 +148,7 @@ fn server_error(body: &ErrorResponseBody) -> ReplicationError {
 /// Where and how to connect, taken from the same URL the ordinary SQL connection uses.
 #[derive(Clone)]
 pub struct ConnectParams {
+    pub tls: super::tls::PgTls,
     pub host: String,
     pub port: u16,
     pub user: String,
@@ -126,7 +168,10 @@ impl std::fmt::Debug for ConnectParams {
 }
 
 impl ConnectParams {
-    pub fn from_config(cfg: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
+    pub fn from_config(
+        cfg: &tokio_postgres::Config,
+        tls: super::tls::PgTls,
+    ) -> Result<Self, ReplicationError> {
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -137,6 +182,7 @@ impl ConnectParams {
             .ok_or_else(|| ReplicationError::Config("the PostgreSQL URL names no user".into()))?
             .to_string();
         Ok(ConnectParams {
+            tls,
             host,
             port: cfg.get_ports().first().copied().unwrap_or(5432),
             dbname: cfg.get_dbname().unwrap_or(&user).to_string(),
@@ -184,7 +230,7 @@ impl ReplicationClient {
             .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
             .map_err(io)?;
             tcp.set_nodelay(true).map_err(io)?;
-            Box::new(tcp)
+            negotiate_tls(tcp, params).await?
         };
         let mut client = ReplicationClient {
             socket,

@@ -9,6 +9,7 @@ pub mod client;
 pub mod ledger;
 pub mod pgoutput;
 pub mod stream;
+pub mod tls;
 
 use std::str::FromStr;
 
@@ -96,6 +97,7 @@ impl PublishOps {
 #[derive(Clone)]
 pub struct SourceConfig {
     pub pg: tokio_postgres::Config,
+    pub tls: tls::PgTls,
     pub schema: String,
     pub table: String,
     pub slot: String,
@@ -125,11 +127,17 @@ impl SourceConfig {
         publication: &str,
         ops: PublishOps,
     ) -> Result<Self, SourceError> {
-        let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let (url, mode, root) = tls::split_tls_params(url);
+        let mut pg = tokio_postgres::Config::from_str(&url).map_err(|e| {
             SourceError::Config(format!(
                 "--pg-url is not a valid PostgreSQL URL or key=value string: {e}"
             ))
         })?;
+        let mode = match mode {
+            Some(m) => tls::SslMode::parse(&m).map_err(SourceError::Config)?,
+            None => tls::SslMode::Prefer,
+        };
+        let tls = tls::PgTls::new(mode, root.map(Into::into)).map_err(SourceError::Config)?;
         pg.options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3");
         pg.application_name("cdc-relay");
         if pg.get_connect_timeout().is_none() {
@@ -157,14 +165,27 @@ impl SourceConfig {
                 )));
             }
         }
-        Ok(SourceConfig {
+        let mut cfg = SourceConfig {
             pg,
+            tls: tls.clone(),
             schema,
             table,
             slot: slot.to_string(),
             publication: publication.to_string(),
             ops,
-        })
+        };
+        cfg.set_tls(tls);
+        Ok(cfg)
+    }
+
+    /// Uses these TLS settings for both kinds of connection.
+    pub fn set_tls(&mut self, tls: tls::PgTls) {
+        self.pg.ssl_mode(match tls.mode {
+            tls::SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            tls::SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        self.tls = tls;
     }
 
     /// `"schema"."table"`, quoted for SQL.
@@ -182,24 +203,40 @@ impl SourceConfig {
 
     /// Opens an ordinary SQL session; its connection task runs in the background.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
-        let (client, connection) =
-            self.pg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|source| SourceError::Connect {
-                    endpoint: self.endpoint(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PostgreSQL SQL connection ended");
+        let err = |source| SourceError::Connect {
+            endpoint: self.endpoint(),
+            source,
+        };
+        let client = match self.tls.client_config() {
+            None => {
+                let (client, connection) =
+                    self.pg.connect(tokio_postgres::NoTls).await.map_err(err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL SQL connection ended");
+                    }
+                });
+                client
             }
-        });
+            Some(config) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*config).clone());
+                let (client, connection) = self.pg.connect(tls).await.map_err(err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL SQL connection ended");
+                    }
+                });
+                client
+            }
+        };
         Ok(client)
     }
 
     pub fn replication_params(&self) -> Result<client::ConnectParams, SourceError> {
-        Ok(client::ConnectParams::from_config(&self.pg)?)
+        Ok(client::ConnectParams::from_config(
+            &self.pg,
+            self.tls.clone(),
+        )?)
     }
 }
 
