@@ -32,6 +32,14 @@ impl Rng {
     }
 }
 
+/// The checkout this run belongs to, from `scripts/chaos` (not the build's path: one target dir
+/// serves several clones, and a prebuilt binary must not reach into another clone).
+fn root() -> std::path::PathBuf {
+    std::env::var_os("CDC_RELAY_ROOT")
+        .map(Into::into)
+        .unwrap_or_else(|| std::env::current_dir().expect("current dir"))
+}
+
 fn env(k: &str) -> String {
     std::env::var(k)
         .unwrap_or_else(|_| panic!("{k} is not set: load .local/services.env (scripts/chaos does)"))
@@ -89,8 +97,15 @@ impl Proc {
     }
 }
 
+impl Drop for Proc {
+    // Also on a panic: no relay outlives the run.
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 fn services(args: &[&str]) {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = root().display().to_string();
     // Its output goes to a file: servers it starts must not hold our caller's pipes open.
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -135,15 +150,11 @@ async fn main() {
     let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let started = Instant::now();
     let name = format!("chaos_{}_{}", std::process::id(), seed);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".local/chaos");
+    let dir = root().join(".local/chaos");
     std::fs::create_dir_all(&dir).unwrap();
 
     let admin = pg().await;
-    let ddl = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/postgres/schema.sql"
-    ))
-    .unwrap();
+    let ddl = std::fs::read_to_string(root().join("sql/postgres/schema.sql")).unwrap();
     admin
         .batch_execute(&ddl.replace("user_logins", &name))
         .await

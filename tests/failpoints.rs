@@ -168,11 +168,7 @@ async fn crash_after_a_clickhouse_insert_before_the_offset_commit() {
     let status = crashing.wait_exit(Duration::from_secs(60));
     assert_crashed(status, &crashing.log_text(), "sink.after_insert");
     let sink = Relay::start(&format!("{name}_recover"), &args, &[]);
-    let ch = clickhouse::Client::default()
-        .with_url(env("CDC_RELAY_CLICKHOUSE_URL"))
-        .with_user(env("CDC_RELAY_CLICKHOUSE_USER"))
-        .with_password(env("CDC_RELAY_CLICKHOUSE_PASSWORD"))
-        .with_validation(false);
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
     eventually(
         "all rows in ClickHouse",
         Duration::from_secs(60),

@@ -111,11 +111,7 @@ struct Versioned {
 
 #[tokio::test]
 async fn clickhouse_replacing_merge_tree_keeps_the_newest_version() {
-    let ch = clickhouse::Client::default()
-        .with_url(env("CDC_RELAY_CLICKHOUSE_URL"))
-        .with_user(env("CDC_RELAY_CLICKHOUSE_USER"))
-        .with_password(env("CDC_RELAY_CLICKHOUSE_PASSWORD"))
-        .with_validation(false);
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
     let table = unique("svc_rmt");
     ch.query(&format!(
         "CREATE TABLE {table} (id UInt64, name String, ver UInt64) ENGINE = ReplacingMergeTree(ver) ORDER BY id"

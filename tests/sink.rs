@@ -12,14 +12,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use serde_json::json;
 
-fn ch_client(url: &str) -> clickhouse::Client {
-    clickhouse::Client::default()
-        .with_url(url)
-        .with_user(env("CDC_RELAY_CLICKHOUSE_USER"))
-        .with_password(env("CDC_RELAY_CLICKHOUSE_PASSWORD"))
-        .with_validation(false)
-}
-
 #[derive(Debug, Row, Deserialize, PartialEq)]
 struct Current {
     id: u64,
@@ -84,7 +76,7 @@ impl SinkSetup {
     }
 
     fn ch(&self) -> clickhouse::Client {
-        ch_client(&self.ch_url)
+        clickhouse(&self.ch_url)
     }
 
     async fn wait_current(&self, expected: u64, timeout: Duration) {

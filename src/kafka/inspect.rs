@@ -46,6 +46,14 @@ fn partitions(c: &BaseConsumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
     Ok(t.partitions().iter().map(|p| p.id()).collect())
 }
 
+/// Low and high offsets of one partition.
+fn watermarks(c: &BaseConsumer, topic: &str, p: i32) -> Result<(i64, i64), KafkaError> {
+    c.fetch_watermarks(topic, p, TIMEOUT)
+        .map_err(KafkaError::client(format!(
+            "reading watermarks of {topic}/{p}"
+        )))
+}
+
 /// Lag of `group` on every partition of `topic`.
 pub fn group_lag(brokers: &str, topic: &str, group: &str) -> Result<Vec<PartitionLag>, KafkaError> {
     let c = client(brokers, group)?;
@@ -61,11 +69,7 @@ pub fn group_lag(brokers: &str, topic: &str, group: &str) -> Result<Vec<Partitio
         )))?;
     let mut out = Vec::new();
     for p in parts {
-        let (low, high) = c
-            .fetch_watermarks(topic, p, TIMEOUT)
-            .map_err(KafkaError::client(format!(
-                "reading watermarks of {topic}/{p}"
-            )))?;
+        let (low, high) = watermarks(&c, topic, p)?;
         let committed = committed
             .find_partition(topic, p)
             .and_then(|e| match e.offset() {
@@ -88,11 +92,7 @@ pub fn topic_messages(brokers: &str, topic: &str) -> Result<i64, KafkaError> {
     let c = client(brokers, "cdc-relay-status")?;
     let mut total = 0;
     for p in partitions(&c, topic)? {
-        let (low, high) = c
-            .fetch_watermarks(topic, p, TIMEOUT)
-            .map_err(KafkaError::client(format!(
-                "reading watermarks of {topic}/{p}"
-            )))?;
+        let (low, high) = watermarks(&c, topic, p)?;
         total += high - low;
     }
     Ok(total)
@@ -108,11 +108,7 @@ pub fn holds_relay_events(brokers: &str, topic: &str) -> Result<bool, KafkaError
         Err(e) => return Err(e),
     };
     for p in parts {
-        let (low, high) = c
-            .fetch_watermarks(topic, p, TIMEOUT)
-            .map_err(KafkaError::client(format!(
-                "reading watermarks of {topic}/{p}"
-            )))?;
+        let (low, high) = watermarks(&c, topic, p)?;
         if high <= low {
             continue;
         }

@@ -97,6 +97,15 @@ pub async fn drop_pipeline(pg: &tokio_postgres::Client, name: &str) {
         .await;
 }
 
+/// A ClickHouse client for the test server (or another at `url`), as the sink builds it for 18.16.
+pub fn clickhouse(url: &str) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(url)
+        .with_user(env("CDC_RELAY_CLICKHOUSE_USER"))
+        .with_password(env("CDC_RELAY_CLICKHOUSE_PASSWORD"))
+        .with_validation(false)
+}
+
 pub fn kafka_config() -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", env("CDC_RELAY_KAFKA_BROKERS"));
