@@ -546,7 +546,7 @@ async fn start_pipeline(
     eventually("slot streaming", Duration::from_secs(30), || async {
         let n: i64 = pg
             .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL",
                 &[&name],
             )
             .await

@@ -90,7 +90,7 @@ impl Pipeline {
             let n: i64 = self
                 .pg
                 .query_one(
-                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL",
                     &[&self.name],
                 )
                 .await

@@ -8,6 +8,7 @@ pub mod change;
 pub mod client;
 pub mod ledger;
 pub mod pgoutput;
+pub mod replication;
 pub mod stream;
 pub mod tls;
 

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use crate::event::{ChangeEvent, Lsn, Op};
 
 use super::change::{change_event, TableShape};
-use super::client::{ReplicationClient, ReplicationMessage, ReplicationStream};
+use super::client::ReplicationClient;
 use super::pgoutput::{decode, PgOutput, RelationCache, Value};
+use super::replication::{ReplicationMessage, ReplicationStream};
 use super::{SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX, LEDGER_MESSAGE_PREFIX};
 
 /// What the stream hands to the command.
