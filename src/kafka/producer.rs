@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::event::ChangeEvent;
 
@@ -97,12 +97,5 @@ impl KafkaProducer {
                 }
             }
         }
-    }
-
-    /// Waits for everything enqueued to be acknowledged or failed.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer
-            .flush(timeout)
-            .map_err(KafkaError::client("flushing the producer"))
     }
 }

@@ -142,13 +142,12 @@ pub struct SlotInfo {
     pub active: bool,
     pub confirmed_flush: Option<Lsn>,
     pub wal_status: Option<String>,
-    pub database: Option<String>,
 }
 
 pub async fn slot_info(cfg: &SourceConfig, sql: &Client) -> Result<Option<SlotInfo>, SourceError> {
     let row = sql
         .query_opt(
-            "SELECT plugin::text, active, confirmed_flush_lsn::text, wal_status, database::text \
+            "SELECT plugin::text, active, confirmed_flush_lsn::text, wal_status \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&cfg.slot],
         )
@@ -161,7 +160,6 @@ pub async fn slot_info(cfg: &SourceConfig, sql: &Client) -> Result<Option<SlotIn
         active: row.get(1),
         confirmed_flush: confirmed.as_deref().map(parse_lsn).transpose()?,
         wal_status: row.get(3),
-        database: row.get(4),
     }))
 }
 
