@@ -365,7 +365,10 @@ async fn main() {
         .unwrap_or(false);
     let (brokers, topic) = (env("CDC_RELAY_KAFKA_BROKERS"), name.clone());
     let messages = tokio::task::spawn_blocking(move || {
-        cdc_relay::kafka::inspect::topic_messages(&brokers, &topic)
+        cdc_relay::kafka::inspect::topic_messages(
+            &cdc_relay::kafka::KafkaConnection::plaintext(&brokers),
+            &topic,
+        )
     })
     .await
     .unwrap()

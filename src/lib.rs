@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod progress;
 pub mod sink;
 pub mod source;
+pub mod tls;

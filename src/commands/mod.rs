@@ -7,9 +7,11 @@ pub mod sink;
 pub mod status;
 pub mod stream;
 
-use crate::config::{read_secret, ClickHouseArgs, PostgresArgs};
+use crate::config::{read_secret, ClickHouseArgs, KafkaSecurityArgs, PostgresArgs};
 use crate::error::Error;
+use crate::kafka::KafkaConnection;
 use crate::metrics::Registry;
+use crate::sink::clickhouse::config::tls_for_url;
 use crate::sink::clickhouse::ClickHouseConfig;
 use crate::source::postgres::tls::{PgTls, SslMode};
 use crate::source::postgres::{PublishOps, SourceConfig};
@@ -34,6 +36,33 @@ pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig,
     Ok(cfg)
 }
 
+/// How to reach Kafka, with the SASL password from its file if one is named; checked up front.
+pub async fn kafka_connection(
+    brokers: &str,
+    s: &KafkaSecurityArgs,
+) -> Result<KafkaConnection, Error> {
+    let sasl_password = match &s.kafka_sasl_password_file {
+        Some(f) => Some(read_secret(f).map_err(Error::Config)?),
+        None => s.kafka_sasl_password.clone(),
+    };
+    let connection = KafkaConnection {
+        brokers: brokers.to_string(),
+        security_protocol: s.kafka_security_protocol.clone(),
+        sasl_mechanism: s.kafka_sasl_mechanism.clone(),
+        sasl_username: s.kafka_sasl_username.clone(),
+        sasl_password,
+        ssl_ca_file: s.kafka_ssl_ca_file.clone(),
+        ssl_certificate_file: s.kafka_ssl_certificate_file.clone(),
+        ssl_key_file: s.kafka_ssl_key_file.clone(),
+    };
+    connection.validate().map_err(Error::Config)?;
+    let probe = connection.clone();
+    tokio::task::spawn_blocking(move || crate::kafka::inspect::check_settings(&probe))
+        .await
+        .map_err(|e| Error::Config(format!("checking the Kafka settings failed: {e}")))??;
+    Ok(connection)
+}
+
 /// The sink's and setup's ClickHouse settings.
 pub fn clickhouse_from_args(c: &ClickHouseArgs) -> Result<ClickHouseConfig, Error> {
     clickhouse_config(
@@ -41,6 +70,7 @@ pub fn clickhouse_from_args(c: &ClickHouseArgs) -> Result<ClickHouseConfig, Erro
         &c.clickhouse_user,
         &c.clickhouse_password,
         c.clickhouse_password_file.as_deref(),
+        c.clickhouse_ca_file.as_deref(),
         &c.clickhouse_database,
         &c.clickhouse_table,
     )
@@ -68,6 +98,7 @@ pub fn clickhouse_config(
     user: &str,
     password: &str,
     password_file: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
     database: &str,
     table: &str,
 ) -> Result<ClickHouseConfig, Error> {
@@ -81,5 +112,6 @@ pub fn clickhouse_config(
         password,
         database: database.to_string(),
         table: table.to_string(),
+        tls: tls_for_url(url, ca_file).map_err(Error::Config)?,
     })
 }

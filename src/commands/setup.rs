@@ -3,7 +3,6 @@
 
 use crate::config::{PublishOpsArg, SetupArgs, TeardownArgs};
 use crate::error::Error;
-use crate::kafka::producer::base_config;
 use crate::kafka::topic::ensure_topic;
 use crate::sink::clickhouse::schema;
 use crate::source::postgres::catalog;
@@ -39,7 +38,9 @@ pub async fn setup(args: SetupArgs) -> Result<(), Error> {
         cfg.ops.as_publish_option()
     );
 
-    let kafka = base_config(&args.kafka.kafka_brokers);
+    let kafka = super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security)
+        .await?
+        .client_config();
     let n = ensure_topic(
         &kafka,
         &args.kafka.topic,

@@ -17,8 +17,8 @@ use crate::event::{ChangeEvent, Op};
 use crate::failpoints;
 use crate::kafka::consumer::{Consumed, DeadLetters, KafkaConsumer};
 use crate::kafka::inspect;
-use crate::kafka::producer::base_config;
 use crate::kafka::topic::ensure_topic;
+use crate::kafka::KafkaConnection;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
 use crate::sink::clickhouse::writer::{fill_from_batch, fill_from_current};
 use crate::sink::clickhouse::{schema, ClickHouseWriter, UserLoginRow};
@@ -128,18 +128,20 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     schema::ensure_schema(&client, &ch, version).await?;
     tracing::info!(version = %format!("{}.{}", version.major, version.minor), table = %ch.qualified_table(), view = %ch.qualified_view(), "ClickHouse ready");
 
-    let kafka = base_config(&args.kafka.kafka_brokers);
+    let connection =
+        super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
+    let kafka = connection.client_config();
     ensure_topic(&kafka, &args.kafka.topic, 3, 1).await?;
     ensure_topic(&kafka, &args.dlq_topic, 1, 1).await?;
-    let consumer = KafkaConsumer::new(&args.kafka.kafka_brokers, &args.group, &args.kafka.topic)?;
-    let dead_letters = DeadLetters::new(&args.kafka.kafka_brokers, &args.dlq_topic)?;
+    let consumer = KafkaConsumer::new(&connection, &args.group, &args.kafka.topic)?;
+    let dead_letters = DeadLetters::new(&connection, &args.dlq_topic)?;
     tracing::info!(topic = %args.kafka.topic, group = %args.group, dead_letters = %args.dlq_topic, "sink starting");
 
     let registry = Registry::default();
     let metrics = SinkMetrics::new(&registry);
     super::serve_metrics(&registry, args.metrics_addr).await?;
     if args.metrics_addr.is_some() {
-        spawn_lag_probe(&args, metrics.consumer_lag.clone());
+        spawn_lag_probe(&args, &connection, metrics.consumer_lag.clone());
     }
     let mut cmd = SinkCommand {
         metrics,
@@ -334,17 +336,17 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 /// Refreshes the consumer-lag gauge every 10 s (watermarks and committed offsets, off the runtime).
-fn spawn_lag_probe(args: &SinkArgs, gauge: Gauge) {
-    let (brokers, topic, group) = (
-        args.kafka.kafka_brokers.clone(),
+fn spawn_lag_probe(args: &SinkArgs, connection: &KafkaConnection, gauge: Gauge) {
+    let (connection, topic, group) = (
+        connection.clone(),
         args.kafka.topic.clone(),
         args.group.clone(),
     );
     tokio::spawn(async move {
         loop {
-            let (b, t, g) = (brokers.clone(), topic.clone(), group.clone());
+            let (c, t, g) = (connection.clone(), topic.clone(), group.clone());
             if let Ok(Ok(parts)) =
-                tokio::task::spawn_blocking(move || inspect::group_lag(&b, &t, &g)).await
+                tokio::task::spawn_blocking(move || inspect::group_lag(&c, &t, &g)).await
             {
                 gauge.set(parts.iter().map(|p| p.lag).sum());
             }

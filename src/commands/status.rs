@@ -60,17 +60,17 @@ pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
     let kafka = match &args.kafka_brokers {
         None => None,
         Some(brokers) => {
-            let (brokers, topic, group, dlq) = (
-                brokers.clone(),
+            let (connection, topic, group, dlq) = (
+                super::kafka_connection(brokers, &args.kafka_security).await?,
                 args.topic.clone(),
                 args.group.clone(),
                 args.dlq_topic.clone(),
             );
             let k = tokio::task::spawn_blocking(move || -> Result<KafkaStatus, Error> {
-                let partitions = inspect::group_lag(&brokers, &topic, &group)?;
+                let partitions = inspect::group_lag(&connection, &topic, &group)?;
                 let total_lag = partitions.iter().map(|p| p.lag).sum();
                 Ok(KafkaStatus {
-                    dead_letters: inspect::topic_messages(&brokers, &dlq).ok(),
+                    dead_letters: inspect::topic_messages(&connection, &dlq).ok(),
                     topic,
                     group,
                     partitions,
@@ -97,6 +97,7 @@ pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
                 &args.clickhouse_user,
                 &args.clickhouse_password,
                 args.clickhouse_password_file.as_deref(),
+                args.clickhouse_ca_file.as_deref(),
                 &args.clickhouse_database,
                 &args.clickhouse_table,
             )?;

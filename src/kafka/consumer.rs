@@ -12,8 +12,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::producer::base_config;
-use super::KafkaError;
+use super::{KafkaConnection, KafkaError};
 
 /// One consumed message, detached from librdkafka's buffers.
 #[derive(Debug, Clone)]
@@ -31,8 +30,9 @@ pub struct KafkaConsumer {
 }
 
 impl KafkaConsumer {
-    pub fn new(brokers: &str, group: &str, topic: &str) -> Result<Self, KafkaError> {
-        let consumer: StreamConsumer = base_config(brokers)
+    pub fn new(connection: &KafkaConnection, group: &str, topic: &str) -> Result<Self, KafkaError> {
+        let consumer: StreamConsumer = connection
+            .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -92,8 +92,9 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = base_config(brokers)
+    pub fn new(connection: &KafkaConnection, topic: &str) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = connection
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")

@@ -6,8 +6,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use super::producer::base_config;
-use super::KafkaError;
+use super::{KafkaConnection, KafkaError, RdKafkaError};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionLag {
@@ -22,8 +21,9 @@ pub struct PartitionLag {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-fn client(brokers: &str, group: &str) -> Result<BaseConsumer, KafkaError> {
-    base_config(brokers)
+fn client(connection: &KafkaConnection, group: &str) -> Result<BaseConsumer, KafkaError> {
+    connection
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
@@ -55,8 +55,12 @@ fn watermarks(c: &BaseConsumer, topic: &str, p: i32) -> Result<(i64, i64), Kafka
 }
 
 /// Lag of `group` on every partition of `topic`.
-pub fn group_lag(brokers: &str, topic: &str, group: &str) -> Result<Vec<PartitionLag>, KafkaError> {
-    let c = client(brokers, group)?;
+pub fn group_lag(
+    connection: &KafkaConnection,
+    topic: &str,
+    group: &str,
+) -> Result<Vec<PartitionLag>, KafkaError> {
+    let c = client(connection, group)?;
     let parts = partitions(&c, topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
@@ -88,8 +92,8 @@ pub fn group_lag(brokers: &str, topic: &str, group: &str) -> Result<Vec<Partitio
 }
 
 /// Messages currently held by `topic` (all partitions).
-pub fn topic_messages(brokers: &str, topic: &str) -> Result<i64, KafkaError> {
-    let c = client(brokers, "cdc-relay-status")?;
+pub fn topic_messages(connection: &KafkaConnection, topic: &str) -> Result<i64, KafkaError> {
+    let c = client(connection, "cdc-relay-status")?;
     let mut total = 0;
     for p in partitions(&c, topic)? {
         let (low, high) = watermarks(&c, topic, p)?;
@@ -100,8 +104,8 @@ pub fn topic_messages(brokers: &str, topic: &str) -> Result<i64, KafkaError> {
 
 /// Whether the last message of any partition of `topic` is a cdc-relay change event: then a slot
 /// has fed this topic before. Messages of other producers (the seed pipeline's) do not count.
-pub fn holds_relay_events(brokers: &str, topic: &str) -> Result<bool, KafkaError> {
-    let c = client(brokers, "cdc-relay-inspect")?;
+pub fn holds_relay_events(connection: &KafkaConnection, topic: &str) -> Result<bool, KafkaError> {
+    let c = client(connection, "cdc-relay-inspect")?;
     let parts = match partitions(&c, topic) {
         Ok(p) => p,
         Err(KafkaError::Topic { .. }) => return Ok(false),
@@ -129,4 +133,51 @@ pub fn holds_relay_events(brokers: &str, topic: &str) -> Result<bool, KafkaError
         }
     }
     Ok(false)
+}
+
+/// Remembers the last error librdkafka reported in the background that settings cause and waiting
+/// cannot cure (authentication, TLS), which a request that merely timed out would not say.
+#[derive(Default)]
+struct SettingsError(std::sync::Mutex<Option<String>>);
+
+impl rdkafka::ClientContext for SettingsError {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        use rdkafka::error::RDKafkaErrorCode as C;
+        tracing::debug!(%error, reason, "kafka client error");
+        let from_settings = matches!(
+            error.rdkafka_error_code(),
+            Some(C::Authentication | C::SSL | C::SaslAuthenticationFailed | C::InvalidArgument)
+        );
+        if let (true, Ok(mut last)) = (from_settings, self.0.lock()) {
+            *last = Some(reason.to_string());
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for SettingsError {}
+
+/// Asks the cluster for its metadata once, so a wrong password or CA fails at start with
+/// librdkafka's own reason instead of a timeout further on. A broker that is merely down is not an
+/// error here: the steps after this wait for it as they always did.
+pub fn check_settings(connection: &KafkaConnection) -> Result<(), KafkaError> {
+    let c: BaseConsumer<SettingsError> = connection
+        .client_config()
+        .create_with_context(SettingsError::default())
+        .map_err(KafkaError::client("creating a connection probe"))?;
+    if c.fetch_metadata(None, TIMEOUT).is_ok() {
+        return Ok(());
+    }
+    // Background errors reach the context only while the client is polled.
+    for _ in 0..5 {
+        if let Some(Err(e)) = c.poll(Duration::from_millis(100)) {
+            tracing::debug!(error = %e, "kafka probe");
+        }
+    }
+    match c.context().0.lock().ok().and_then(|l| l.clone()) {
+        Some(reason) => Err(KafkaError::Refused {
+            brokers: connection.brokers.clone(),
+            reason,
+        }),
+        None => Ok(()),
+    }
 }

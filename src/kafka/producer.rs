@@ -4,13 +4,12 @@
 use std::future::Future;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::event::ChangeEvent;
 
-use super::{KafkaError, RdKafkaError};
+use super::{KafkaConnection, KafkaError, RdKafkaError};
 
 pub struct KafkaProducer {
     producer: FutureProducer,
@@ -20,19 +19,10 @@ pub struct KafkaProducer {
 /// Settings of the stream's producer.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
-    pub brokers: String,
+    pub connection: KafkaConnection,
     pub topic: String,
     /// librdkafka's local queue; kept near the relay's own in-flight bound so memory stays bounded.
     pub queue_messages: usize,
-}
-
-/// A client configuration with the brokers and the settings every client of ours shares.
-pub fn base_config(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("client.id", "cdc-relay")
-        .set("log_level", "4");
-    c
 }
 
 /// What became of one message.
@@ -40,7 +30,9 @@ pub type DeliveryResult = Result<(), KafkaError>;
 
 impl KafkaProducer {
     pub fn new(cfg: &ProducerConfig) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = base_config(&cfg.brokers)
+        let producer: FutureProducer = cfg
+            .connection
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")

@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::event::{ChangeEvent, Lsn};
 use crate::failpoints;
 use crate::kafka::inspect;
-use crate::kafka::producer::{base_config, KafkaProducer, ProducerConfig};
+use crate::kafka::producer::{KafkaProducer, ProducerConfig};
 use crate::kafka::topic::ensure_topic;
 use crate::metrics::Registry;
 use crate::progress::Progress;
@@ -62,7 +62,9 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;
     catalog::ensure_publication(&cfg, &sql).await?;
-    let kafka = base_config(&args.kafka.kafka_brokers);
+    let connection =
+        super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
+    let kafka = connection.client_config();
     let partitions = ensure_topic(
         &kafka,
         &args.kafka.topic,
@@ -71,7 +73,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     )
     .await?;
     let producer = KafkaProducer::new(&ProducerConfig {
-        brokers: args.kafka.kafka_brokers.clone(),
+        connection: connection.clone(),
         topic: args.kafka.topic.clone(),
         queue_messages: args.max_in_flight + args.backfill_chunk as usize + 1000,
     })?;
@@ -90,9 +92,9 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     } else if !args.recreate_slot {
         // No slot, but the topic already carries our events: the slot existed and was dropped.
         // A new one would start from now and silently skip what happened in between.
-        let (brokers, topic) = (args.kafka.kafka_brokers.clone(), args.kafka.topic.clone());
+        let topic = args.kafka.topic.clone();
         let fed_before =
-            tokio::task::spawn_blocking(move || inspect::holds_relay_events(&brokers, &topic))
+            tokio::task::spawn_blocking(move || inspect::holds_relay_events(&connection, &topic))
                 .await
                 .map_err(|e| Error::Config(format!("inspecting the topic failed: {e}")))??;
         if fed_before {

@@ -1,5 +1,12 @@
 //! Settings of the ClickHouse sink.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+
 /// Where and what the sink writes. Never printed with the password.
 #[derive(Clone)]
 pub struct ClickHouseConfig {
@@ -8,6 +15,8 @@ pub struct ClickHouseConfig {
     pub password: String,
     pub database: String,
     pub table: String,
+    /// For `https://` URLs: how the server's certificate is verified.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for ClickHouseConfig {
@@ -17,6 +26,7 @@ impl std::fmt::Debug for ClickHouseConfig {
             .field("user", &self.user)
             .field("database", &self.database)
             .field("table", &self.table)
+            .field("https", &self.tls.is_some())
             .finish()
     }
 }
@@ -26,7 +36,25 @@ impl ClickHouseConfig {
     /// RowBinaryWithNamesAndTypes, which ClickHouse 18.16 lacks; `schema::check_table` checks the
     /// columns instead.
     pub fn client(&self) -> clickhouse::Client {
-        clickhouse::Client::default()
+        let client = match &self.tls {
+            None => clickhouse::Client::default(),
+            Some(tls) => {
+                let mut tcp = HttpConnector::new();
+                tcp.set_keepalive(Some(Duration::from_secs(60)));
+                tcp.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config((**tls).clone())
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(tcp);
+                // ClickHouse closes idle keep-alive connections after 3 s; drop ours before that.
+                let http = HyperClient::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(2))
+                    .build(https);
+                clickhouse::Client::with_http_client(http)
+            }
+        };
+        client
             .with_url(&self.url)
             .with_user(&self.user)
             .with_password(&self.password)
@@ -49,6 +77,24 @@ impl ClickHouseConfig {
             quote_ident(&self.database),
             quote_ident(&format!("{}_current", self.table))
         )
+    }
+}
+
+/// The TLS settings for `url`: none for `http://`, certificate verification against `ca_file` (or
+/// the system's store) for `https://`.
+pub fn tls_for_url(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    let https = url
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    match (https, ca_file) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(format!(
+            "--clickhouse-ca-file is set but --clickhouse-url {url} is not https://"
+        )),
+        (true, ca_file) => crate::tls::verifying_client_config(ca_file).map(Some),
     }
 }
 

@@ -14,7 +14,7 @@ pub use writer::ClickHouseWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("ClickHouse at {url} ({context}): {source}")]
+    #[error("ClickHouse at {url} ({context}): {}", with_causes(.source))]
     Client {
         url: String,
         context: String,
@@ -36,7 +36,9 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         match self {
             SinkError::Client { source, .. } => match source {
-                clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => true,
+                // A refused certificate does not get better by waiting; a refused connection may.
+                clickhouse::error::Error::Network(e) => !is_tls_failure(e.as_ref()),
+                clickhouse::error::Error::TimedOut => true,
                 // Server-side trouble that passes: too many parts/queries, memory, shutting down.
                 clickhouse::error::Error::BadResponse(text) => [
                     "Code: 252",
@@ -53,4 +55,37 @@ impl SinkError {
             _ => false,
         }
     }
+}
+
+/// The error and its causes, so a failed TLS handshake says why ("invalid peer certificate:
+/// UnknownIssuer") instead of hyper's bare "client error (Connect)".
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+/// Whether a TLS handshake failed somewhere in the causes. tokio-rustls and hyper-rustls wrap the
+/// rustls error in `io::Error`s, whose `source` skips the wrapped error, so look inside those.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        if is_tls_failure(inner) {
+            return true;
+        }
+    }
+    e.source().is_some_and(is_tls_failure)
 }

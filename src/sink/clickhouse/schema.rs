@@ -191,6 +191,7 @@ mod tests {
             password: "p".into(),
             database: "default".into(),
             table: "user_logins".into(),
+            tls: None,
         }
     }
 
