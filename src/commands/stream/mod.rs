@@ -393,6 +393,16 @@ impl StreamCommand {
 
         // Whatever ended the session: stop reading, let every produced message finish, and write
         // the ledger for what Kafka acknowledged, so a restart replays as little as possible.
+        // Unless stopping cleanly, the replication connection goes first: a server shutting down
+        // waits for its walsenders, and ours would wait with it for a ledger it cannot write.
+        let skipped_ledger_changes = source.skipped_ledger_changes;
+        let source = match end {
+            SessionEnd::Shutdown => Some(source),
+            _ => {
+                drop(source);
+                None
+            }
+        };
         if let Some(task) = backfill_task.take() {
             task.abort();
             if !matches!(backfill, BackfillState::Done) {
@@ -422,13 +432,16 @@ impl StreamCommand {
         if t.backfill_failed {
             *backfill = BackfillState::AfterCatchUp;
         }
-        tracing::info!(produced = t.produced, acknowledged = t.acked, confirmed = %t.confirmed, skipped_ledger_changes = source.skipped_ledger_changes, "session ended");
+        tracing::info!(produced = t.produced, acknowledged = t.acked, confirmed = %t.confirmed, skipped_ledger_changes, "session ended");
         match end {
             SessionEnd::Shutdown => {
                 if !ledger_ok {
                     tracing::warn!("the ledger could not be written; rows acknowledged by Kafka will be sent again on the next start");
                 }
-                if let Err(e) = source.finish(t.confirmed).await {
+                if let Some(Err(e)) = match source {
+                    Some(source) => Some(source.finish(t.confirmed).await),
+                    None => None,
+                } {
                     tracing::warn!(error = %e, "could not send the final position; the next start replays from the last one the server has");
                 }
                 Ok(SessionEnd::Shutdown)
