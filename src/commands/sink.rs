@@ -104,6 +104,9 @@ struct SinkCommand {
     shutdown: watch::Receiver<bool>,
     dead_lettered: u64,
     inserted: u64,
+    pending: Option<PendingInsert>,
+    /// An insert gave up (shutdown): no later batch may be committed past its rows.
+    gave_up: bool,
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -152,6 +155,8 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
         shutdown,
         dead_lettered: 0,
         inserted: 0,
+        pending: None,
+        gave_up: false,
     };
     cmd.run().await
 }
@@ -184,7 +189,9 @@ impl SinkCommand {
                 break;
             }
         }
-        self.flush(&mut batch).await;
+        if self.flush(&mut batch).await {
+            self.finish_insert().await;
+        }
         tracing::info!(
             inserted = self.inserted,
             dead_lettered = self.dead_lettered,
@@ -213,7 +220,7 @@ impl SinkCommand {
             }
             Ok((event, None)) => {
                 // Everything before the truncate must be stored before it applies.
-                if !self.flush(batch).await {
+                if !self.flush(batch).await || !self.finish_insert().await {
                     return Ok(());
                 }
                 let writer = &self.writer;
@@ -251,39 +258,25 @@ impl SinkCommand {
             .is_some()
     }
 
-    /// Retries `op` with backoff until it succeeds or shutdown is asked for (then gives up; the
-    /// offsets of the unfinished work are not committed, so nothing is lost).
-    async fn retry<T, F, Fut, E>(&self, what: &str, mut op: F) -> Option<T>
+    async fn retry<T, F, Fut, E>(&self, what: &str, op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
-        let mut backoff = Backoff::new();
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            match op().await {
-                Ok(v) => return Some(v),
-                Err(e) => {
-                    let pause = backoff.next_pause();
-                    self.metrics.retries.inc();
-                    tracing::warn!(error = %e, retry_in = ?pause, "{what} failed; retrying");
-                    if *shutdown.borrow() {
-                        return None;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = shutdown.changed() => return None,
-                    }
-                }
-            }
-        }
+        retry(what, &self.metrics.retries, self.shutdown.clone(), op).await
     }
 
-    /// Inserts the batch, then commits its offsets. `false` if it gave up because of shutdown.
+    /// Starts inserting the batch while the next one fills; commits the previous batch's offsets
+    /// first. `false` if it gave up because of shutdown.
     async fn flush(&mut self, batch: &mut Batch) -> bool {
         if batch.is_empty() {
             return true;
+        }
+        // One insert at a time, in order: the previous one must be stored before this batch is
+        // completed from stored rows (unchanged TOAST columns) and before its offsets are committed.
+        if !self.finish_insert().await {
+            return false;
         }
         let writer = &self.writer;
         if !batch.unchanged.is_empty() {
@@ -302,29 +295,105 @@ impl SinkCommand {
                 fill_from_current(&mut batch.rows, &rest, &current);
             }
         }
-        let rows = &batch.rows;
-        let started = Instant::now();
-        if self
-            .retry("inserting into ClickHouse", || writer.insert(rows))
+        let batch = std::mem::replace(batch, Batch::new());
+        let (writer, retries, shutdown) = (
+            self.writer.clone(),
+            self.metrics.retries.clone(),
+            self.shutdown.clone(),
+        );
+        let rows = batch.rows;
+        let count = rows.len();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            retry("inserting into ClickHouse", &retries, shutdown, || {
+                writer.insert(&rows)
+            })
             .await
-            .is_none()
-        {
+            .map(|()| started.elapsed())
+        });
+        self.pending = Some(PendingInsert {
+            task,
+            rows: count,
+            handled: batch.handled,
+        });
+        true
+    }
+
+    /// Waits for the insert in flight, then commits its offsets. `false` if it gave up because of
+    /// shutdown (the offsets stay uncommitted; the rows are read again next time).
+    async fn finish_insert(&mut self) -> bool {
+        if self.gave_up {
             return false;
         }
-        self.metrics.insert_seconds.record(started.elapsed());
+        let Some(pending) = self.pending.take() else {
+            return true;
+        };
+        let took = match pending.task.await {
+            Ok(Some(took)) => took,
+            Ok(None) => {
+                self.gave_up = true;
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the insert task failed");
+                self.gave_up = true;
+                return false;
+            }
+        };
+        self.metrics.insert_seconds.record(took);
         self.metrics.batches.inc();
-        self.metrics.rows_inserted.add(batch.rows.len() as u64);
-        tracing::debug!(rows = batch.rows.len(), "batch inserted");
+        self.metrics.rows_inserted.add(pending.rows as u64);
+        tracing::debug!(rows = pending.rows, "batch inserted");
         failpoints::hit(failpoints::SINK_AFTER_INSERT);
-        self.inserted += batch.rows.len() as u64;
+        self.inserted += pending.rows as u64;
         self.metrics.commits.inc();
-        if let Err(e) = self.consumer.commit(&batch.handled) {
+        if let Err(e) = self.consumer.commit(&pending.handled) {
             // Not fatal: the rows are stored; a later commit covers them, or they are re-read and
             // collapse with the stored versions.
             tracing::warn!(error = %e, "offset commit failed");
         }
-        *batch = Batch::new();
         true
+    }
+}
+
+/// An insert running while the next batch fills.
+struct PendingInsert {
+    /// The insert's duration, or `None` if it gave up because of shutdown.
+    task: tokio::task::JoinHandle<Option<Duration>>,
+    rows: usize,
+    handled: BTreeMap<i32, i64>,
+}
+
+/// Retries `op` with backoff until it succeeds or shutdown is asked for (then gives up; the offsets
+/// of the unfinished work are not committed, so nothing is lost).
+async fn retry<T, F, Fut, E>(
+    what: &str,
+    retries: &Counter,
+    mut shutdown: watch::Receiver<bool>,
+    mut op: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let pause = backoff.next_pause();
+                retries.inc();
+                tracing::warn!(error = %e, retry_in = ?pause, "{what} failed; retrying");
+                if *shutdown.borrow() {
+                    return None;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => return None,
+                }
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 use super::{ClickHouseConfig, SinkError, UserLoginRow};
 
+#[derive(Clone)]
 pub struct ClickHouseWriter {
     client: clickhouse::Client,
     cfg: ClickHouseConfig,
