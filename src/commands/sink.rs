@@ -170,9 +170,9 @@ impl SinkCommand {
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
-                msg = self.consumer.recv(), if room => {
+                msg = self.consumer.recv_parsed(parse), if room => {
                     match msg {
-                        Ok(msg) => self.handle(msg, &mut batch).await?,
+                        Ok((msg, parsed)) => self.handle(msg, parsed, &mut batch).await?,
                         Err(e) => {
                             tracing::warn!(error = %e, "Kafka consumer error");
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -200,34 +200,29 @@ impl SinkCommand {
         Ok(())
     }
 
-    async fn handle(&mut self, msg: Consumed, batch: &mut Batch) -> Result<(), Error> {
+    async fn handle(
+        &mut self,
+        msg: Consumed,
+        parsed: Result<Parsed, String>,
+        batch: &mut Batch,
+    ) -> Result<(), Error> {
         self.metrics.messages.inc();
-        self.metrics.bytes.add(msg.payload.len() as u64);
-        let parsed = ChangeEvent::from_json(&msg.payload)
-            .map_err(|e| e.to_string())
-            .and_then(|event| match event.op {
-                Op::Truncate => Ok((event, None)),
-                _ => UserLoginRow::from_event(&event)
-                    .map(|row| (event, Some(row)))
-                    .map_err(|e| e.to_string()),
-            });
+        self.metrics.bytes.add(msg.len as u64);
         match parsed {
-            Ok((event, Some(row))) => {
-                if !event.unchanged.is_empty() {
-                    batch.unchanged.push((batch.rows.len(), event.unchanged));
+            Ok(Parsed::Row(row, unchanged)) => {
+                if !unchanged.is_empty() {
+                    batch.unchanged.push((batch.rows.len(), unchanged));
                 }
                 batch.rows.push(row);
             }
-            Ok((event, None)) => {
+            Ok(Parsed::Truncate { version }) => {
                 // Everything before the truncate must be stored before it applies.
                 if !self.flush(batch).await || !self.finish_insert().await {
                     return Ok(());
                 }
                 let writer = &self.writer;
                 let applied = self
-                    .retry("applying a truncate", || {
-                        writer.truncate_before(event.version)
-                    })
+                    .retry("applying a truncate", || writer.truncate_before(version))
                     .await;
                 if applied.is_none() {
                     return Ok(()); // shutting down: not marked, so read again next time
@@ -354,6 +349,28 @@ impl SinkCommand {
         }
         true
     }
+}
+
+/// What one message means to the sink.
+enum Parsed {
+    /// The row to store, and the columns the change left out (unchanged TOAST values).
+    Row(UserLoginRow, Vec<String>),
+    /// Hide every row stored before this version.
+    Truncate { version: u64 },
+}
+
+/// A message as the sink uses it; `Err` sends it to the dead-letter topic with the reason.
+fn parse(payload: &[u8]) -> Result<Parsed, String> {
+    let (mut event, micros) =
+        ChangeEvent::from_json_with_time(payload).map_err(|e| e.to_string())?;
+    if event.op == Op::Truncate {
+        return Ok(Parsed::Truncate {
+            version: event.version,
+        });
+    }
+    let unchanged = std::mem::take(&mut event.unchanged);
+    let row = UserLoginRow::from_parts(event, micros).map_err(|e| e.to_string())?;
+    Ok(Parsed::Row(row, unchanged))
 }
 
 /// An insert running while the next batch fills.

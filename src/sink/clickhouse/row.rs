@@ -32,18 +32,22 @@ pub enum RowError {
 
 impl UserLoginRow {
     pub fn from_event(event: &ChangeEvent) -> Result<Self, RowError> {
+        Self::from_parts(event.clone(), event.event_time_micros())
+    }
+
+    /// The row of `event`, whose time in microseconds is already known; moves the strings out.
+    pub fn from_parts(event: ChangeEvent, micros: Option<i64>) -> Result<Self, RowError> {
         let id = event.id.ok_or(RowError::NoRow(event.op.as_str()))?;
         let id = u64::try_from(id).map_err(|_| RowError::NegativeId(id))?;
-        let micros = event.event_time_micros();
         let seconds = micros.and_then(|us| u32::try_from(us.div_euclid(1_000_000)).ok());
         Ok(UserLoginRow {
             id,
-            username: event.user.clone(),
-            event_type: event.event.clone(),
+            username: event.user,
+            event_type: event.event,
             event_time: seconds,
             event_time_us: micros,
             op: event.op.as_str().to_string(),
-            _lsn: event.lsn.clone(),
+            _lsn: event.lsn,
             _version: event.version,
             _deleted: u8::from(event.op == Op::Delete),
         })
