@@ -110,18 +110,7 @@ async fn stream_and_sink_over_sasl_ssl_and_https_deliver_every_row_once() {
         )),
         &[],
     );
-    eventually("slot streaming", Duration::from_secs(60), || async {
-        let n: i64 = pg
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL",
-                &[&name],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n == 1).then_some(())
-    })
-    .await;
+    wait_slot_streaming(&pg, &name, Duration::from_secs(60)).await;
     pg.batch_execute(&format!(
         "INSERT INTO {name} (username, event_type, event_time)
          SELECT 'late' || g, 'logout', timestamp '2026-02-01' + g * interval '1 s' FROM generate_series(1, 50) g"

@@ -543,18 +543,7 @@ async fn start_pipeline(
         ch_url: env("CDC_RELAY_CLICKHOUSE_URL"),
     };
     let sink = s.start("sink");
-    eventually("slot streaming", Duration::from_secs(30), || async {
-        let n: i64 = pg
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL",
-                &[&name],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n == 1).then_some(())
-    })
-    .await;
+    wait_slot_streaming(&pg, &name, Duration::from_secs(30)).await;
     (name, pg, stream, s, sink)
 }
 

@@ -86,19 +86,7 @@ impl Pipeline {
 
     /// Waits until the slot exists and a walsender streams it.
     async fn wait_streaming(&self) {
-        eventually("slot streaming", Duration::from_secs(30), || async {
-            let n: i64 = self
-                .pg
-                .query_one(
-                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL",
-                    &[&self.name],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n == 1).then_some(())
-        })
-        .await;
+        wait_slot_streaming(&self.pg, &self.name, Duration::from_secs(30)).await;
     }
 
     async fn drop(self) {

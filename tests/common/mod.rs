@@ -76,6 +76,23 @@ pub async fn publish(pg: &tokio_postgres::Client, name: &str, ops: &str) {
         .unwrap();
 }
 
+/// Waits until the slot exists, a walsender streams it and it has a consistent point, so rows
+/// inserted from now on come through the change stream.
+pub async fn wait_slot_streaming(pg: &tokio_postgres::Client, slot: &str, timeout: Duration) {
+    eventually("slot streaming", timeout, || async {
+        let n: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active AND confirmed_flush_lsn IS NOT NULL",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+}
+
 /// Drops the slot (waiting for a dying walsender to let go of it), the publication and the table.
 pub async fn drop_pipeline(pg: &tokio_postgres::Client, name: &str) {
     for _ in 0..50 {
