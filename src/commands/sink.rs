@@ -55,6 +55,7 @@ impl Batch {
 }
 
 /// What `sink` exports at /metrics.
+#[derive(Clone)]
 struct SinkMetrics {
     messages: Counter,
     bytes: Counter,
@@ -170,6 +171,13 @@ impl SinkCommand {
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
+                // Commit as soon as an insert lands, not only when the next batch is due: an idle
+                // sink must not sit on uncommitted offsets.
+                result = insert_done(&mut self.pending) => {
+                    if !self.complete_insert(result) {
+                        break;
+                    }
+                }
                 msg = self.consumer.recv_parsed(parse), if room => {
                     match msg {
                         Ok((msg, parsed)) => self.handle(msg, parsed, &mut batch).await?,
@@ -291,20 +299,29 @@ impl SinkCommand {
             }
         }
         let batch = std::mem::replace(batch, Batch::new());
-        let (writer, retries, shutdown) = (
+        let (writer, metrics, shutdown) = (
             self.writer.clone(),
-            self.metrics.retries.clone(),
+            self.metrics.clone(),
             self.shutdown.clone(),
         );
         let rows = batch.rows;
         let count = rows.len();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            retry("inserting into ClickHouse", &retries, shutdown, || {
-                writer.insert(&rows)
-            })
-            .await
-            .map(|()| started.elapsed())
+            let done = retry(
+                "inserting into ClickHouse",
+                &metrics.retries,
+                shutdown,
+                || writer.insert(&rows),
+            )
+            .await;
+            if done.is_some() {
+                metrics.insert_seconds.record(started.elapsed());
+                metrics.batches.inc();
+                metrics.rows_inserted.add(rows.len() as u64);
+                tracing::debug!(rows = rows.len(), "batch inserted");
+            }
+            done
         });
         self.pending = Some(PendingInsert {
             task,
@@ -320,11 +337,20 @@ impl SinkCommand {
         if self.gave_up {
             return false;
         }
+        if self.pending.is_none() {
+            return true;
+        }
+        let result = insert_done(&mut self.pending).await;
+        self.complete_insert(result)
+    }
+
+    /// Commits the offsets of the insert that just ended (`result`), unless it gave up.
+    fn complete_insert(&mut self, result: InsertResult) -> bool {
         let Some(pending) = self.pending.take() else {
             return true;
         };
-        let took = match pending.task.await {
-            Ok(Some(took)) => took,
+        match result {
+            Ok(Some(())) => {}
             Ok(None) => {
                 self.gave_up = true;
                 return false;
@@ -334,11 +360,7 @@ impl SinkCommand {
                 self.gave_up = true;
                 return false;
             }
-        };
-        self.metrics.insert_seconds.record(took);
-        self.metrics.batches.inc();
-        self.metrics.rows_inserted.add(pending.rows as u64);
-        tracing::debug!(rows = pending.rows, "batch inserted");
+        }
         failpoints::hit(failpoints::SINK_AFTER_INSERT);
         self.inserted += pending.rows as u64;
         self.metrics.commits.inc();
@@ -373,10 +395,20 @@ fn parse(payload: &[u8]) -> Result<Parsed, String> {
     Ok(Parsed::Row(row, unchanged))
 }
 
+type InsertResult = Result<Option<()>, tokio::task::JoinError>;
+
+/// The end of the insert in flight; never, without one. Cancel-safe: the task keeps running.
+async fn insert_done(pending: &mut Option<PendingInsert>) -> InsertResult {
+    match pending {
+        Some(p) => (&mut p.task).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// An insert running while the next batch fills.
 struct PendingInsert {
-    /// The insert's duration, or `None` if it gave up because of shutdown.
-    task: tokio::task::JoinHandle<Option<Duration>>,
+    /// `None` if it gave up because of shutdown.
+    task: tokio::task::JoinHandle<Option<()>>,
     rows: usize,
     handled: BTreeMap<i32, i64>,
 }
