@@ -123,19 +123,20 @@ impl ChangeEvent {
             )));
         }
         event.lsn.parse::<Lsn>()?;
-        let micros = match &event.event_time {
-            Some(t) => parse_event_time(t)?,
-            None => event.timestamp.map(|s| (s * 1_000_000.0).round() as i64),
-        };
+        let micros = event.try_event_time_micros()?;
         Ok((event, micros))
     }
 
     /// Microseconds since the Unix epoch of `event_time` (falling back to `timestamp`);
     /// `None` for NULL or infinite times.
     pub fn event_time_micros(&self) -> Option<i64> {
+        self.try_event_time_micros().ok().flatten()
+    }
+
+    fn try_event_time_micros(&self) -> Result<Option<i64>, EventError> {
         match &self.event_time {
-            Some(t) => parse_event_time(t).ok().flatten(),
-            None => self.timestamp.map(|s| (s * 1_000_000.0).round() as i64),
+            Some(t) => parse_event_time(t),
+            None => Ok(self.timestamp.map(|s| (s * 1_000_000.0).round() as i64)),
         }
     }
 }

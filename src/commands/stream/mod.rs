@@ -438,10 +438,11 @@ impl StreamCommand {
                 if !ledger_ok {
                     tracing::warn!("the ledger could not be written; rows acknowledged by Kafka will be sent again on the next start");
                 }
-                if let Some(Err(e)) = match source {
-                    Some(source) => Some(source.finish(t.confirmed).await),
-                    None => None,
-                } {
+                let finished = match source {
+                    Some(source) => source.finish(t.confirmed).await,
+                    None => Ok(()),
+                };
+                if let Err(e) = finished {
                     tracing::warn!(error = %e, "could not send the final position; the next start replays from the last one the server has");
                 }
                 Ok(SessionEnd::Shutdown)

@@ -14,7 +14,7 @@ pub use writer::ClickHouseWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("ClickHouse at {url} ({context}): {}", with_causes(.source))]
+    #[error("ClickHouse at {url} ({context}): {}", crate::error::with_causes(.source))]
     Client {
         url: String,
         context: String,
@@ -55,22 +55,6 @@ impl SinkError {
             _ => false,
         }
     }
-}
-
-/// The error and its causes, so a failed TLS handshake says why ("invalid peer certificate:
-/// UnknownIssuer") instead of hyper's bare "client error (Connect)".
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
 }
 
 /// Whether a TLS handshake failed somewhere in the causes. tokio-rustls and hyper-rustls wrap the

@@ -31,10 +31,6 @@ pub enum RowError {
 }
 
 impl UserLoginRow {
-    pub fn from_event(event: &ChangeEvent) -> Result<Self, RowError> {
-        Self::from_parts(event.clone(), event.event_time_micros())
-    }
-
     /// The row of `event`, whose time in microseconds is already known; moves the strings out.
     pub fn from_parts(event: ChangeEvent, micros: Option<i64>) -> Result<Self, RowError> {
         let id = event.id.ok_or(RowError::NoRow(event.op.as_str()))?;
@@ -58,6 +54,10 @@ impl UserLoginRow {
 mod tests {
     use super::*;
 
+    fn row_of(e: &ChangeEvent) -> Result<UserLoginRow, RowError> {
+        UserLoginRow::from_parts(e.clone(), e.event_time_micros())
+    }
+
     fn event(op: Op, id: Option<i64>) -> ChangeEvent {
         ChangeEvent {
             id,
@@ -74,30 +74,25 @@ mod tests {
 
     #[test]
     fn maps_fields_and_deletes() {
-        let row = UserLoginRow::from_event(&event(Op::Insert, Some(5))).unwrap();
+        let row = row_of(&event(Op::Insert, Some(5))).unwrap();
         assert_eq!(
             (row.id, row.event_time, row.event_time_us),
             (5, Some(1), Some(1_000_001))
         );
         assert_eq!(row._deleted, 0);
+        assert_eq!(row_of(&event(Op::Delete, Some(5))).unwrap()._deleted, 1);
         assert_eq!(
-            UserLoginRow::from_event(&event(Op::Delete, Some(5)))
-                .unwrap()
-                ._deleted,
-            1
-        );
-        assert_eq!(
-            UserLoginRow::from_event(&event(Op::Insert, Some(-1))),
+            row_of(&event(Op::Insert, Some(-1))),
             Err(RowError::NegativeId(-1))
         );
-        assert!(UserLoginRow::from_event(&event(Op::Truncate, None)).is_err());
+        assert!(row_of(&event(Op::Truncate, None)).is_err());
     }
 
     #[test]
     fn times_before_1970_keep_microseconds_only() {
         let mut e = event(Op::Insert, Some(1));
         e.event_time = Some("1900-01-01T00:00:00".into());
-        let row = UserLoginRow::from_event(&e).unwrap();
+        let row = row_of(&e).unwrap();
         assert_eq!(row.event_time, None);
         assert_eq!(row.event_time_us, Some(-2_208_988_800_000_000));
     }
