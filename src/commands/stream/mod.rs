@@ -307,7 +307,16 @@ impl StreamCommand {
                             self.metrics.bytes.add(bytes as u64);
                         }
                         Ok(Some(SourceMessage::Position { lsn })) => t.push_position(lsn),
-                        Ok(Some(SourceMessage::ReplyRequested)) => {
+                        Ok(Some(SourceMessage::ReplyRequested { position })) => {
+                            // Answer with the newest position that may be confirmed: a stopping
+                            // server waits until the reply covers everything it sent.
+                            if let Some(lsn) = position {
+                                t.push_position(lsn);
+                            }
+                            if let Err(e) = self.flush_ledger(&mut t).await {
+                                if e.is_transient() { break SessionEnd::Retry(e.to_string()) }
+                                return Err(e.into());
+                            }
                             if let Err(e) = source.send_status(t.confirmed, false).await {
                                 break SessionEnd::Retry(e.to_string());
                             }

@@ -19,8 +19,11 @@ pub enum SourceMessage {
     /// Every change before `lsn` has been handed out: once those are handled, `lsn` may be confirmed.
     /// Comes at each commit, between transactions on keepalives, and with heartbeats.
     Position { lsn: Lsn },
-    /// The server wants a status update now (or it will drop the connection).
-    ReplyRequested,
+    /// The server wants a status update now (or it will drop the connection), with the position
+    /// its keepalive carried when that position may be confirmed (between transactions). A server
+    /// that is shutting down asks this way until the client has confirmed everything it sent, so
+    /// the position must not be dropped.
+    ReplyRequested { position: Option<Lsn> },
 }
 
 pub struct ReplicationSource {
@@ -85,13 +88,14 @@ impl ReplicationSource {
                     reply_requested,
                 } => {
                     self.server_wal_end = self.server_wal_end.max(wal_end);
-                    if reply_requested {
-                        return Ok(Some(SourceMessage::ReplyRequested));
-                    }
                     // Inside a transaction the server's position can be past changes still to come.
-                    if !self.in_transaction {
-                        tracing::trace!(lsn = %wal_end, "keepalive position");
-                        return Ok(Some(SourceMessage::Position { lsn: wal_end }));
+                    let position = (!self.in_transaction).then_some(wal_end);
+                    if reply_requested {
+                        return Ok(Some(SourceMessage::ReplyRequested { position }));
+                    }
+                    if let Some(lsn) = position {
+                        tracing::trace!(%lsn, "keepalive position");
+                        return Ok(Some(SourceMessage::Position { lsn }));
                     }
                 }
                 ReplicationMessage::XLogData {
