@@ -244,6 +244,11 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION", default_value_t = 1)]
     pub topic_replication: i32,
 
+    /// The stream's dead-letter topic: changes that cannot be produced (larger than the topic's
+    /// max.message.bytes, a value that cannot be encoded). Default: `<topic>.stream-dlq`.
+    #[arg(long, env = "CDC_RELAY_STREAM_DLQ_TOPIC")]
+    pub stream_dlq_topic: Option<String>,
+
     /// Most messages produced but not yet acknowledged and recorded; bounds memory under any backlog.
     #[arg(long, env = "CDC_RELAY_MAX_IN_FLIGHT", default_value_t = 50_000)]
     pub max_in_flight: usize,

@@ -76,15 +76,71 @@ pub struct ChangeEvent {
     /// `YYYY-MM-DDTHH:MM:SS[.ffffff]` (no zone: the column is `timestamp without time zone`),
     /// or PostgreSQL's `infinity` / `-infinity`.
     pub event_time: Option<String>,
-    /// WAL position of the change (for `snapshot`, the slot's consistent point).
+    /// WAL position of the change (for `snapshot`, the position the row was read at).
     pub lsn: String,
-    /// Orders the changes of one id: later change, larger version. Snapshot rows carry 0, so any
-    /// streamed change of the same row wins over them.
+    /// Orders the changes of one id: later change, larger or equal version. A streamed change
+    /// carries its transaction's commit position (so changes order as their transactions
+    /// committed); a `snapshot` row the position it was read at, so it wins over every change
+    /// committed before the read and loses to every one after. Changes of one row inside one
+    /// transaction share a version and keep their order on the partition. docs/message-format.md.
     pub version: u64,
     /// Columns whose value PostgreSQL did not send because it is TOASTed and unchanged by this update;
     /// their fields above are null and must not be read as NULL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unchanged: Vec<String>,
+}
+
+/// A change the stream could not relay (too large for the topic, a value it cannot encode). It goes
+/// to the stream's dead-letter topic so the rows behind it keep moving (docs/message-format.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamDeadLetter {
+    /// `schema.table`.
+    pub table: String,
+    pub op: Op,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    pub lsn: String,
+    pub version: u64,
+    /// Why it could not be relayed.
+    pub error: String,
+    /// The row as JSON text, cut to what fits (`row_truncated` says so).
+    pub row: Option<String>,
+    #[serde(default)]
+    pub row_truncated: bool,
+}
+
+impl StreamDeadLetter {
+    /// For an event that could not be produced: the event itself is the row.
+    pub fn of_event(event: &ChangeEvent, table: &str, error: String) -> Self {
+        StreamDeadLetter {
+            table: table.to_string(),
+            op: event.op,
+            id: event.id,
+            lsn: event.lsn.clone(),
+            version: event.version,
+            error,
+            row: Some(String::from_utf8_lossy(&event.to_json()).into_owned()),
+            row_truncated: false,
+        }
+    }
+
+    /// The JSON of the dead letter, no longer than `limit` bytes if the row can be cut to fit.
+    pub fn to_json(&self, limit: usize) -> Vec<u8> {
+        let full = serde_json::to_vec(self).unwrap_or_default();
+        if full.len() <= limit {
+            return full;
+        }
+        let mut cut = self.clone();
+        cut.row_truncated = true;
+        let row = self.row.as_deref().unwrap_or("");
+        let overhead = full.len() - row.len() + 64;
+        let mut keep = limit.saturating_sub(overhead).min(row.len());
+        while !row.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        cut.row = Some(row[..keep].to_string());
+        serde_json::to_vec(&cut).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +328,29 @@ mod tests {
     fn bc_dates_parse() {
         let us = parse_event_time("0001-01-01 00:00:00 BC").unwrap().unwrap();
         assert_eq!(format_event_time(us), "0000-01-01T00:00:00");
+    }
+
+    #[test]
+    fn dead_letters_are_cut_to_fit() {
+        let dl = StreamDeadLetter {
+            table: "public.t".into(),
+            op: Op::Insert,
+            id: Some(1),
+            lsn: "0/1".into(),
+            version: 1,
+            error: "too large".into(),
+            row: Some("é".repeat(10_000)),
+            row_truncated: false,
+        };
+        let json = dl.to_json(1000);
+        assert!(json.len() <= 1000, "{}", json.len());
+        let back: StreamDeadLetter = serde_json::from_slice(&json).unwrap();
+        assert!(back.row_truncated && back.row.unwrap().starts_with("éé"));
+        assert!(
+            !serde_json::from_slice::<StreamDeadLetter>(&dl.to_json(1 << 20))
+                .unwrap()
+                .row_truncated
+        );
     }
 
     #[test]

@@ -146,6 +146,12 @@ pub enum KafkaError {
     Topic { topic: String, reason: String },
     #[error("Kafka did not acknowledge a message: {0}")]
     Delivery(String),
+    #[error("a message of {size} bytes is over topic {topic}'s limit of {limit} bytes (max.message.bytes)")]
+    TooLarge {
+        topic: String,
+        size: usize,
+        limit: usize,
+    },
 }
 
 impl KafkaError {

@@ -1,19 +1,31 @@
 //! The idempotent producer `stream` uses. Every change is keyed by row id, so one row's changes stay
 //! in one partition in order; idempotence keeps librdkafka's retries from reordering or doubling them.
+//!
+//! The size limit follows the topic's `max.message.bytes`: a change too large for the topic is
+//! refused here, at once, instead of by the broker after retries, so the stream can send it to its
+//! dead-letter topic and go on with the rows behind it.
 
 use std::future::Future;
 use std::time::Duration;
 
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, StreamDeadLetter};
 
 use super::{KafkaConnection, KafkaError, RdKafkaError};
+
+/// Room left under the topic's limit for the record batch's own headers: a message that fits
+/// `message.max.bytes` must still fit the broker's check of the whole batch.
+const BATCH_OVERHEAD: usize = 512;
 
 pub struct KafkaProducer {
     producer: FutureProducer,
     topic: String,
+    dead_letter_topic: String,
+    limit: usize,
 }
 
 /// Settings of the stream's producer.
@@ -21,6 +33,8 @@ pub struct KafkaProducer {
 pub struct ProducerConfig {
     pub connection: KafkaConnection,
     pub topic: String,
+    /// Where changes go that cannot be produced to `topic`.
+    pub dead_letter_topic: String,
     /// librdkafka's local queue; kept near the relay's own in-flight bound so memory stays bounded.
     pub queue_messages: usize,
 }
@@ -29,7 +43,13 @@ pub struct ProducerConfig {
 pub type DeliveryResult = Result<(), KafkaError>;
 
 impl KafkaProducer {
-    pub fn new(cfg: &ProducerConfig) -> Result<Self, KafkaError> {
+    pub async fn new(cfg: &ProducerConfig) -> Result<Self, KafkaError> {
+        let topic_limit = max_message_bytes(&cfg.connection, &cfg.topic).await?;
+        let dlq_limit = max_message_bytes(&cfg.connection, &cfg.dead_letter_topic).await?;
+        let limit = topic_limit
+            .min(dlq_limit)
+            .saturating_sub(BATCH_OVERHEAD)
+            .max(1000);
         let producer: FutureProducer = cfg
             .connection
             .client_config()
@@ -38,6 +58,8 @@ impl KafkaProducer {
             .set("compression.type", "lz4")
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
+            .set("message.max.bytes", limit.to_string())
+            .set("batch.size", limit.min(1_000_000).to_string())
             // Deliveries are retried inside librdkafka for this long (a broker restart fits);
             // past it the message fails and the stream restarts from its last confirmed position.
             .set("message.timeout.ms", "120000")
@@ -48,23 +70,64 @@ impl KafkaProducer {
             .set("queue.buffering.max.kbytes", "65536")
             .create()
             .map_err(KafkaError::client("creating the producer"))?;
+        tracing::debug!(topic = %cfg.topic, limit, "producer message size limit");
         Ok(KafkaProducer {
             producer,
             topic: cfg.topic.clone(),
+            dead_letter_topic: cfg.dead_letter_topic.clone(),
+            limit,
         })
+    }
+
+    /// Largest message this producer sends.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn dead_letter_topic(&self) -> &str {
+        &self.dead_letter_topic
     }
 
     /// Enqueues one event and returns the future of its acknowledgement and the payload size.
     /// Waits (without blocking the runtime) while librdkafka's local queue is full.
+    /// [`KafkaError::TooLarge`] when the event does not fit the topic.
     pub async fn send(
         &self,
         event: &ChangeEvent,
     ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
         let payload = event.to_json();
         let key = event.key();
+        self.send_bytes(&self.topic, key.as_deref(), payload).await
+    }
+
+    /// Enqueues a dead letter for the stream's dead-letter topic, its row cut to fit.
+    pub async fn send_dead_letter(
+        &self,
+        dead: &StreamDeadLetter,
+    ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
+        let payload = dead.to_json(self.limit.saturating_sub(64));
+        let key = dead.id.map(|id| id.to_string());
+        self.send_bytes(&self.dead_letter_topic, key.as_deref(), payload)
+            .await
+    }
+
+    async fn send_bytes(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        payload: Vec<u8>,
+    ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
+        let size = payload.len() + key.map_or(0, str::len);
+        if size > self.limit {
+            return Err(KafkaError::TooLarge {
+                topic: topic.to_string(),
+                size,
+                limit: self.limit,
+            });
+        }
         loop {
-            let mut record = FutureRecord::to(&self.topic).payload(&payload);
-            if let Some(k) = &key {
+            let mut record = FutureRecord::to(topic).payload(&payload);
+            if let Some(k) = key {
                 record = record.key(k);
             }
             match self.producer.send_result(record) {
@@ -81,13 +144,55 @@ impl KafkaProducer {
                 Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                Err((
+                    RdKafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    _,
+                )) => {
+                    return Err(KafkaError::TooLarge {
+                        topic: topic.to_string(),
+                        size,
+                        limit: self.limit,
+                    })
+                }
                 Err((e, _)) => {
                     return Err(KafkaError::Client {
-                        context: format!("producing to {}", self.topic),
+                        context: format!("producing to {topic}"),
                         source: e,
                     })
                 }
             }
         }
     }
+}
+
+/// The topic's `max.message.bytes` (its own setting or the broker's default).
+async fn max_message_bytes(connection: &KafkaConnection, topic: &str) -> Result<usize, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = connection
+        .client_config()
+        .create()
+        .map_err(KafkaError::client("creating the admin client"))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(KafkaError::client(format!(
+            "reading the settings of topic {topic}"
+        )))?;
+    for result in results {
+        let resource = result.map_err(|code| KafkaError::Topic {
+            topic: topic.to_string(),
+            reason: format!("its settings cannot be read: {code}"),
+        })?;
+        if let Some(v) = resource
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            return Ok(v);
+        }
+    }
+    Err(KafkaError::Topic {
+        topic: topic.to_string(),
+        reason: "its max.message.bytes could not be read".into(),
+    })
 }

@@ -17,6 +17,9 @@ pub(super) struct StreamMetrics {
     pub in_flight: Gauge,
     pub restarts: Counter,
     pub retained_wal: Gauge,
+    pub ledger_locked: Gauge,
+    pub ledger_waiting: Gauge,
+    pub dead_lettered: Counter,
 }
 
 impl StreamMetrics {
@@ -64,6 +67,18 @@ impl StreamMetrics {
             retained_wal: r.gauge(
                 "stream_slot_retained_wal_bytes",
                 "WAL the slot keeps from being removed.",
+            ),
+            ledger_locked: r.gauge(
+                "stream_ledger_locked_rows",
+                "Acknowledged rows the last ledger write could not record because another transaction (or DDL) held them locked.",
+            ),
+            ledger_waiting: r.gauge(
+                "stream_ledger_waiting_rows",
+                "Acknowledged rows not yet recorded in the ledger (the confirmed position waits for them).",
+            ),
+            dead_lettered: r.counter(
+                "stream_dead_lettered_total",
+                "Changes sent to the stream's dead-letter topic (too large for the topic, or not encodable).",
             ),
         }
     }

@@ -7,28 +7,29 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+mod backfill;
+mod ledger_writer;
 mod metrics;
 mod tracker;
 
+use backfill::{BackfillMsg, BackfillRun};
+use ledger_writer::LedgerWriter;
 use metrics::StreamMetrics;
 use tracker::Tracker;
 
 use crate::backoff::Backoff;
 use crate::config::{PublishOpsArg, StreamArgs};
 use crate::error::Error;
-use crate::event::{ChangeEvent, Lsn};
-use crate::failpoints;
+use crate::event::{ChangeEvent, Lsn, Op, StreamDeadLetter};
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
 use crate::kafka::topic::ensure_topic;
+use crate::kafka::KafkaError;
 use crate::metrics::Registry;
-use crate::progress::Progress;
-use crate::source::postgres::backfill::Backfill;
 use crate::source::postgres::catalog;
 use crate::source::postgres::client::ReplicationClient;
-use crate::source::postgres::ledger::Ledger;
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
 use crate::source::postgres::{SourceConfig, SourceError};
 
@@ -39,11 +40,10 @@ enum SessionEnd {
     Retry(String),
 }
 
+/// Whether rows marked unsent still have to be read (after the stream caught up).
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum BackfillState {
-    /// Read inside the new slot's snapshot (first start).
-    Snapshot(Box<Backfill>),
-    /// Run once the stream has passed this position (slot existed, or a backfill was interrupted).
-    AfterCatchUp,
+    Pending,
     Done,
 }
 
@@ -52,8 +52,10 @@ struct StreamCommand {
     args: StreamArgs,
     cfg: SourceConfig,
     producer: KafkaProducer,
-    ledger: Ledger,
+    /// For heartbeats and retention checks (the ledger has its own session).
+    sql: Option<tokio_postgres::Client>,
     shutdown: watch::Receiver<bool>,
+    dead_lettered: u64,
 }
 
 pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -72,12 +74,19 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         args.topic_replication,
     )
     .await?;
+    let dead_letter_topic = args
+        .stream_dlq_topic
+        .clone()
+        .unwrap_or_else(|| format!("{}.stream-dlq", args.kafka.topic));
+    ensure_topic(&kafka, &dead_letter_topic, 1, args.topic_replication).await?;
     let producer = KafkaProducer::new(&ProducerConfig {
         connection: connection.clone(),
         topic: args.kafka.topic.clone(),
+        dead_letter_topic,
         queue_messages: args.max_in_flight + args.backfill_chunk as usize + 1000,
-    })?;
-    tracing::info!(table = %cfg.qualified_table(), topic = %args.kafka.topic, partitions, slot = %cfg.slot, "stream starting");
+    })
+    .await?;
+    tracing::info!(table = %cfg.qualified_table(), topic = %args.kafka.topic, partitions, slot = %cfg.slot, dead_letters = %producer.dead_letter_topic(), max_message_bytes = producer.limit(), "stream starting");
 
     let mut slot = catalog::slot_info(&cfg, &sql).await?;
     if let Some(info) = &slot {
@@ -108,50 +117,41 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
             .into());
         }
     }
-    let (client, start, backfill) = match slot {
+    // Either way the unsent rows are backfilled once the stream has caught up, in short chunks
+    // merged into the stream (source/postgres/backfill.rs): no snapshot is held open for the
+    // whole backfill, so DDL issued meanwhile never waits long.
+    let (client, start) = match slot {
         Some(info) => {
             catalog::check_slot(&cfg, &info)?;
             tracing::info!(slot = %cfg.slot, confirmed = ?info.confirmed_flush.map(|l| l.to_string()), "resuming from existing slot");
-            (None, Lsn::ZERO, BackfillState::AfterCatchUp)
+            (None, Lsn::ZERO)
         }
         None => {
             let mut client = ReplicationClient::connect(&cfg.replication_params()?)
                 .await
                 .map_err(SourceError::from)?;
             let created = client
-                .create_logical_slot(&cfg.slot, true)
+                .create_logical_slot(&cfg.slot, false)
                 .await
                 .map_err(SourceError::from)?;
-            let snapshot = created.snapshot_name.clone().unwrap_or_default();
             tracing::info!(slot = %cfg.slot, consistent_point = %created.consistent_point, "created replication slot");
-            let backfill = Backfill::in_snapshot(
-                &cfg,
-                &snapshot,
-                created.consistent_point,
-                args.backfill_chunk,
-            )
-            .await?;
-            (
-                Some(client),
-                created.consistent_point,
-                BackfillState::Snapshot(Box::new(backfill)),
-            )
+            (Some(client), created.consistent_point)
         }
     };
-    drop(sql);
 
     let registry = Registry::default();
     let metrics = StreamMetrics::new(&registry);
     super::serve_metrics(&registry, args.metrics_addr).await?;
     let mut cmd = StreamCommand {
         metrics,
-        ledger: Ledger::new(&cfg),
         args,
         cfg,
         producer,
+        sql: Some(sql),
         shutdown,
+        dead_lettered: 0,
     };
-    cmd.run_sessions(client, start, backfill).await
+    cmd.run_sessions(client, start).await
 }
 
 impl StreamCommand {
@@ -159,9 +159,9 @@ impl StreamCommand {
         &mut self,
         mut client: Option<ReplicationClient>,
         start: Lsn,
-        mut backfill: BackfillState,
     ) -> Result<(), Error> {
         let mut confirmed = start;
+        let mut backfill = BackfillState::Pending;
         let mut backoff = Backoff::new();
         loop {
             let session_start = Instant::now();
@@ -200,13 +200,43 @@ impl StreamCommand {
         }
     }
 
+    /// The heartbeat and retention session, reopened when lost; bounded so a hung server never
+    /// holds the main loop.
+    async fn heartbeat(&mut self) -> Result<Lsn, SourceError> {
+        let sql = self.sql_session().await?;
+        match tokio::time::timeout(Duration::from_secs(10), catalog::emit_heartbeat(sql)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.sql = None;
+                Err(SourceError::Config(
+                    "a heartbeat took over 10 s; reconnecting".into(),
+                ))
+            }
+        }
+    }
+
+    async fn sql_session(&mut self) -> Result<&tokio_postgres::Client, SourceError> {
+        if self.sql.as_ref().is_none_or(|c| c.is_closed()) {
+            let connect = tokio::time::timeout(Duration::from_secs(15), self.cfg.connect_sql());
+            match connect.await {
+                Ok(client) => self.sql = Some(client?),
+                Err(_) => {
+                    return Err(SourceError::Config(
+                        "connecting to PostgreSQL took over 15 s".into(),
+                    ))
+                }
+            }
+        }
+        Ok(self.sql.as_ref().expect("connected above"))
+    }
+
     /// One replication connection's life. Transient trouble ends it with `Retry` after everything
     /// acknowledged so far is written to the ledger; the caller reconnects from `confirmed`.
     async fn session(
         &mut self,
         client: Option<ReplicationClient>,
         confirmed: &mut Lsn,
-        backfill: &mut BackfillState,
+        backfill_state: &mut BackfillState,
     ) -> Result<SessionEnd, Error> {
         let mut source = match ReplicationSource::start(&self.cfg, client, *confirmed).await {
             Ok(s) => s,
@@ -214,40 +244,27 @@ impl StreamCommand {
             Err(e) => return Err(e.into()),
         };
         let mut t = Tracker::new(*confirmed);
-        let mut backfill_rx: Option<mpsc::Receiver<Result<Vec<ChangeEvent>, SourceError>>> = None;
-        let mut backfill_task = None;
-        let mut catch_up_at: Option<Lsn> = None;
-
-        let mut progress: Option<Progress> = None;
-        match std::mem::replace(backfill, BackfillState::Done) {
-            BackfillState::Snapshot(b) => {
-                let total = b.count_remaining(&self.cfg).await.ok().map(|n| n as u64);
-                progress = Some(Progress::new("backfill", total));
-                let (tx, rx) = mpsc::channel(1);
-                backfill_task = Some(tokio::spawn(read_backfill(*b, tx)));
-                backfill_rx = Some(rx);
-                *backfill = BackfillState::AfterCatchUp; // if this session fails, redo it from the ledger
+        let mut ledger = LedgerWriter::start(&self.cfg);
+        let mut backfill = BackfillRun::default();
+        // The backfill starts once the stream has passed this marker, written now: rows the stream
+        // still has to deliver are then not read twice.
+        let mut catch_up_at = None;
+        if *backfill_state == BackfillState::Pending {
+            match self.heartbeat().await {
+                Ok(lsn) => catch_up_at = Some(lsn),
+                Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
-            BackfillState::AfterCatchUp => {
-                *backfill = BackfillState::AfterCatchUp;
-                let marker = async { catalog::emit_heartbeat(self.ledger.sql().await?).await };
-                match marker.await {
-                    Ok(lsn) => catch_up_at = Some(lsn),
-                    Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            BackfillState::Done => {}
         }
 
         let max_in_flight = self.args.max_in_flight.max(1);
+        let ledger_batch = self.args.ledger_batch.max(1);
         let mut ledger_tick = tokio::time::interval(self.args.ledger_interval);
         let mut status_tick = tokio::time::interval(Duration::from_secs(5));
         let mut heartbeat_tick = tokio::time::interval(self.args.heartbeat_interval);
         heartbeat_tick.reset();
         let mut reported = *confirmed;
         let mut retention_checks = 0u64;
-        let mut backfilled = 0u64;
 
         // Set on shutdown while a transaction is half read: reading goes on until its Commit (or
         // this deadline), so a clean stop leaves nothing to replay.
@@ -258,53 +275,58 @@ impl StreamCommand {
                     break SessionEnd::Shutdown;
                 }
             }
-            if let (Some(at), BackfillState::AfterCatchUp) = (catch_up_at, &*backfill) {
-                if t.confirmed >= at && backfill_rx.is_none() {
-                    tracing::info!("stream caught up; backfilling rows still marked unsent");
-                    let b = match Backfill::current(&self.cfg, at, self.args.backfill_chunk).await {
-                        Ok(b) => b,
-                        Err(e) if e.is_transient() => break SessionEnd::Retry(e.to_string()),
-                        Err(e) => return Err(e.into()),
-                    };
-                    let total = b.count_remaining(&self.cfg).await.ok().map(|n| n as u64);
-                    progress = Some(Progress::new("backfill", total));
-                    let (tx, rx) = mpsc::channel(1);
-                    backfill_task = Some(tokio::spawn(read_backfill(b, tx)));
-                    backfill_rx = Some(rx);
-                    catch_up_at = None;
+            if catch_up_at.is_some_and(|at| t.confirmed >= at) && stopping.is_none() {
+                catch_up_at = None;
+                tracing::info!("stream caught up; backfilling rows still marked unsent");
+                if let Err(e) = backfill.start(&self.cfg, self.args.backfill_chunk).await {
+                    if e.is_transient() {
+                        break SessionEnd::Retry(e.to_string());
+                    }
+                    return Err(e.into());
                 }
             }
             if t.broken && t.in_flight == 0 {
                 break SessionEnd::Retry("a Kafka delivery failed".into());
             }
-            let read_more = t.in_flight < max_in_flight && !t.broken;
+            ledger.maybe_start(&mut t, ledger_batch, false);
+            let read_more =
+                t.in_flight < max_in_flight && t.unrecorded_acked() < max_in_flight && !t.broken;
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed(), if stopping.is_none() => {
+                    backfill.stop();
                     if !source.in_transaction() {
                         break SessionEnd::Shutdown;
                     }
                     tracing::info!("finishing the transaction being read before stopping");
                     stopping = Some(Instant::now() + Duration::from_secs(30));
-                    backfill_rx = None;
                 }
                 result = t.next_ack(), if t.has_delivery_at_head() => {
                     if result.is_ok() { self.metrics.acked.inc() } else { self.metrics.delivery_failures.inc() }
                     t.on_ack(result);
-                    if t.ledger_ids.len() >= self.args.ledger_batch {
-                        if let Err(e) = self.flush_ledger(&mut t).await {
-                            if e.is_transient() { break SessionEnd::Retry(e.to_string()) }
-                            return Err(e.into());
-                        }
-                    }
+                }
+                outcome = ledger.outcome() => {
+                    ledger.finish(outcome, &mut t, &self.metrics)?;
+                    self.metrics.ledger_waiting.set(t.unrecorded_acked() as i64);
                 }
                 msg = source.next(), if read_more => {
                     match msg {
                         Ok(Some(SourceMessage::Change(event))) => {
-                            let (ack, bytes) = self.producer.send(&event).await?;
-                            t.push_delivery(&event, Box::pin(ack), false);
-                            self.metrics.events.inc();
-                            self.metrics.bytes.add(bytes as u64);
+                            backfill.window.note(event.op, event.id);
+                            self.produce(&mut t, &event, false).await?;
+                        }
+                        Ok(Some(SourceMessage::DeadLetter(dead))) => {
+                            backfill.window.note(dead.op, dead.id);
+                            let ledger_id = ledger_id(dead.op, dead.id);
+                            self.dead_letter(&mut t, &dead, ledger_id, false).await?;
+                        }
+                        Ok(Some(SourceMessage::Watermark { chunk, lsn })) => {
+                            if let Some(rows) = backfill.on_watermark(chunk, lsn) {
+                                self.produce_backfill(&mut t, rows).await?;
+                            }
+                            if !source.in_transaction() {
+                                t.push_position(lsn);
+                            }
                         }
                         Ok(Some(SourceMessage::Position { lsn })) => t.push_position(lsn),
                         Ok(Some(SourceMessage::ReplyRequested { position })) => {
@@ -313,10 +335,7 @@ impl StreamCommand {
                             if let Some(lsn) = position {
                                 t.push_position(lsn);
                             }
-                            if let Err(e) = self.flush_ledger(&mut t).await {
-                                if e.is_transient() { break SessionEnd::Retry(e.to_string()) }
-                                return Err(e.into());
-                            }
+                            ledger.maybe_start(&mut t, ledger_batch, true);
                             if let Err(e) = source.send_status(t.confirmed, false).await {
                                 break SessionEnd::Retry(e.to_string());
                             }
@@ -327,45 +346,28 @@ impl StreamCommand {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                chunk = recv_opt(&mut backfill_rx), if read_more => {
-                    match chunk {
-                        Some(Ok(events)) => {
-                            for event in &events {
-                                let (ack, bytes) = self.producer.send(event).await?;
-                                t.push_delivery(event, Box::pin(ack), true);
-                                self.metrics.events.inc();
-                                self.metrics.bytes.add(bytes as u64);
-                            }
-                            self.metrics.backfill_rows.add(events.len() as u64);
-                            if backfilled > 0 {
-                                // The first chunk is in flight or in the ledger: a crash here
-                                // leaves a partly done backfill behind.
-                                failpoints::hit(failpoints::STREAM_MID_BACKFILL);
-                            }
-                            backfilled += events.len() as u64;
-                            if let Some(p) = progress.as_mut() {
-                                p.add(events.len() as u64);
+                msg = backfill.next(), if read_more => {
+                    match msg {
+                        BackfillMsg::Open(reply) => {
+                            backfill.window.open(t.unrecorded_stream_ids());
+                            let _ = reply.send(());
+                        }
+                        BackfillMsg::Chunk(chunk, release) => {
+                            if let Some(rows) = backfill.on_chunk(chunk, release) {
+                                self.produce_backfill(&mut t, rows).await?;
                             }
                         }
-                        Some(Err(e)) if e.is_transient() => break SessionEnd::Retry(e.to_string()),
-                        Some(Err(e)) => return Err(e.into()),
-                        None => {
-                            backfill_rx = None;
-                            backfill_task = None;
+                        BackfillMsg::Done => {
                             if !t.backfill_failed {
-                                *backfill = BackfillState::Done;
-                            }
-                            if let Some(p) = progress.take() {
-                                p.finish();
+                                *backfill_state = BackfillState::Done;
                             }
                         }
+                        BackfillMsg::Failed(e) if e.is_transient() => break SessionEnd::Retry(e.to_string()),
+                        BackfillMsg::Failed(e) => return Err(e.into()),
                     }
                 }
                 _ = ledger_tick.tick() => {
-                    if let Err(e) = self.flush_ledger(&mut t).await {
-                        if e.is_transient() { break SessionEnd::Retry(e.to_string()) }
-                        return Err(e.into());
-                    }
+                    ledger.maybe_start(&mut t, ledger_batch, true);
                     if t.confirmed > reported {
                         if let Err(e) = source.send_status(t.confirmed, false).await {
                             break SessionEnd::Retry(e.to_string());
@@ -379,8 +381,10 @@ impl StreamCommand {
                         self.check_retention().await;
                     }
                     self.metrics.in_flight.set(t.in_flight as i64);
+                    self.metrics.ledger_waiting.set(t.unrecorded_acked() as i64);
+                    self.metrics.confirmed_lsn.set(t.confirmed.0 as i64);
                     self.metrics.lag_bytes.set(source.server_wal_end().0.saturating_sub(t.confirmed.0) as i64);
-                    tracing::debug!(produced = t.produced, acked = t.acked, in_flight = t.in_flight, queued = t.queue.len(), confirmable = %t.confirmable, confirmed = %t.confirmed, "stream progress");
+                    tracing::debug!(produced = t.produced, acked = t.acked, in_flight = t.in_flight, queued = t.queue.len(), waiting_for_ledger = t.unrecorded_acked(), confirmed = %t.confirmed, "stream progress");
                     if let Err(e) = source.send_status(t.confirmed, false).await {
                         break SessionEnd::Retry(e.to_string());
                     }
@@ -389,11 +393,8 @@ impl StreamCommand {
                 _ = heartbeat_tick.tick() => {
                     // Only when idle: a busy stream moves the position by itself.
                     if t.queue.is_empty() {
-                        match self.ledger.sql().await {
-                            Ok(c) => if let Err(e) = catalog::emit_heartbeat(c).await {
-                                tracing::warn!(error = %e, "heartbeat failed");
-                            },
-                            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        if let Err(e) = self.heartbeat().await {
+                            tracing::warn!(error = %e, "heartbeat failed");
                         }
                     }
                 }
@@ -412,35 +413,21 @@ impl StreamCommand {
                 None
             }
         };
-        if let Some(task) = backfill_task.take() {
-            task.abort();
-            if !matches!(backfill, BackfillState::Done) {
-                *backfill = BackfillState::AfterCatchUp;
-            }
-        }
-        drop(backfill_rx);
+        backfill.stop();
         let drain_deadline = Instant::now() + Duration::from_secs(150);
         while t.in_flight > 0 && Instant::now() < drain_deadline {
             let r = t.next_ack().await;
             t.on_ack(r);
         }
-        let mut ledger_ok = false;
-        for attempt in 0..5 {
-            match self.flush_ledger(&mut t).await {
-                Ok(()) => {
-                    ledger_ok = true;
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "ledger write failed while stopping");
-                    tokio::time::sleep(Duration::from_millis(500 * (attempt + 1))).await;
-                }
-            }
-        }
+        let ledger_deadline = Instant::now() + Duration::from_secs(15);
+        let ledger_ok = ledger
+            .drain(&mut t, ledger_batch, &self.metrics, ledger_deadline)
+            .await;
         *confirmed = t.confirmed;
         if t.backfill_failed {
-            *backfill = BackfillState::AfterCatchUp;
+            *backfill_state = BackfillState::Pending;
         }
+        self.metrics.confirmed_lsn.set(t.confirmed.0 as i64);
         tracing::info!(produced = t.produced, acknowledged = t.acked, confirmed = %t.confirmed, skipped_ledger_changes, "session ended");
         match end {
             SessionEnd::Shutdown => {
@@ -460,13 +447,75 @@ impl StreamCommand {
         }
     }
 
+    /// Produces one change; one too large for the topic goes to the dead-letter topic instead.
+    async fn produce(
+        &mut self,
+        t: &mut Tracker,
+        event: &ChangeEvent,
+        from_backfill: bool,
+    ) -> Result<(), Error> {
+        let ledger_id = ledger_id(event.op, event.id);
+        match self.producer.send(event).await {
+            Ok((ack, bytes)) => {
+                t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
+                self.metrics.events.inc();
+                self.metrics.bytes.add(bytes as u64);
+                Ok(())
+            }
+            Err(e @ KafkaError::TooLarge { .. }) => {
+                let dead = StreamDeadLetter::of_event(event, &self.table_name(), e.to_string());
+                self.dead_letter(t, &dead, ledger_id, from_backfill).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn produce_backfill(
+        &mut self,
+        t: &mut Tracker,
+        rows: Vec<ChangeEvent>,
+    ) -> Result<(), Error> {
+        for event in &rows {
+            self.produce(t, event, true).await?;
+        }
+        self.metrics.backfill_rows.add(rows.len() as u64);
+        Ok(())
+    }
+
+    /// Sends a change the topic cannot take to the stream's dead-letter topic. Its row is then
+    /// recorded in the ledger like any delivered row: the dead-letter topic holds it.
+    async fn dead_letter(
+        &mut self,
+        t: &mut Tracker,
+        dead: &StreamDeadLetter,
+        ledger_id: Option<i64>,
+        from_backfill: bool,
+    ) -> Result<(), Error> {
+        self.dead_lettered += 1;
+        self.metrics.dead_lettered.inc();
+        let n = self.dead_lettered;
+        if n <= 10 || n.is_power_of_two() {
+            tracing::warn!(id = ?dead.id, lsn = %dead.lsn, error = %dead.error, topic = %self.producer.dead_letter_topic(), dead_lettered_total = n, "change sent to the stream's dead-letter topic");
+        }
+        let (ack, _) = self.producer.send_dead_letter(dead).await?;
+        t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
+        Ok(())
+    }
+
+    fn table_name(&self) -> String {
+        format!("{}.{}", self.cfg.schema, self.cfg.table)
+    }
+
     /// Warns when the slot holds more WAL than allowed; every 30 s, best effort.
     async fn check_retention(&mut self) {
-        let sql = match self.ledger.sql().await {
-            Ok(c) => c,
-            Err(_) => return,
+        let cfg = self.cfg.clone();
+        let Ok(sql) = self.sql_session().await else {
+            return;
         };
-        if let Ok(Some((bytes, status))) = catalog::slot_retention(&self.cfg, sql).await {
+        let check = catalog::slot_retention(&cfg, sql);
+        if let Ok(Ok(Some((bytes, status)))) =
+            tokio::time::timeout(Duration::from_secs(10), check).await
+        {
             self.metrics.retained_wal.set(bytes);
             let limit = self.args.max_retained_wal_mb.saturating_mul(1 << 20);
             if bytes as u64 > limit || status.as_deref() == Some("unreserved") {
@@ -475,48 +524,13 @@ impl StreamCommand {
             }
         }
     }
-
-    /// Writes acknowledged ids to the ledger, then lets the confirmed position follow.
-    async fn flush_ledger(&mut self, t: &mut Tracker) -> Result<(), SourceError> {
-        if !t.ledger_ids.is_empty() {
-            failpoints::hit(failpoints::STREAM_AFTER_KAFKA_ACK);
-            let started = Instant::now();
-            self.ledger.mark_sent(&mut t.ledger_ids).await?;
-            self.metrics.ledger_seconds.record(started.elapsed());
-            self.metrics.ledger_writes.inc();
-            self.metrics.ledger_rows.add(t.ledger_ids.len() as u64);
-            t.ledger_ids.clear();
-            failpoints::hit(failpoints::STREAM_AFTER_LEDGER_WRITE);
-        }
-        t.confirmed = t.confirmed.max(t.confirmable);
-        self.metrics.confirmed_lsn.set(t.confirmed.0 as i64);
-        Ok(())
-    }
 }
 
-async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_backfill(
-    mut backfill: Backfill,
-    tx: mpsc::Sender<Result<Vec<ChangeEvent>, SourceError>>,
-) {
-    loop {
-        match backfill.next_chunk().await {
-            Ok(Some(chunk)) => {
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        }
+/// The row a delivery records in the ledger once Kafka has it: the row's id, for changes that
+/// leave a row behind.
+fn ledger_id(op: Op, id: Option<i64>) -> Option<i64> {
+    match op {
+        Op::Snapshot | Op::Insert | Op::Update => id,
+        Op::Delete | Op::Truncate => None,
     }
 }

@@ -1,34 +1,42 @@
 //! Where acknowledgements are tracked between Kafka and PostgreSQL: a queue in read order of
 //! deliveries and positions. A position becomes confirmable only when every delivery before it is
-//! acknowledged, so the slot never moves past an unacknowledged change.
+//! acknowledged by Kafka and, if it carries a row, that row is recorded in the ledger, so the slot
+//! never moves past a change that is not both in Kafka and in the ledger.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use crate::event::{ChangeEvent, Lsn, Op};
+use crate::event::Lsn;
 use crate::kafka::producer::DeliveryResult;
 
 pub(super) type Delivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
 
 pub(super) enum Item {
     Delivery {
+        seq: u64,
         ledger_id: Option<i64>,
         from_backfill: bool,
         ack: Delivery,
     },
-    Position(Lsn),
+    /// `boundary`: how many deliveries were queued before it.
+    Position { lsn: Lsn, boundary: u64 },
 }
 
 /// Where acknowledgements are tracked between Kafka and PostgreSQL.
 pub(super) struct Tracker {
     pub queue: VecDeque<Item>,
+    next_seq: u64,
     pub in_flight: usize,
-    /// Acknowledged rows not yet in the ledger.
-    pub ledger_ids: Vec<i64>,
-    /// Every change before this is acknowledged (its id is in `ledger_ids` or the ledger).
-    pub confirmable: Lsn,
+    /// Acknowledged rows to write to the ledger: (delivery, id).
+    pub to_ledger: Vec<(u64, i64)>,
+    /// Every delivery that carries a row not yet in the ledger (in flight, acknowledged, or being
+    /// written): delivery → (id, whether the change stream produced it).
+    unrecorded: BTreeMap<u64, (i64, bool)>,
+    /// Positions every delivery before which is acknowledged: confirmable once no delivery below
+    /// the boundary is unrecorded.
+    positions: VecDeque<(u64, Lsn)>,
     /// Every change before this is acknowledged and in the ledger: what the slot is told.
     pub confirmed: Lsn,
     /// A delivery failed in this session: positions stop advancing until the stream restarts.
@@ -42,9 +50,11 @@ impl Tracker {
     pub fn new(confirmed: Lsn) -> Self {
         Tracker {
             queue: VecDeque::new(),
+            next_seq: 0,
             in_flight: 0,
-            ledger_ids: Vec::new(),
-            confirmable: confirmed,
+            to_ledger: Vec::new(),
+            unrecorded: BTreeMap::new(),
+            positions: VecDeque::new(),
             confirmed,
             broken: false,
             backfill_failed: false,
@@ -53,12 +63,15 @@ impl Tracker {
         }
     }
 
-    pub fn push_delivery(&mut self, event: &ChangeEvent, ack: Delivery, from_backfill: bool) {
-        let ledger_id = match event.op {
-            Op::Snapshot | Op::Insert | Op::Update => event.id,
-            Op::Delete | Op::Truncate => None,
-        };
+    /// Queues a delivery; `ledger_id` is the row to record once Kafka acknowledged it.
+    pub fn push_delivery(&mut self, ledger_id: Option<i64>, ack: Delivery, from_backfill: bool) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(id) = ledger_id {
+            self.unrecorded.insert(seq, (id, !from_backfill));
+        }
         self.queue.push_back(Item::Delivery {
+            seq,
             ledger_id,
             from_backfill,
             ack,
@@ -68,21 +81,36 @@ impl Tracker {
     }
 
     pub fn push_position(&mut self, lsn: Lsn) {
-        if let Some(Item::Position(last)) = self.queue.back_mut() {
+        if let Some(Item::Position { lsn: last, .. }) = self.queue.back_mut() {
             *last = (*last).max(lsn);
         } else {
-            self.queue.push_back(Item::Position(lsn));
+            self.queue.push_back(Item::Position {
+                lsn,
+                boundary: self.next_seq,
+            });
         }
         self.advance();
     }
 
-    /// Consumes positions at the head of the queue.
-    pub fn advance(&mut self) {
-        while let Some(Item::Position(lsn)) = self.queue.front() {
+    /// Moves positions at the head of the queue (every delivery before them acknowledged) on.
+    fn advance(&mut self) {
+        while let Some(Item::Position { lsn, boundary }) = self.queue.front() {
             if !self.broken {
-                self.confirmable = self.confirmable.max(*lsn);
+                self.positions.push_back((*boundary, *lsn));
             }
             self.queue.pop_front();
+        }
+        self.update_confirmed();
+    }
+
+    fn update_confirmed(&mut self) {
+        let lowest = self.unrecorded.keys().next().copied().unwrap_or(u64::MAX);
+        while let Some(&(boundary, lsn)) = self.positions.front() {
+            if boundary > lowest {
+                break;
+            }
+            self.confirmed = self.confirmed.max(lsn);
+            self.positions.pop_front();
         }
     }
 
@@ -96,6 +124,7 @@ impl Tracker {
 
     pub fn on_ack(&mut self, result: DeliveryResult) {
         let Some(Item::Delivery {
+            seq,
             ledger_id,
             from_backfill,
             ..
@@ -107,7 +136,9 @@ impl Tracker {
         match result {
             Ok(()) => {
                 self.acked += 1;
-                self.ledger_ids.extend(ledger_id);
+                if let Some(id) = ledger_id {
+                    self.to_ledger.push((seq, id));
+                }
             }
             Err(e) => {
                 if !self.broken {
@@ -123,6 +154,34 @@ impl Tracker {
     pub fn has_delivery_at_head(&self) -> bool {
         matches!(self.queue.front(), Some(Item::Delivery { .. }))
     }
+
+    /// Up to `max` acknowledged rows for the next ledger write, oldest first.
+    pub fn take_ledger_batch(&mut self, max: usize) -> Vec<(u64, i64)> {
+        self.to_ledger.sort_unstable();
+        let n = self.to_ledger.len().min(max.max(1));
+        self.to_ledger.drain(..n).collect()
+    }
+
+    /// The ledger recorded these deliveries' rows.
+    pub fn recorded(&mut self, seqs: impl IntoIterator<Item = u64>) {
+        for seq in seqs {
+            self.unrecorded.remove(&seq);
+        }
+        self.update_confirmed();
+    }
+
+    /// Rows acknowledged but not recorded (waiting for the ledger, or locked by someone else).
+    pub fn unrecorded_acked(&self) -> usize {
+        self.unrecorded.len().saturating_sub(self.in_flight)
+    }
+
+    /// Keys of changes the stream produced whose rows the ledger has not recorded yet.
+    pub fn unrecorded_stream_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.unrecorded
+            .values()
+            .filter(|(_, from_stream)| *from_stream)
+            .map(|(id, _)| *id)
+    }
 }
 
 #[cfg(test)]
@@ -130,70 +189,78 @@ mod tests {
     use super::*;
     use crate::kafka::KafkaError;
 
-    fn event(id: i64, op: Op) -> ChangeEvent {
-        ChangeEvent {
-            id: Some(id),
-            op,
-            user: None,
-            event: None,
-            timestamp: None,
-            event_time: None,
-            lsn: "0/1".into(),
-            version: 1,
-            unchanged: vec![],
-        }
+    fn ok() -> Delivery {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     #[tokio::test]
-    async fn a_position_waits_for_every_earlier_delivery() {
+    async fn a_position_waits_for_every_earlier_delivery_and_its_ledger_write() {
         let mut t = Tracker::new(Lsn(5));
-        t.push_delivery(
-            &event(1, Op::Insert),
-            Box::pin(std::future::ready(Ok(()))),
-            false,
-        );
-        t.push_delivery(
-            &event(2, Op::Delete),
-            Box::pin(std::future::ready(Ok(()))),
-            false,
-        );
+        t.push_delivery(Some(1), ok(), false);
+        t.push_delivery(None, ok(), false); // a delete: nothing to record
         t.push_position(Lsn(10));
-        assert_eq!(t.confirmable, Lsn(5), "nothing acknowledged yet");
+        assert_eq!(t.confirmed, Lsn(5), "nothing acknowledged yet");
         let r = t.next_ack().await;
         t.on_ack(r);
-        assert_eq!(t.confirmable, Lsn(5), "one delivery still open");
         let r = t.next_ack().await;
         t.on_ack(r);
-        assert_eq!(t.confirmable, Lsn(10));
-        assert_eq!(t.ledger_ids, vec![1], "deletes are not ledgered");
+        assert_eq!(t.confirmed, Lsn(5), "acknowledged, not yet in the ledger");
+        let batch = t.take_ledger_batch(100);
+        assert_eq!(batch, vec![(0, 1)]);
+        assert_eq!(t.unrecorded_stream_ids().collect::<Vec<_>>(), [1]);
+        t.recorded(batch.iter().map(|(s, _)| *s));
+        assert_eq!(t.confirmed, Lsn(10));
         t.push_position(Lsn(12));
         assert_eq!(
-            t.confirmable,
+            t.confirmed,
             Lsn(12),
-            "with nothing in flight a position is confirmable at once"
+            "nothing in flight: confirmable at once"
         );
+        assert_eq!(t.unrecorded_acked(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_row_the_ledger_cannot_record_holds_back_only_what_follows_it() {
+        let mut t = Tracker::new(Lsn(0));
+        t.push_delivery(Some(1), ok(), false);
+        t.push_position(Lsn(10));
+        t.push_delivery(Some(2), ok(), false);
+        t.push_position(Lsn(20));
+        t.push_delivery(Some(3), ok(), true);
+        t.push_position(Lsn(30));
+        for _ in 0..3 {
+            let r = t.next_ack().await;
+            t.on_ack(r);
+        }
+        let batch = t.take_ledger_batch(100);
+        // Row 2 is locked by another transaction: 1 and 3 are recorded.
+        t.recorded([0, 2]);
+        assert_eq!(t.confirmed, Lsn(10));
+        assert_eq!(t.unrecorded_acked(), 1);
+        t.to_ledger.push(batch[1]);
+        t.recorded([1]);
+        assert_eq!(t.confirmed, Lsn(30));
     }
 
     #[tokio::test]
     async fn a_failed_delivery_stops_the_positions() {
         let mut t = Tracker::new(Lsn(0));
         t.push_delivery(
-            &event(1, Op::Insert),
+            Some(1),
             Box::pin(std::future::ready(Err(KafkaError::Delivery("down".into())))),
             true,
         );
-        t.push_delivery(
-            &event(2, Op::Insert),
-            Box::pin(std::future::ready(Ok(()))),
-            false,
-        );
+        t.push_delivery(None, ok(), false);
         t.push_position(Lsn(10));
         for _ in 0..2 {
             let r = t.next_ack().await;
             t.on_ack(r);
         }
         assert!(t.broken && t.backfill_failed);
-        assert_eq!(t.confirmable, Lsn(0), "never past a failed delivery");
-        assert_eq!(t.ledger_ids, vec![2], "only acknowledged rows are ledgered");
+        assert_eq!(t.confirmed, Lsn(0), "never past a failed delivery");
+        assert!(
+            t.to_ledger.is_empty(),
+            "only acknowledged rows are ledgered"
+        );
     }
 }

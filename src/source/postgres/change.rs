@@ -41,6 +41,39 @@ impl TableShape {
         })
     }
 
+    /// The primary key's value in a tuple.
+    pub fn key<'a>(&self, values: &'a [Value]) -> Option<&'a Value> {
+        values.get(self.id)
+    }
+
+    /// The primary key as text, when the tuple has it.
+    pub fn key_text<'a>(&self, values: &'a [Value]) -> Option<&'a str> {
+        self.key(values).and_then(Value::as_text)
+    }
+
+    /// The tuple as JSON text for a dead letter: each column's text (lossy UTF-8), `null`, or
+    /// `"(unchanged)"`, so an operator can see what could not be relayed.
+    pub fn describe(&self, values: &[Value]) -> String {
+        let mut row = serde_json::Map::new();
+        let names = [
+            ("id", Some(self.id)),
+            ("username", self.username),
+            ("event_type", self.event_type),
+            ("event_time", self.event_time),
+        ];
+        for (name, idx) in names {
+            let v = match idx.and_then(|i| values.get(i)) {
+                None | Some(Value::Null) => serde_json::Value::Null,
+                Some(Value::UnchangedToast) => "(unchanged)".into(),
+                Some(Value::Text(b) | Value::Binary(b)) => {
+                    String::from_utf8_lossy(b).into_owned().into()
+                }
+            };
+            row.insert(name.to_string(), v);
+        }
+        serde_json::Value::Object(row).to_string()
+    }
+
     /// Reads a tuple. Non-text values cannot occur (the stream is started in text mode) and are
     /// reported instead of being misread.
     pub fn row<'a>(&self, values: &'a [Value]) -> Result<RowText<'a>, SourceError> {

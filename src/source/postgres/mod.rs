@@ -24,6 +24,9 @@ pub use pgoutput::DecodeError;
 pub const LEDGER_MESSAGE_PREFIX: &str = "cdc_relay.ledger";
 /// Prefix of the non-transactional messages that move the slot forward on a quiet table.
 pub const HEARTBEAT_MESSAGE_PREFIX: &str = "cdc_relay.heartbeat";
+/// Prefix of the non-transactional message a backfill chunk writes after its read: when the stream
+/// reaches it, every transaction the read could see has been streamed (see backfill.rs).
+pub const WATERMARK_MESSAGE_PREFIX: &str = "cdc_relay.watermark";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -58,6 +61,9 @@ pub enum SourceError {
     },
     #[error("invalid PostgreSQL settings: {0}")]
     Config(String),
+    /// Work that stopped for a reason worth one more try (a task that ended early).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl SourceError {
@@ -70,12 +76,17 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Replication(e) => e.is_transient(),
-            SourceError::Connect { .. } => true,
+            SourceError::Connect { .. } | SourceError::Interrupted(_) => true,
             // A client error with no server error behind it is a connection-level failure.
             SourceError::Sql { source, .. } => match source.code() {
                 Some(c) => {
                     let c = c.code();
-                    c.starts_with("08") || c.starts_with("57P") || c == "53300"
+                    // Connection trouble, a server shutting down, too many connections; and what
+                    // a busy table throws at a statement: deadlock, serialization failure, lock
+                    // timeout, statement timeout or cancel.
+                    c.starts_with("08")
+                        || c.starts_with("57P")
+                        || ["53300", "40P01", "40001", "55P03", "57014"].contains(&c)
                 }
                 None => source.is_closed() || source.as_db_error().is_none(),
             },

@@ -37,6 +37,24 @@ impl Value {
     }
 }
 
+/// What an UPDATE carries of the row before it. The two must not be confused: a key-only tuple has
+/// NULL in every non-key column, which is not the old value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldTuple {
+    /// 'K': the old replica identity (key columns); sent when the key changed.
+    Key(Vec<Value>),
+    /// 'O': the whole old row (REPLICA IDENTITY FULL).
+    Full(Vec<Value>),
+}
+
+impl OldTuple {
+    pub fn values(&self) -> &[Value] {
+        match self {
+            OldTuple::Key(v) | OldTuple::Full(v) => v,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
     pub name: String,
@@ -84,7 +102,7 @@ pub enum PgOutput {
     Update {
         relation: u32,
         /// The old key ('K') or old row ('O', REPLICA IDENTITY FULL), when sent.
-        old: Option<Vec<Value>>,
+        old: Option<OldTuple>,
         new: Vec<Value>,
     },
     Delete {
@@ -318,7 +336,12 @@ pub fn decode(data: &Bytes) -> Result<PgOutput, DecodeError> {
             let mut old = None;
             let mut kind = r.u8()?;
             if kind == b'K' || kind == b'O' {
-                old = Some(r.tuple()?);
+                let values = r.tuple()?;
+                old = Some(if kind == b'O' {
+                    OldTuple::Full(values)
+                } else {
+                    OldTuple::Key(values)
+                });
                 kind = r.u8()?;
             }
             if kind != b'N' {

@@ -1,21 +1,37 @@
 //! The decoded replication stream of one table: [`ChangeEvent`]s plus the positions that become safe
 //! to confirm once everything before them is handled.
+//!
+//! Versions: every change of a transaction is versioned by the transaction's commit position (the
+//! Begin message's final LSN), so changes order as their transactions committed, whatever order their
+//! row changes were written in (an INSERT that waited on a unique check behind a DELETE commits after
+//! it). A TRUNCATE bumps the versions of the rest of its transaction by one, so rows written before it
+//! in the same transaction fall below it and rows written after stay. A commit record is at least 24
+//! bytes long, so `final LSN + bump` (bump < 16) never reaches the next transaction's versions.
 
 use std::collections::HashMap;
 
-use crate::event::{ChangeEvent, Lsn, Op};
+use crate::event::{ChangeEvent, Lsn, Op, StreamDeadLetter};
 
 use super::change::{change_event, TableShape};
 use super::client::ReplicationClient;
-use super::pgoutput::{decode, PgOutput, RelationCache, Value};
+use super::pgoutput::{decode, OldTuple, PgOutput, RelationCache, Value};
 use super::replication::{ReplicationMessage, ReplicationStream};
-use super::{SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX, LEDGER_MESSAGE_PREFIX};
+use super::{
+    SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX, LEDGER_MESSAGE_PREFIX,
+    WATERMARK_MESSAGE_PREFIX,
+};
+
+/// Most version bumps (TRUNCATEs) inside one transaction; later ones share the last bump.
+const MAX_BUMP: u64 = 15;
 
 /// What the stream hands to the command.
 #[derive(Debug)]
 pub enum SourceMessage {
     /// A change of a row of the table (or a truncate of the table).
     Change(ChangeEvent),
+    /// A change that cannot become an event (a value that cannot be encoded): it goes to the
+    /// stream's dead-letter topic instead of stopping everything behind it.
+    DeadLetter(StreamDeadLetter),
     /// Every change before `lsn` has been handed out: once those are handled, `lsn` may be confirmed.
     /// Comes at each commit, between transactions on keepalives, and with heartbeats.
     Position { lsn: Lsn },
@@ -24,6 +40,17 @@ pub enum SourceMessage {
     /// that is shutting down asks this way until the client has confirmed everything it sent, so
     /// the position must not be dropped.
     ReplyRequested { position: Option<Lsn> },
+    /// A backfill chunk's high watermark came by: every transaction that committed before the
+    /// chunk was read has been handed out.
+    Watermark { chunk: u64, lsn: Lsn },
+}
+
+/// The transaction being read.
+#[derive(Debug, Clone, Copy)]
+struct Transaction {
+    final_lsn: Lsn,
+    /// TRUNCATEs seen so far in it (capped at [`MAX_BUMP`]).
+    bump: u64,
 }
 
 pub struct ReplicationSource {
@@ -32,12 +59,16 @@ pub struct ReplicationSource {
     shapes: HashMap<u32, TableShape>,
     schema: String,
     table: String,
-    in_transaction: bool,
+    publication: String,
+    /// Between Begin and Commit.
+    tx: Option<Transaction>,
     /// The current transaction is the relay's own ledger write: its row changes are dropped.
     skipping_ledger_tx: bool,
     pub skipped_ledger_changes: u64,
     /// The server's WAL end as last reported: how far behind the stream is.
     server_wal_end: Lsn,
+    /// The second half of a change that became two events (a key update: delete, then the row).
+    queued: Option<SourceMessage>,
 }
 
 impl ReplicationSource {
@@ -69,15 +100,20 @@ impl ReplicationSource {
             shapes: HashMap::new(),
             schema: cfg.schema.clone(),
             table: cfg.table.clone(),
-            in_transaction: false,
+            publication: cfg.publication.clone(),
+            tx: None,
             skipping_ledger_tx: false,
             skipped_ledger_changes: 0,
             server_wal_end: start,
+            queued: None,
         })
     }
 
     /// The next message; `None` when the server ended the stream. Cancel-safe.
     pub async fn next(&mut self) -> Result<Option<SourceMessage>, SourceError> {
+        if let Some(m) = self.queued.take() {
+            return Ok(Some(m));
+        }
         loop {
             let Some(msg) = self.stream.next().await? else {
                 return Ok(None);
@@ -89,7 +125,7 @@ impl ReplicationSource {
                 } => {
                     self.server_wal_end = self.server_wal_end.max(wal_end);
                     // Inside a transaction the server's position can be past changes still to come.
-                    let position = (!self.in_transaction).then_some(wal_end);
+                    let position = self.tx.is_none().then_some(wal_end);
                     if reply_requested {
                         return Ok(Some(SourceMessage::ReplyRequested { position }));
                     }
@@ -118,13 +154,13 @@ impl ReplicationSource {
         msg: PgOutput,
     ) -> Result<Option<SourceMessage>, SourceError> {
         match msg {
-            PgOutput::Begin { .. } => {
-                self.in_transaction = true;
+            PgOutput::Begin { final_lsn, .. } => {
+                self.tx = Some(Transaction { final_lsn, bump: 0 });
                 self.skipping_ledger_tx = false;
                 Ok(None)
             }
             PgOutput::Commit { end_lsn, .. } => {
-                self.in_transaction = false;
+                self.tx = None;
                 self.skipping_ledger_tx = false;
                 tracing::trace!(lsn = %end_lsn, "commit position");
                 Ok(Some(SourceMessage::Position { lsn: end_lsn }))
@@ -142,17 +178,20 @@ impl ReplicationSource {
                 transactional,
                 lsn,
                 prefix,
-                ..
+                content,
             } => {
                 if transactional && prefix == LEDGER_MESSAGE_PREFIX {
                     self.skipping_ledger_tx = true;
                     Ok(None)
-                } else if !transactional
-                    && prefix == HEARTBEAT_MESSAGE_PREFIX
-                    && !self.in_transaction
+                } else if !transactional && self.tx.is_none() && prefix == HEARTBEAT_MESSAGE_PREFIX
                 {
                     tracing::trace!(lsn = %lsn, "heartbeat position");
                     Ok(Some(SourceMessage::Position { lsn }))
+                } else if !transactional && prefix == WATERMARK_MESSAGE_PREFIX {
+                    let chunk = std::str::from_utf8(&content)
+                        .ok()
+                        .and_then(|c| c.parse::<u64>().ok());
+                    Ok(chunk.map(|chunk| SourceMessage::Watermark { chunk, lsn }))
                 } else {
                     Ok(None)
                 }
@@ -160,15 +199,28 @@ impl ReplicationSource {
             PgOutput::Origin { .. } | PgOutput::Type { .. } => Ok(None),
             PgOutput::Insert { relation, new } => self.row(Op::Insert, relation, &new, wal_start),
             PgOutput::Update { relation, old, new } => {
-                let new = fill_unchanged_toast(new, old.as_deref());
-                self.row(Op::Update, relation, &new, wal_start)
+                self.update(relation, old.as_ref(), new, wal_start)
             }
             PgOutput::Delete { relation, old } => self.row(Op::Delete, relation, &old, wal_start),
             PgOutput::Truncate { relations, .. } => {
-                if self.skipping_ledger_tx || !relations.iter().any(|r| self.shapes.contains_key(r))
-                {
+                if self.skipping_ledger_tx {
                     return Ok(None);
                 }
+                let mut ours = false;
+                for oid in &relations {
+                    ours |= self.our_relation(*oid)?;
+                }
+                if !ours {
+                    return Ok(None);
+                }
+                // Rows written before the TRUNCATE in this transaction fall below it.
+                let version = match self.tx.as_mut() {
+                    Some(tx) => {
+                        tx.bump = (tx.bump + 1).min(MAX_BUMP);
+                        tx.final_lsn.0 + tx.bump
+                    }
+                    None => wal_start.0,
+                };
                 Ok(Some(SourceMessage::Change(ChangeEvent {
                     id: None,
                     op: Op::Truncate,
@@ -177,11 +229,84 @@ impl ReplicationSource {
                     timestamp: None,
                     event_time: None,
                     lsn: wal_start.to_string(),
-                    version: wal_start.0,
+                    version,
                     unchanged: Vec::new(),
                 })))
             }
         }
+    }
+
+    /// Whether a change of relation `oid` is one to relay. A relation the stream was not asked
+    /// for is an error, never skipped: the slot would move past changes nobody relayed.
+    fn our_relation(&self, oid: u32) -> Result<bool, SourceError> {
+        if self.shapes.contains_key(&oid) {
+            return Ok(true);
+        }
+        let Some(rel) = self.relations.get(oid) else {
+            return Err(SourceError::Replication(super::ReplicationError::Protocol(
+                format!("change for relation {oid} before its Relation message"),
+            )));
+        };
+        let publication = super::client::quote_ident(&self.publication);
+        let other = format!(
+            "{}.{}",
+            super::client::quote_ident(&rel.namespace),
+            super::client::quote_ident(&rel.name)
+        );
+        Err(SourceError::Schema {
+            table: other.clone(),
+            reason: format!(
+                "publication {publication} sends changes of this table, but the stream relays only {}.{}. \
+                 If it is a partition of that table, publish through the root: ALTER PUBLICATION {publication} SET (publish_via_partition_root = true). \
+                 Otherwise remove it: ALTER PUBLICATION {publication} DROP TABLE {other}. The slot has not moved past this change",
+                super::client::quote_ident(&self.schema),
+                super::client::quote_ident(&self.table),
+            ),
+        })
+    }
+
+    fn version(&self, wal_start: Lsn) -> u64 {
+        match self.tx {
+            Some(tx) => tx.final_lsn.0 + tx.bump,
+            None => wal_start.0,
+        }
+    }
+
+    /// An UPDATE. One that changed the primary key becomes two events: a delete of the old key,
+    /// then the new row, so no consumer keeps a row under the old key.
+    fn update(
+        &mut self,
+        relation: u32,
+        old: Option<&OldTuple>,
+        new: Vec<Value>,
+        wal_start: Lsn,
+    ) -> Result<Option<SourceMessage>, SourceError> {
+        if self.skipping_ledger_tx {
+            self.skipped_ledger_changes += 1;
+            return Ok(None);
+        }
+        if !self.our_relation(relation)? {
+            return Ok(None);
+        }
+        let shape = &self.shapes[&relation];
+        let key_changed = old.is_some_and(|o| {
+            let (was, is) = (shape.key(o.values()), shape.key(&new));
+            matches!(was, Some(Value::Text(_))) && was != is
+        });
+        // Only a whole old row (REPLICA IDENTITY FULL) holds the values an update left out; a
+        // key-only old tuple has NULL there, which must never be written over a kept value.
+        let new = match old {
+            Some(OldTuple::Full(o)) => fill_unchanged_toast(new, Some(o)),
+            _ => new,
+        };
+        let update = self.row(Op::Update, relation, &new, wal_start)?;
+        if !key_changed {
+            return Ok(update);
+        }
+        let old = old.map(OldTuple::values).unwrap_or_default();
+        let delete = self.row(Op::Delete, relation, old, wal_start)?;
+        self.queued = update;
+        Ok(delete)
     }
 
     fn row(
@@ -195,19 +320,27 @@ impl ReplicationSource {
             self.skipped_ledger_changes += 1;
             return Ok(None);
         }
-        let Some(shape) = self.shapes.get(&relation) else {
-            if self.relations.get(relation).is_none() {
-                return Err(SourceError::Replication(super::ReplicationError::Protocol(
-                    format!("change for relation {relation} before its Relation message"),
-                )));
-            }
-            // Another table added to the publication by hand: not ours to relay.
+        if !self.our_relation(relation)? {
             return Ok(None);
-        };
-        let row = shape.row(values)?;
-        // The change's own WAL position orders the writes of one row (row locks serialise them).
-        let event = change_event(op, &row, lsn, lsn.0)?;
-        Ok(Some(SourceMessage::Change(event)))
+        }
+        let version = self.version(lsn);
+        let shape = &self.shapes[&relation];
+        let converted = shape
+            .row(values)
+            .and_then(|row| change_event(op, &row, lsn, version));
+        match converted {
+            Ok(event) => Ok(Some(SourceMessage::Change(event))),
+            Err(e) => Ok(Some(SourceMessage::DeadLetter(StreamDeadLetter {
+                table: format!("{}.{}", self.schema, self.table),
+                op,
+                id: shape.key_text(values).and_then(|k| k.parse().ok()),
+                lsn: lsn.to_string(),
+                version,
+                error: e.to_string(),
+                row: Some(shape.describe(values)),
+                row_truncated: false,
+            }))),
+        }
     }
 
     /// The server's WAL end as last reported.
@@ -218,7 +351,7 @@ impl ReplicationSource {
     /// Between a Begin and its Commit: stopping now would leave a half-handled transaction that the
     /// next start replays.
     pub fn in_transaction(&self) -> bool {
-        self.in_transaction
+        self.tx.is_some() || self.queued.is_some()
     }
 
     pub async fn send_status(&mut self, confirmed: Lsn, reply: bool) -> Result<(), SourceError> {

@@ -1,0 +1,139 @@
+//! The backfill as the stream command runs it: a task reads chunks (source/postgres/backfill.rs)
+//! and hands each to the main loop, which opens the chunk's window before the read and releases
+//! its rows when the stream reaches the chunk's watermark. One chunk at a time, so at most one
+//! chunk's rows wait in memory.
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::event::{ChangeEvent, Lsn};
+use crate::failpoints;
+use crate::progress::Progress;
+use crate::source::postgres::backfill::{Backfill, Chunk, ChunkWindow};
+use crate::source::postgres::{SourceConfig, SourceError};
+
+/// What the backfill task tells the main loop.
+pub(super) enum BackfillMsg {
+    /// Open the window now; the read starts once the reply arrives.
+    Open(oneshot::Sender<()>),
+    /// A chunk was read and its watermark written; the reply is sent when its rows were produced.
+    Chunk(Chunk, oneshot::Sender<()>),
+    Done,
+    Failed(SourceError),
+}
+
+#[derive(Default)]
+pub(super) struct BackfillRun {
+    rx: Option<mpsc::Receiver<BackfillMsg>>,
+    task: Option<JoinHandle<()>>,
+    pub window: ChunkWindow,
+    release: Option<oneshot::Sender<()>>,
+    progress: Option<Progress>,
+    released: u64,
+}
+
+impl BackfillRun {
+    pub async fn start(&mut self, cfg: &SourceConfig, chunk: i64) -> Result<(), SourceError> {
+        let backfill = Backfill::new(cfg, chunk).await?;
+        let total = backfill.count_remaining().await.ok().map(|n| n as u64);
+        self.progress = Some(Progress::new("backfill", total));
+        let (tx, rx) = mpsc::channel(1);
+        self.task = Some(tokio::spawn(read_chunks(backfill, tx)));
+        self.rx = Some(rx);
+        Ok(())
+    }
+
+    /// The task's next message; never resolves when no backfill runs. Cancel-safe.
+    pub async fn next(&mut self) -> BackfillMsg {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        let msg = rx.recv().await.unwrap_or_else(|| {
+            // A task that ends without saying so failed (it panicked): never take it for done.
+            BackfillMsg::Failed(SourceError::Interrupted(
+                "the backfill task ended without finishing; it is started again".into(),
+            ))
+        });
+        if matches!(msg, BackfillMsg::Done | BackfillMsg::Failed(_)) {
+            if let Some(p) = self.progress.take() {
+                p.finish();
+            }
+            self.stop();
+        }
+        msg
+    }
+
+    /// A chunk was read: its rows if they may go out now.
+    pub fn on_chunk(
+        &mut self,
+        chunk: Chunk,
+        release: oneshot::Sender<()>,
+    ) -> Option<Vec<ChangeEvent>> {
+        if let Some(p) = self.progress.as_mut() {
+            p.add(chunk.rows.len() as u64);
+        }
+        self.release = Some(release);
+        let rows = self.window.on_chunk(chunk)?;
+        Some(self.released(rows))
+    }
+
+    /// The stream reached a watermark: the chunk's rows if it was this run's chunk's.
+    pub fn on_watermark(&mut self, chunk: u64, lsn: Lsn) -> Option<Vec<ChangeEvent>> {
+        let rows = self.window.on_watermark(chunk, lsn)?;
+        Some(self.released(rows))
+    }
+
+    fn released(&mut self, rows: Vec<ChangeEvent>) -> Vec<ChangeEvent> {
+        if self.released > 0 {
+            // A chunk is in flight or in the ledger: a crash here leaves a partly done backfill.
+            failpoints::hit(failpoints::STREAM_MID_BACKFILL);
+        }
+        self.released += 1;
+        if let Some(r) = self.release.take() {
+            let _ = r.send(());
+        }
+        rows
+    }
+
+    /// Ends the run (shutdown, session end): what was not released is read again next time.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.rx = None;
+        self.release = None;
+        self.window.close();
+    }
+}
+
+async fn read_chunks(mut backfill: Backfill, tx: mpsc::Sender<BackfillMsg>) {
+    loop {
+        let (open, opened) = oneshot::channel();
+        if tx.send(BackfillMsg::Open(open)).await.is_err() || opened.await.is_err() {
+            return;
+        }
+        match backfill.read_chunk().await {
+            Ok(Some(chunk)) => {
+                let last = chunk.last;
+                let (release, released) = oneshot::channel();
+                if tx.send(BackfillMsg::Chunk(chunk, release)).await.is_err()
+                    || released.await.is_err()
+                {
+                    return;
+                }
+                if last {
+                    let _ = tx.send(BackfillMsg::Done).await;
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(BackfillMsg::Done).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(BackfillMsg::Failed(e)).await;
+                return;
+            }
+        }
+    }
+}
