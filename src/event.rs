@@ -88,6 +88,10 @@ pub struct ChangeEvent {
     /// their fields above are null and must not be read as NULL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unchanged: Vec<String>,
+    /// For an `update` that changed the primary key: the old key (a `delete` of it comes just
+    /// before). Columns listed in `unchanged` hold that row's values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_from: Option<i64>,
 }
 
 /// A change the stream could not relay (too large for the topic, a value it cannot encode). It goes
@@ -365,6 +369,7 @@ mod tests {
             lsn: "0/16B3748".into(),
             version: 42,
             unchanged: vec![],
+            moved_from: None,
         };
         let json = e.to_json();
         assert_eq!(ChangeEvent::from_json(&json).unwrap(), e);

@@ -77,6 +77,7 @@ fn every_kind_of_event_matches_the_documented_schema() {
         lsn: "0/16B3748".into(),
         version: 23_803_720,
         unchanged: vec![],
+        moved_from: None,
     };
     let mut events = vec![base.clone()];
     for op in [Op::Snapshot, Op::Update, Op::Delete] {

@@ -64,6 +64,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;
     catalog::ensure_publication(&cfg, &sql).await?;
+    catalog::check_publication(&cfg, &sql).await?;
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
     let kafka = connection.client_config();

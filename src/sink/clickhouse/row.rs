@@ -69,6 +69,7 @@ mod tests {
             lsn: "0/1".into(),
             version: 9,
             unchanged: vec![],
+            moved_from: None,
         }
     }
 

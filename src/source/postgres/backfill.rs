@@ -232,6 +232,7 @@ mod tests {
             lsn: "0/0".into(),
             version: 0,
             unchanged: vec![],
+            moved_from: None,
         }
     }
 

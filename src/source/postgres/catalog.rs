@@ -71,6 +71,59 @@ pub async fn preflight(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceErr
     Ok(())
 }
 
+/// Checks what the publication does to the table: a partitioned table must be published through
+/// its root (else changes arrive under each partition's name), and a row filter or column list
+/// would hide rows or columns from the stream while the backfill still reads them, so both are
+/// refused with the statement that fixes them.
+pub async fn check_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+    let version: i32 = sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(SourceError::sql("reading the server version"))?
+        .get(0);
+    // Row filters and column lists exist from PostgreSQL 15 on.
+    let filters = if version >= 150000 {
+        "r.prqual IS NOT NULL, r.prattrs IS NOT NULL"
+    } else {
+        "false, false"
+    };
+    let row = sql
+        .query_opt(
+            &format!(
+                "SELECT c.relkind = 'p', p.pubviaroot, {filters} \
+                 FROM pg_publication p JOIN pg_class c ON c.oid = to_regclass($2) \
+                 LEFT JOIN pg_publication_rel r ON r.prpubid = p.oid AND r.prrelid = c.oid \
+                 WHERE p.pubname = $1"
+            ),
+            &[&cfg.publication, &cfg.qualified_table()],
+        )
+        .await
+        .map_err(SourceError::sql("reading the publication's settings"))?;
+    let Some(row) = row else { return Ok(()) };
+    let (partitioned, via_root, row_filter, column_list): (bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let name = quote_ident(&cfg.publication);
+    let table = cfg.qualified_table();
+    if partitioned && !via_root {
+        return Err(SourceError::Config(format!(
+            "{table} is partitioned and publication {name} publishes each partition under its own name; \
+             have the owner run: ALTER PUBLICATION {name} SET (publish_via_partition_root = true)"
+        )));
+    }
+    if row_filter || column_list {
+        let what = if row_filter {
+            "a row filter (WHERE)"
+        } else {
+            "a column list"
+        };
+        return Err(SourceError::Config(format!(
+            "publication {name} publishes {table} with {what}: the stream would miss changes the \
+             backfill still reads. Publish the whole table: ALTER PUBLICATION {name} SET TABLE {table}"
+        )));
+    }
+    Ok(())
+}
+
 /// Creates the publication if it is missing. An existing one is checked: it must contain the table,
 /// and if it publishes other operations than `--ops` it is altered (which needs table ownership; a
 /// least-privilege role gets an error naming the statement for the owner to run).

@@ -149,6 +149,7 @@ pub fn change_event(
         lsn: lsn.to_string(),
         version,
         unchanged: row.unchanged.iter().map(|s| s.to_string()).collect(),
+        moved_from: None,
     })
 }
 

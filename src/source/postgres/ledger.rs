@@ -62,7 +62,7 @@ impl Ledger {
              WHERE t.id = s.id"
         );
         let unsent_statement = format!(
-            "SELECT t.id FROM {table} AS t, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
+            "SELECT t.id::int8 FROM {table} AS t, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
              WHERE t.id BETWEEN r.lo AND r.hi AND t.sent_to_kafka IS NOT TRUE"
         );
         Ledger {

@@ -231,6 +231,7 @@ impl ReplicationSource {
                     lsn: wal_start.to_string(),
                     version,
                     unchanged: Vec::new(),
+                    moved_from: None,
                 })))
             }
         }
@@ -299,12 +300,21 @@ impl ReplicationSource {
             Some(OldTuple::Full(o)) => fill_unchanged_toast(new, Some(o)),
             _ => new,
         };
-        let update = self.row(Op::Update, relation, &new, wal_start)?;
+        let mut update = self.row(Op::Update, relation, &new, wal_start)?;
         if !key_changed {
             return Ok(update);
         }
         let old = old.map(OldTuple::values).unwrap_or_default();
         let delete = self.row(Op::Delete, relation, old, wal_start)?;
+        if let (
+            Some(SourceMessage::Change(ChangeEvent {
+                id: Some(old_id), ..
+            })),
+            Some(SourceMessage::Change(event)),
+        ) = (&delete, &mut update)
+        {
+            event.moved_from = Some(*old_id);
+        }
         self.queued = update;
         Ok(delete)
     }
