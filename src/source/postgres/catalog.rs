@@ -281,6 +281,20 @@ pub struct SourceStatus {
     pub unsent_rows: i64,
     /// Rows with `sent_to_kafka = TRUE` (the seed's second).
     pub sent_rows: i64,
+    /// Other sessions holding or waiting for locks on the table: what a waiting ledger waits on.
+    pub table_locks: Vec<TableLock>,
+}
+
+/// A lock another session holds (or waits for) on the table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableLock {
+    pub pid: i32,
+    pub user: Option<String>,
+    pub mode: String,
+    pub granted: bool,
+    /// Seconds since its transaction began (hidden from roles without pg_read_all_stats).
+    pub transaction_seconds: Option<f64>,
+    pub query: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -326,10 +340,33 @@ pub async fn status(cfg: &SourceConfig, sql: &Client) -> Result<SourceStatus, So
         )
         .await
         .map_err(SourceError::sql("counting sent and unsent rows"))?;
+    let table_locks = sql
+        .query(
+            "SELECT l.pid, a.usename::text, l.mode, l.granted, \
+                    EXTRACT(epoch FROM now() - a.xact_start)::float8, left(a.query, 200) \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'relation' AND l.relation = to_regclass($1) \
+               AND l.pid <> pg_backend_pid() AND a.application_name NOT LIKE 'cdc-relay%' \
+             ORDER BY a.xact_start NULLS LAST",
+            &[&cfg.qualified_table()],
+        )
+        .await
+        .map_err(SourceError::sql("reading locks on the table"))?
+        .iter()
+        .map(|r| TableLock {
+            pid: r.get(0),
+            user: r.get(1),
+            mode: r.get(2),
+            granted: r.get(3),
+            transaction_seconds: r.get(4),
+            query: r.get(5),
+        })
+        .collect();
     Ok(SourceStatus {
         slot,
         publication_ops,
         unsent_rows: counts.get(0),
         sent_rows: counts.get(1),
+        table_locks,
     })
 }
