@@ -11,6 +11,9 @@ use std::task::Poll;
 use crate::event::Lsn;
 use crate::kafka::producer::DeliveryResult;
 
+/// Most positions kept waiting for the ledger.
+const MAX_WAITING_POSITIONS: usize = 10_000;
+
 pub(super) type Delivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
 
 pub(super) enum Item {
@@ -96,6 +99,11 @@ impl Tracker {
     fn advance(&mut self) {
         while let Some(Item::Position { lsn, boundary }) = self.queue.front() {
             if !self.broken {
+                // Bounded while a locked row holds confirmation back for long: dropping the newest
+                // waiting position for a later one only confirms later, never too early.
+                if self.positions.len() >= MAX_WAITING_POSITIONS {
+                    self.positions.pop_back();
+                }
                 self.positions.push_back((*boundary, *lsn));
             }
             self.queue.pop_front();
