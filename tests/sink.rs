@@ -779,3 +779,111 @@ async fn setup_ahead_of_time_then_stream_delivers_old_and_new_rows_once_and_tear
     assert_eq!(slots, 0);
     drop_pipeline(&pg, &name).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_warns_and_fails_when_unconsumed_messages_near_the_topic_retention() {
+    let (name, pg, stream, s, sink) = start_pipeline("e2e_retention", "insert").await;
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_config().create().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Two topics that keep messages for 60 s, read by a group that committed nothing: one with
+    // messages written 55 s ago (92 % of the retention), one with fresh messages.
+    let producer: FutureProducer = kafka_config().create().unwrap();
+    let mut topics = Vec::new();
+    for (tag, age_ms) in [("stale", 55_000), ("fresh", 0)] {
+        let topic = format!("{name}_{tag}");
+        let new =
+            rdkafka::admin::NewTopic::new(&topic, 2, rdkafka::admin::TopicReplication::Fixed(1))
+                .set("retention.ms", "60000");
+        admin
+            .create_topics([&new], &rdkafka::admin::AdminOptions::new())
+            .await
+            .unwrap()
+            .into_iter()
+            .for_each(|r| {
+                r.unwrap();
+            });
+        for i in 0..4 {
+            let payload = serde_json::to_vec(&event(i, "insert", tag, 1)).unwrap();
+            let key = i.to_string();
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&key)
+                        .payload(&payload)
+                        .partition((i % 2) as i32)
+                        .timestamp(now_ms - age_ms),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+        }
+        topics.push(topic);
+    }
+    let status = |topic: &str| {
+        let group = format!("{topic}_nobody");
+        let dlq = s.dlq();
+        let args = [
+            "status",
+            "--json",
+            "--table",
+            &name,
+            "--slot",
+            &name,
+            "--publication",
+            &name,
+            "--topic",
+            topic,
+            "--group",
+            &group,
+            "--clickhouse-table",
+            &name,
+            "--dlq-topic",
+            &dlq,
+            "--max-lag",
+            "1000000",
+        ];
+        let out = relay(&args, &[]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v)
+    };
+    let (code, v) = status(&topics[0]);
+    assert_eq!(code, Some(1), "{v:#}");
+    assert_eq!(v["healthy"], false);
+    assert_eq!(v["kafka"]["retention_ms"], 60_000);
+    let warnings = v["kafka"]["retention_warnings"].as_array().unwrap();
+    assert_eq!(
+        warnings
+            .iter()
+            .map(|w| w["partition"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1],
+        "{v:#}"
+    );
+    for w in warnings {
+        let age = w["oldest_unconsumed_age_ms"].as_i64().unwrap();
+        assert!((55_000..65_000).contains(&age), "{w}");
+    }
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(
+        problems.len(),
+        2,
+        "only the retention is wrong: {problems:?}"
+    );
+    assert!(problems
+        .iter()
+        .all(|p| p.as_str().unwrap().contains("retention.ms 60000")));
+
+    let (code, v) = status(&topics[1]);
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(v["kafka"]["total_lag"], 4);
+    assert_eq!(v["kafka"]["retention_warnings"], json!([]));
+
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&pg, &name).await;
+}
