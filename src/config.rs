@@ -240,9 +240,9 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topic when it has to be created.
-    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION", default_value_t = 1)]
-    pub topic_replication: i32,
+    /// Replication factor of the topic when it has to be created (default: min(3, brokers)).
+    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION")]
+    pub topic_replication: Option<i32>,
 
     /// Most messages produced but not yet acknowledged and recorded; bounds memory under any backlog.
     #[arg(long, env = "CDC_RELAY_MAX_IN_FLIGHT", default_value_t = 50_000)]
@@ -332,9 +332,9 @@ pub struct SetupArgs {
     #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topic when it has to be created.
-    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION", default_value_t = 1)]
-    pub topic_replication: i32,
+    /// Replication factor of the topic when it has to be created (default: min(3, brokers)).
+    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION")]
+    pub topic_replication: Option<i32>,
 
     /// Topic that receives messages the sink cannot parse.
     #[arg(long, env = "CDC_RELAY_DLQ_TOPIC", default_value = "user_events.dlq")]

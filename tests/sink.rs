@@ -781,6 +781,43 @@ async fn setup_ahead_of_time_then_stream_delivers_old_and_new_rows_once_and_tear
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn topics_the_sink_creates_are_replicated_min_3_brokers() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let s = SinkSetup::new("sk_repl");
+    let sink = s.start("sink");
+    let consumer: BaseConsumer = kafka_config().create().unwrap();
+    let (brokers, topic, dlq) =
+        eventually("the sink's topics", Duration::from_secs(60), || async {
+            let md = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .ok()?;
+            let replicas = |name: &str| -> Option<Vec<usize>> {
+                let t = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == name && t.error().is_none())?;
+                let r: Vec<usize> = t.partitions().iter().map(|p| p.replicas().len()).collect();
+                (!r.is_empty()).then_some(r)
+            };
+            Some((md.brokers().len(), replicas(&s.name)?, replicas(&s.dlq())?))
+        })
+        .await;
+    let expected = brokers.min(3);
+    assert!(expected >= 1);
+    assert_eq!(
+        topic,
+        vec![expected; 3],
+        "3 partitions, min(3, {brokers}) replicas each"
+    );
+    assert_eq!(
+        dlq,
+        vec![expected],
+        "1 partition, min(3, {brokers}) replicas"
+    );
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn status_warns_and_fails_when_unconsumed_messages_near_the_topic_retention() {
     let (name, pg, stream, s, sink) = start_pipeline("e2e_retention", "insert").await;
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =

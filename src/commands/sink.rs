@@ -135,8 +135,10 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
     let kafka = connection.client_config();
-    ensure_topic(&kafka, &args.kafka.topic, 3, 1).await?;
-    ensure_topic(&kafka, &args.dlq_topic, 1, 1).await?;
+    // As `stream` and `setup` create them, whoever starts first: 3 partitions (1 for dead letters),
+    // replication min(3, brokers).
+    ensure_topic(&kafka, &args.kafka.topic, 3, None).await?;
+    ensure_topic(&kafka, &args.dlq_topic, 1, None).await?;
     let consumer = KafkaConsumer::new(&connection, &args.group, &args.kafka.topic)?;
     let dead_letters = DeadLetters::new(&connection, &args.dlq_topic)?;
     tracing::info!(topic = %args.kafka.topic, group = %args.group, dead_letters = %args.dlq_topic, "sink starting");
