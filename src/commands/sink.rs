@@ -2,7 +2,8 @@
 //!
 //! Offsets are committed only after ClickHouse confirmed the insert of every message below them
 //! (dead-lettered messages count once the dead-letter topic has them). A crash anywhere re-reads
-//! from the last commit; re-inserted rows carry the same `_version` and collapse.
+//! from the last commit; re-inserted rows carry the same `_version` and collapse. A panic in the
+//! insert task ends the sink with an error (exit 1) and commits nothing past the last stored batch.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use crate::kafka::topic::ensure_topic;
 use crate::kafka::KafkaConnection;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
 use crate::sink::clickhouse::writer::{fill_from_batch, fill_from_current};
-use crate::sink::clickhouse::{schema, ClickHouseWriter, UserLoginRow};
+use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError, UserLoginRow};
 
 struct Batch {
     rows: Vec<UserLoginRow>,
@@ -106,8 +107,10 @@ struct SinkCommand {
     dead_lettered: u64,
     inserted: u64,
     pending: Option<PendingInsert>,
-    /// An insert gave up (shutdown): no later batch may be committed past its rows.
+    /// An insert gave up (shutdown) or failed: no later batch may be committed past its rows.
     gave_up: bool,
+    /// Why the insert task failed (a panic): the sink then ends with an error.
+    failed: Option<String>,
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -160,6 +163,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
         inserted: 0,
         pending: None,
         gave_up: false,
+        failed: None,
     };
     cmd.run().await
 }
@@ -176,7 +180,7 @@ impl SinkCommand {
                 // Commit as soon as an insert lands, not only when the next batch is due: an idle
                 // sink must not sit on uncommitted offsets.
                 result = insert_done(&mut self.pending) => {
-                    if !self.complete_insert(result) {
+                    if !self.complete_insert(result).await {
                         break;
                     }
                 }
@@ -207,7 +211,10 @@ impl SinkCommand {
             dead_lettered = self.dead_lettered,
             "sink stopped"
         );
-        Ok(())
+        match self.failed.take() {
+            Some(why) => Err(SinkError::InsertTask(why).into()),
+            None => Ok(()),
+        }
     }
 
     async fn handle(
@@ -309,6 +316,7 @@ impl SinkCommand {
         let rows = batch.rows;
         let count = rows.len();
         let task = tokio::spawn(async move {
+            failpoints::panic_if_armed(failpoints::SINK_INSERT_PANIC);
             let started = Instant::now();
             let done = retry(
                 "inserting into ClickHouse",
@@ -343,11 +351,11 @@ impl SinkCommand {
             return true;
         }
         let result = insert_done(&mut self.pending).await;
-        self.complete_insert(result)
+        self.complete_insert(result).await
     }
 
-    /// Commits the offsets of the insert that just ended (`result`), unless it gave up.
-    fn complete_insert(&mut self, result: InsertResult) -> bool {
+    /// Commits the offsets of the insert that just ended (`result`), unless it gave up or failed.
+    async fn complete_insert(&mut self, result: InsertResult) -> bool {
         let Some(pending) = self.pending.take() else {
             return true;
         };
@@ -358,15 +366,18 @@ impl SinkCommand {
                 return false;
             }
             Err(e) => {
+                // A panic is a bug: stop, commit nothing more, exit non-zero. The next start reads
+                // these rows again.
                 tracing::error!(error = %e, "the insert task failed");
                 self.gave_up = true;
+                self.failed = Some(e.to_string());
                 return false;
             }
         }
         failpoints::hit(failpoints::SINK_AFTER_INSERT);
         self.inserted += pending.rows as u64;
         self.metrics.commits.inc();
-        if let Err(e) = self.consumer.commit(&pending.handled) {
+        if let Err(e) = self.consumer.commit(&pending.handled).await {
             // Not fatal: the rows are stored; a later commit covers them, or they are re-read and
             // collapse with the stored versions.
             tracing::warn!(error = %e, "offset commit failed");
