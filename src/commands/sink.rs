@@ -21,7 +21,9 @@ use crate::kafka::inspect;
 use crate::kafka::topic::ensure_topic;
 use crate::kafka::KafkaConnection;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
-use crate::sink::clickhouse::writer::{fill_from_batch, fill_from_current};
+use crate::sink::clickhouse::writer::{
+    fill_from_batch, fill_from_stored, keep_last_of_equal_versions,
+};
 use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError, UserLoginRow};
 
 struct Batch {
@@ -111,6 +113,10 @@ struct SinkCommand {
     gave_up: bool,
     /// Why the insert task failed (a panic): the sink then ends with an error.
     failed: Option<String>,
+    /// The table's id column is UInt64 (a table of an earlier release).
+    unsigned_id: bool,
+    /// The highest truncate version this sink knows of: rows below it are gone.
+    watermark: u64,
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -132,8 +138,13 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
             }
         }
     };
-    schema::ensure_schema(&client, &ch, version).await?;
-    tracing::info!(version = %format!("{}.{}", version.major, version.minor), table = %ch.qualified_table(), view = %ch.qualified_view(), "ClickHouse ready");
+    let table = schema::ensure_schema(&client, &ch, version).await?;
+    if table.unsigned_id {
+        tracing::warn!(table = %ch.qualified_table(), "the table's id column is UInt64 (an earlier release's table): negative ids go to the dead-letter topic");
+    }
+    let writer = ClickHouseWriter::new(&ch);
+    let watermark = writer.truncate_watermark().await?;
+    tracing::info!(version = %format!("{}.{}", version.major, version.minor), table = %ch.qualified_table(), view = %ch.qualified_view(), truncated_below = watermark, "ClickHouse ready");
 
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
@@ -154,7 +165,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let mut cmd = SinkCommand {
         metrics,
-        writer: ClickHouseWriter::new(&ch),
+        writer,
         args,
         consumer,
         dead_letters,
@@ -164,6 +175,8 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
         pending: None,
         gave_up: false,
         failed: None,
+        unsigned_id: table.unsigned_id,
+        watermark,
     };
     cmd.run().await
 }
@@ -174,6 +187,7 @@ impl SinkCommand {
         loop {
             let deadline = batch.deadline;
             let room = batch.rows.len() < self.args.batch_rows;
+            let unsigned_id = self.unsigned_id;
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
@@ -184,7 +198,7 @@ impl SinkCommand {
                         break;
                     }
                 }
-                msg = self.consumer.recv_parsed(parse), if room => {
+                msg = self.consumer.recv_parsed(|p| parse(p, unsigned_id)), if room => {
                     match msg {
                         Ok((msg, parsed)) => self.handle(msg, parsed, &mut batch).await?,
                         Err(e) => {
@@ -244,6 +258,7 @@ impl SinkCommand {
                 if applied.is_none() {
                     return Ok(()); // shutting down: not marked, so read again next time
                 }
+                self.watermark = self.watermark.max(version);
             }
             Err(reason) => {
                 if !self.dead_letter(&msg, &reason).await {
@@ -293,20 +308,28 @@ impl SinkCommand {
         let writer = &self.writer;
         if !batch.unchanged.is_empty() {
             let unchanged = std::mem::take(&mut batch.unchanged);
-            let rest = fill_from_batch(&mut batch.rows, unchanged);
+            let rest = fill_from_batch(&mut batch.rows, unchanged, self.watermark);
             if !rest.is_empty() {
-                let ids: Vec<u64> = rest.iter().map(|(i, _)| batch.rows[*i].id).collect();
-                let Some(current) = self
+                let mut ids: Vec<i64> = rest.iter().map(|(i, _)| batch.rows[*i].id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let below = rest
+                    .iter()
+                    .map(|(i, _)| batch.rows[*i]._version)
+                    .max()
+                    .unwrap_or(0);
+                let Some(stored) = self
                     .retry("reading values an update left unchanged", || {
-                        writer.current_rows(&ids)
+                        writer.rows_below(&ids, below)
                     })
                     .await
                 else {
                     return false;
                 };
-                fill_from_current(&mut batch.rows, &rest, &current);
+                fill_from_stored(&mut batch.rows, &rest, &stored);
             }
         }
+        keep_last_of_equal_versions(&mut batch.rows);
         let batch = std::mem::replace(batch, Batch::new());
         let (writer, metrics, shutdown) = (
             self.writer.clone(),
@@ -395,7 +418,8 @@ enum Parsed {
 }
 
 /// A message as the sink uses it; `Err` sends it to the dead-letter topic with the reason.
-fn parse(payload: &[u8]) -> Result<Parsed, String> {
+/// `unsigned_id`: the table's id is UInt64, so a negative id cannot be stored.
+fn parse(payload: &[u8], unsigned_id: bool) -> Result<Parsed, String> {
     let (mut event, micros) =
         ChangeEvent::from_json_with_time(payload).map_err(|e| e.to_string())?;
     if event.op == Op::Truncate {
@@ -405,6 +429,7 @@ fn parse(payload: &[u8]) -> Result<Parsed, String> {
     }
     let unchanged = std::mem::take(&mut event.unchanged);
     let row = UserLoginRow::from_parts(event, micros).map_err(|e| e.to_string())?;
+    row.check_storable(unsigned_id).map_err(|e| e.to_string())?;
     Ok(Parsed::Row(row, unchanged))
 }
 
