@@ -240,9 +240,9 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topic when it has to be created.
-    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION", default_value_t = 1)]
-    pub topic_replication: i32,
+    /// Replication factor of the topic when it has to be created (default: min(3, brokers)).
+    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION")]
+    pub topic_replication: Option<i32>,
 
     /// The stream's dead-letter topic: changes that cannot be produced (larger than the topic's
     /// max.message.bytes, a value that cannot be encoded). Default: `<topic>.stream-dlq`.
@@ -337,9 +337,9 @@ pub struct SetupArgs {
     #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topic when it has to be created.
-    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION", default_value_t = 1)]
-    pub topic_replication: i32,
+    /// Replication factor of the topic when it has to be created (default: min(3, brokers)).
+    #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION")]
+    pub topic_replication: Option<i32>,
 
     /// Topic that receives messages the sink cannot parse.
     #[arg(long, env = "CDC_RELAY_DLQ_TOPIC", default_value = "user_events.dlq")]

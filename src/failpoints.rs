@@ -1,5 +1,6 @@
 //! Named crash points for tests: `CDC_RELAY_FAILPOINTS=stream.after_kafka_ack,…` makes the process
-//! abort (as kill -9 would stop it) the first time it reaches a named point. Unset, a failpoint costs
+//! abort (as kill -9 would stop it) the first time it reaches a named point (`sink.insert_panic`
+//! panics instead, see [`panic_if_armed`]). Unset, a failpoint costs
 //! one check of a value read once at start.
 
 use std::sync::OnceLock;
@@ -12,6 +13,8 @@ pub const STREAM_AFTER_LEDGER_WRITE: &str = "stream.after_ledger_write";
 pub const STREAM_MID_BACKFILL: &str = "stream.mid_backfill";
 /// After a ClickHouse insert, before the Kafka offsets are committed.
 pub const SINK_AFTER_INSERT: &str = "sink.after_insert";
+/// Inside the sink's insert task, before it inserts: the task panics (a bug, not a crash).
+pub const SINK_INSERT_PANIC: &str = "sink.insert_panic";
 
 fn active() -> &'static [String] {
     static ACTIVE: OnceLock<Vec<String>> = OnceLock::new();
@@ -27,9 +30,20 @@ fn active() -> &'static [String] {
     })
 }
 
+fn armed(name: &str) -> bool {
+    active().iter().any(|a| a == name)
+}
+
+/// Panics (unwinding the current task only) if `name` is an active failpoint.
+pub fn panic_if_armed(name: &str) {
+    if armed(name) {
+        panic!("failpoint {name} reached: panicking");
+    }
+}
+
 /// Aborts the process if `name` is an active failpoint.
 pub fn hit(name: &str) {
-    if active().iter().any(|a| a == name) {
+    if armed(name) {
         eprintln!("failpoint {name} reached: aborting");
         std::process::abort();
     }

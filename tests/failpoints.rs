@@ -204,3 +204,106 @@ async fn crash_after_a_clickhouse_insert_before_the_offset_commit() {
     );
     assert_eq!(sink.stop(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_in_the_sink_insert_task_exits_non_zero_and_commits_nothing() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let name = unique("fp_sink_panic");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_config().create().unwrap();
+    admin
+        .create_topics(
+            [&rdkafka::admin::NewTopic::new(
+                &name,
+                3,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let producer: FutureProducer = kafka_config().create().unwrap();
+    let mut acks = Vec::new();
+    for id in 1..=3_000i64 {
+        let v = serde_json::json!({"id": id, "op": "insert", "user": "u", "event": "e", "timestamp": 1.0,
+            "event_time": null, "lsn": "0/1", "version": id});
+        let payload = serde_json::to_vec(&v).unwrap();
+        let key = id.to_string();
+        acks.push(
+            producer
+                .send_result(FutureRecord::to(&name).key(&key).payload(&payload))
+                .ok()
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+    let args = [
+        "sink",
+        "--topic",
+        &name,
+        "--group",
+        &name,
+        "--clickhouse-table",
+        &name,
+        "--batch-rows",
+        "1000",
+    ];
+    let mut panicking = Relay::start(
+        &format!("{name}_panic"),
+        &args,
+        &[("CDC_RELAY_FAILPOINTS", "sink.insert_panic")],
+    );
+    let status = panicking.wait_exit(Duration::from_secs(60));
+    let log = panicking.log_text();
+    assert_eq!(status.code(), Some(1), "exits with an error: {log}");
+    assert!(log.contains("failpoint sink.insert_panic reached"), "{log}");
+    assert!(log.contains("insert task failed"), "{log}");
+
+    // Nothing committed, nothing stored.
+    let consumer: BaseConsumer = kafka_config().set("group.id", &name).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition(&name, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    for e in committed.elements() {
+        assert_eq!(
+            e.offset(),
+            rdkafka::Offset::Invalid,
+            "partition {} committed",
+            e.partition()
+        );
+    }
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
+    let raw = format!("SELECT count() FROM {name}");
+    assert_eq!(ch.query(&raw).fetch_one::<u64>().await.unwrap(), 0);
+
+    // A restarted sink stores every row once.
+    let sink = Relay::start(&format!("{name}_recover"), &args, &[]);
+    eventually(
+        "all rows in ClickHouse",
+        Duration::from_secs(60),
+        || async {
+            let n: u64 = ch
+                .query(&format!("SELECT count() FROM {name}_current"))
+                .fetch_one()
+                .await
+                .unwrap_or(0);
+            (n == 3_000).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(ch.query(&raw).fetch_one::<u64>().await.unwrap(), 3_000);
+    let ids: u64 = ch
+        .query(&format!("SELECT uniqExact(id) FROM {name}"))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(ids, 3_000);
+    assert_eq!(sink.stop(), 0);
+}

@@ -100,6 +100,15 @@ fn event(id: i64, op: &str, user: &str, version: u64) -> serde_json::Value {
 }
 
 async fn produce(topic: &str, messages: &[(Option<String>, Vec<u8>)]) {
+    let messages: Vec<_> = messages
+        .iter()
+        .map(|(k, v)| (None, k.clone(), v.clone()))
+        .collect();
+    produce_at(topic, &messages).await
+}
+
+/// Produces (partition, key, value) messages; partition `None` lets the key choose.
+async fn produce_at(topic: &str, messages: &[(Option<i32>, Option<String>, Vec<u8>)]) {
     let producer: FutureProducer = kafka_config().set("linger.ms", "5").create().unwrap();
     // The topic exists with 3 partitions before the sink starts.
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
@@ -116,11 +125,14 @@ async fn produce(topic: &str, messages: &[(Option<String>, Vec<u8>)]) {
         .await;
     // send_result enqueues at once; awaiting `send` one by one would produce one message per linger.
     let mut acks = Vec::with_capacity(messages.len());
-    for (k, v) in messages {
+    for (p, k, v) in messages {
         loop {
             let mut r = FutureRecord::to(topic).payload(v);
             if let Some(k) = k {
                 r = r.key(k);
+            }
+            if let Some(p) = p {
+                r = r.partition(*p);
             }
             match producer.send_result(r) {
                 Ok(ack) => {
@@ -222,12 +234,15 @@ async fn redeliveries_collapse_to_the_newest_and_deletes_hide_rows() {
     let sink = s.start("sink");
     s.wait_current(2, Duration::from_secs(60)).await;
     let ch = s.ch();
-    // All 8 versions landed, the view shows one current row per live id.
+    // All 6 distinct versions landed, the 2 exact duplicates (same id and version in the batch)
+    // only once; the view shows one current row per live id.
     let raw_sql = format!("SELECT count() FROM {}", s.name);
-    eventually("8 raw rows", Duration::from_secs(30), || async {
-        (count(&ch, &raw_sql).await == 8).then_some(())
+    eventually("6 raw rows", Duration::from_secs(30), || async {
+        (count(&ch, &raw_sql).await == 6).then_some(())
     })
     .await;
+    let distinct = format!("SELECT uniqExact(id, _version) FROM {}", s.name);
+    assert_eq!(count(&ch, &distinct).await, 6);
     let rows = current(&ch, &s.name).await;
     assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 3]);
     assert_eq!(rows[0].username.as_deref(), Some("v3"));
@@ -250,7 +265,12 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_the_sink_keeps_going() 
                 0 => b"not json at all".to_vec(),
                 10 => br#"{"op":"insert","lsn":"0/1","version":1}"#.to_vec(), // no id
                 20 => br#"{"id":"seven","op":"insert","user":null,"event":null,"timestamp":null,"event_time":null,"lsn":"0/1","version":1}"#.to_vec(),
-                _ => serde_json::to_vec(&event(-5, "insert", "neg", 1)).unwrap(), // id out of range
+                // id out of range (negative ids are stored since ids are Int64)
+                _ => {
+                    let mut e = event(1, "insert", "big", 1);
+                    e["id"] = json!(9_223_372_036_854_775_808u64);
+                    serde_json::to_vec(&e).unwrap()
+                }
             };
             msgs.push((None, bad));
         }
@@ -777,5 +797,458 @@ async fn setup_ahead_of_time_then_stream_delivers_old_and_new_rows_once_and_tear
         .unwrap()
         .get(0);
     assert_eq!(slots, 0);
+    drop_pipeline(&pg, &name).await;
+}
+
+fn truncate_event(version: u64) -> serde_json::Value {
+    json!({
+        "op": "truncate", "user": null, "event": null, "timestamp": null,
+        "event_time": null, "lsn": "0/1", "version": version,
+    })
+}
+
+/// One message on partition `p` (keyed by its id, if any).
+fn on(p: i32, e: &serde_json::Value) -> (Option<i32>, Option<String>, Vec<u8>) {
+    (
+        Some(p),
+        e.get("id").map(|id| id.to_string()),
+        serde_json::to_vec(e).unwrap(),
+    )
+}
+
+/// The ids the current view shows, in order (signed: new tables store negative ids).
+async fn view_ids(ch: &clickhouse::Client, table: &str) -> Vec<i64> {
+    ch.query(&format!("SELECT id FROM {table}_current ORDER BY id"))
+        .fetch_all()
+        .await
+        .unwrap_or_default()
+}
+
+impl SinkSetup {
+    /// Waits until the sink created its table, then stops background merges on it, so the test
+    /// sees every stored version as the sink inserted it.
+    async fn wait_table_and_stop_merges(&self) {
+        let ch = self.ch();
+        let sql = format!(
+            "SELECT count() FROM system.tables WHERE database = 'default' AND name = '{}_current'",
+            self.name
+        );
+        eventually("the sink's table", Duration::from_secs(60), || async {
+            (count(&ch, &sql).await == 1).then_some(())
+        })
+        .await;
+        ch.query(&format!("SYSTEM STOP MERGES {}", self.name))
+            .execute()
+            .await
+            .unwrap();
+    }
+
+    async fn wait_raw(&self, filter: &str, expected: u64) {
+        let ch = self.ch();
+        let sql = format!("SELECT count() FROM {} WHERE {filter}", self.name);
+        eventually(
+            &format!("{expected} stored rows with {filter}"),
+            Duration::from_secs(60),
+            || async { (count(&ch, &sql).await == expected).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// The `cdc_relay.error` header of every message in the dead-letter topic.
+fn dead_letter_errors(topic: &str, expected: usize) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = kafka_config()
+        .set("group.id", unique("dlq_reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut settle = None;
+    while std::time::Instant::now() < deadline
+        && settle.is_none_or(|s| std::time::Instant::now() < s)
+    {
+        if out.len() >= expected && settle.is_none() {
+            settle = Some(std::time::Instant::now() + Duration::from_secs(2));
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let error = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "cdc_relay.error"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            out.push(error);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncate_hides_lower_versions_that_arrive_after_it_also_after_a_restart() {
+    let s = SinkSetup::new("sk_trunc_wm");
+    // Before the truncate (version 1000), on every partition.
+    let mut msgs: Vec<_> = (1..=6)
+        .map(|i| {
+            on(
+                (i % 3) as i32,
+                &event(i, "insert", "before", 100 + i as u64),
+            )
+        })
+        .collect();
+    msgs.push(on(0, &truncate_event(1000)));
+    produce_at(&s.name, &msgs).await;
+    let sink = s.start("sink1");
+    let ch = s.ch();
+    let watermark = format!("SELECT max(version) FROM {}_truncates", s.name);
+    eventually("the truncate applied", Duration::from_secs(60), || async {
+        (count(&ch, &watermark).await == 1000).then_some(())
+    })
+    .await;
+    // After the sink applied it: lower versions from other partitions (changes committed before
+    // the truncate that Kafka delivered late), and later changes on every partition.
+    let mut msgs: Vec<_> = (11..=16)
+        .map(|i| {
+            on(
+                1 + (i % 2) as i32,
+                &event(i, "insert", "late", 500 + i as u64),
+            )
+        })
+        .collect();
+    msgs.extend(
+        (21..=26).map(|i| on((i % 3) as i32, &event(i, "insert", "after", 979 + i as u64))),
+    );
+    produce_at(&s.name, &msgs).await;
+    s.wait_raw("id BETWEEN 1 AND 26", 18).await;
+    let expected: Vec<i64> = (21..=26).collect();
+    assert_eq!(view_ids(&ch, &s.name).await, expected);
+    assert_eq!(sink.stop(), 0);
+
+    // A restarted sink knows the watermark from ClickHouse.
+    let msgs = vec![
+        on(1, &event(31, "insert", "late", 999)),
+        on(2, &event(32, "insert", "late", 1)),
+        on(0, &event(41, "insert", "after", 2000)),
+    ];
+    produce_at(&s.name, &msgs).await;
+    let sink = s.start("sink2");
+    s.wait_raw("id IN (31, 32, 41)", 3).await;
+    let mut expected = expected;
+    expected.push(41);
+    assert_eq!(view_ids(&ch, &s.name).await, expected);
+    let users: Vec<String> = ch
+        .query(&format!(
+            "SELECT DISTINCT assumeNotNull(username) FROM {}_current",
+            s.name
+        ))
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(users, vec!["after".to_string()]);
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unchanged_column_is_filled_from_the_newest_earlier_version_not_a_newer_one() {
+    let s = SinkSetup::new("sk_toast_ver");
+    let sink = s.start("sink");
+    s.wait_table_and_stop_merges().await;
+    produce(
+        &s.name,
+        &good(&[event(1, "insert", "a", 10), event(1, "update", "c", 30)]),
+    )
+    .await;
+    s.wait_raw("id = 1", 2).await;
+    // A change older than the stored newest (as after a re-read) that left username out.
+    let mut late = event(1, "update", "", 20);
+    late["user"] = serde_json::Value::Null;
+    late["event"] = json!("late");
+    late["unchanged"] = json!(["username"]);
+    produce(&s.name, &good(&[late])).await;
+    s.wait_raw("id = 1", 3).await;
+    let ch = s.ch();
+    let filled: String = ch
+        .query(&format!(
+            "SELECT ifNull(username, 'NULL') FROM {} WHERE id = 1 AND _version = 20",
+            s.name
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(filled, "a", "filled from version 10, the newest below 20");
+    let rows = current(&ch, &s.name).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].username.as_deref(), rows[0]._version),
+        (Some("c"), 30)
+    );
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn of_equal_versions_of_one_id_in_a_batch_the_later_message_is_stored() {
+    let s = SinkSetup::new("sk_same_ver");
+    let sink = s.start("sink");
+    s.wait_table_and_stop_merges().await;
+    // Two changes of id 1 in one transaction (one version), in partition order.
+    produce(
+        &s.name,
+        &good(&[
+            event(1, "update", "first", 5),
+            event(2, "insert", "other", 5),
+            event(1, "update", "second", 5),
+        ]),
+    )
+    .await;
+    s.wait_current(2, Duration::from_secs(60)).await;
+    s.wait_raw("1", 2).await;
+    let ch = s.ch();
+    assert_eq!(
+        count(&ch, &format!("SELECT count() FROM {} WHERE id = 1", s.name)).await,
+        1,
+        "only the last of the equal versions inserted"
+    );
+    let rows = current(&ch, &s.name).await;
+    assert_eq!(rows[0].username.as_deref(), Some("second"));
+    assert_eq!(rows[1].username.as_deref(), Some("other"));
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_table_stores_negative_ids() {
+    let s = SinkSetup::new("sk_negative");
+    produce(
+        &s.name,
+        &good(&[event(-5, "insert", "neg", 3), event(7, "insert", "pos", 4)]),
+    )
+    .await;
+    let sink = s.start("sink");
+    s.wait_current(2, Duration::from_secs(60)).await;
+    let ch = s.ch();
+    assert_eq!(view_ids(&ch, &s.name).await, vec![-5, 7]);
+    let user: String = ch
+        .query(&format!(
+            "SELECT assumeNotNull(username) FROM {}_current WHERE id = -5",
+            s.name
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(user, "neg");
+    let id_type: String = ch
+        .query("SELECT type FROM system.columns WHERE database = 'default' AND table = ? AND name = 'id'")
+        .bind(&s.name)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(id_type, "Int64");
+    assert!(dead_letter_errors(&s.dlq(), 0).is_empty());
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_of_an_earlier_release_keeps_working_and_its_view_gets_the_truncate_filter() {
+    let s = SinkSetup::new("sk_legacy");
+    let ch = s.ch();
+    let t = &s.name;
+    // The DDL of the previous release: id UInt64, a view without the truncate filter.
+    for ddl in [
+        format!("CREATE TABLE {t} (id UInt64, username Nullable(String), event_type Nullable(String), event_time Nullable(DateTime), event_time_us Nullable(Int64), op String, _lsn String, _version UInt64, _deleted UInt8, _ingested_at DateTime DEFAULT now()) ENGINE = ReplacingMergeTree(_version) ORDER BY id"),
+        format!("CREATE VIEW {t}_current AS SELECT id, username, event_type, event_time, event_time_us, op, _lsn, _version FROM {t} FINAL WHERE _deleted = 0"),
+        format!("INSERT INTO {t} (id, username, event_type, op, _lsn, _version, _deleted) VALUES (100, 'old', 'login', 'snapshot', '0/1', 1, 0)"),
+    ] {
+        ch.query(&ddl).execute().await.unwrap();
+    }
+    let mut msgs = good(&[
+        event(1, "insert", "a", 10),
+        event(-5, "insert", "neg", 11),
+        event(2, "insert", "b", 12),
+    ]);
+    msgs.push((None, serde_json::to_vec(&truncate_event(5)).unwrap()));
+    produce(t, &msgs).await;
+    let sink = s.start("sink");
+    s.wait_raw("1", 3).await;
+    eventually("the truncate applied", Duration::from_secs(60), || async {
+        (count(&ch, &format!("SELECT max(version) FROM {t}_truncates")).await == 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        view_ids(&ch, t).await,
+        vec![1, 2],
+        "id 100 (version 1) truncated"
+    );
+    let errors = dead_letter_errors(&s.dlq(), 1);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("id -5")
+            && errors[0].contains("UInt64")
+            && errors[0].contains("--clickhouse-table"),
+        "{}",
+        errors[0]
+    );
+    let view: String = ch
+        .query(
+            "SELECT create_table_query FROM system.tables WHERE database = 'default' AND name = ?",
+        )
+        .bind(format!("{t}_current"))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert!(view.contains(&format!("{t}_truncates")), "{view}");
+    let id_type: String = ch
+        .query("SELECT type FROM system.columns WHERE database = 'default' AND table = ? AND name = 'id'")
+        .bind(t)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(id_type, "UInt64", "the data table is kept as it was");
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_the_sink_creates_are_replicated_min_3_brokers() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let s = SinkSetup::new("sk_repl");
+    let sink = s.start("sink");
+    let consumer: BaseConsumer = kafka_config().create().unwrap();
+    let (brokers, topic, dlq) =
+        eventually("the sink's topics", Duration::from_secs(60), || async {
+            let md = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .ok()?;
+            let replicas = |name: &str| -> Option<Vec<usize>> {
+                let t = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == name && t.error().is_none())?;
+                let r: Vec<usize> = t.partitions().iter().map(|p| p.replicas().len()).collect();
+                (!r.is_empty()).then_some(r)
+            };
+            Some((md.brokers().len(), replicas(&s.name)?, replicas(&s.dlq())?))
+        })
+        .await;
+    let expected = brokers.min(3);
+    assert!(expected >= 1);
+    assert_eq!(
+        topic,
+        vec![expected; 3],
+        "3 partitions, min(3, {brokers}) replicas each"
+    );
+    assert_eq!(
+        dlq,
+        vec![expected],
+        "1 partition, min(3, {brokers}) replicas"
+    );
+    assert_eq!(sink.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_warns_and_fails_when_unconsumed_messages_near_the_topic_retention() {
+    let (name, pg, stream, s, sink) = start_pipeline("e2e_retention", "insert").await;
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_config().create().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Two topics that keep messages for 60 s, read by a group that committed nothing: one with
+    // messages written 55 s ago (92 % of the retention), one with fresh messages.
+    let producer: FutureProducer = kafka_config().create().unwrap();
+    let mut topics = Vec::new();
+    for (tag, age_ms) in [("stale", 55_000), ("fresh", 0)] {
+        let topic = format!("{name}_{tag}");
+        let new =
+            rdkafka::admin::NewTopic::new(&topic, 2, rdkafka::admin::TopicReplication::Fixed(1))
+                .set("retention.ms", "60000");
+        admin
+            .create_topics([&new], &rdkafka::admin::AdminOptions::new())
+            .await
+            .unwrap()
+            .into_iter()
+            .for_each(|r| {
+                r.unwrap();
+            });
+        for i in 0..4 {
+            let payload = serde_json::to_vec(&event(i, "insert", tag, 1)).unwrap();
+            let key = i.to_string();
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&key)
+                        .payload(&payload)
+                        .partition((i % 2) as i32)
+                        .timestamp(now_ms - age_ms),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+        }
+        topics.push(topic);
+    }
+    let status = |topic: &str| {
+        let group = format!("{topic}_nobody");
+        let dlq = s.dlq();
+        let args = [
+            "status",
+            "--json",
+            "--table",
+            &name,
+            "--slot",
+            &name,
+            "--publication",
+            &name,
+            "--topic",
+            topic,
+            "--group",
+            &group,
+            "--clickhouse-table",
+            &name,
+            "--dlq-topic",
+            &dlq,
+            "--max-lag",
+            "1000000",
+        ];
+        let out = relay(&args, &[]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v)
+    };
+    let (code, v) = status(&topics[0]);
+    assert_eq!(code, Some(1), "{v:#}");
+    assert_eq!(v["healthy"], false);
+    assert_eq!(v["kafka"]["retention_ms"], 60_000);
+    let warnings = v["kafka"]["retention_warnings"].as_array().unwrap();
+    assert_eq!(
+        warnings
+            .iter()
+            .map(|w| w["partition"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1],
+        "{v:#}"
+    );
+    for w in warnings {
+        let age = w["oldest_unconsumed_age_ms"].as_i64().unwrap();
+        assert!((55_000..65_000).contains(&age), "{w}");
+    }
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(
+        problems.len(),
+        2,
+        "only the retention is wrong: {problems:?}"
+    );
+    assert!(problems
+        .iter()
+        .all(|p| p.as_str().unwrap().contains("retention.ms 60000")));
+
+    let (code, v) = status(&topics[1]);
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(v["kafka"]["total_lag"], 4);
+    assert_eq!(v["kafka"]["retention_warnings"], json!([]));
+
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
     drop_pipeline(&pg, &name).await;
 }

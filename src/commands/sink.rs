@@ -2,7 +2,8 @@
 //!
 //! Offsets are committed only after ClickHouse confirmed the insert of every message below them
 //! (dead-lettered messages count once the dead-letter topic has them). A crash anywhere re-reads
-//! from the last commit; re-inserted rows carry the same `_version` and collapse.
+//! from the last commit; re-inserted rows carry the same `_version` and collapse. A panic in the
+//! insert task ends the sink with an error (exit 1) and commits nothing past the last stored batch.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,8 +21,10 @@ use crate::kafka::inspect;
 use crate::kafka::topic::ensure_topic;
 use crate::kafka::KafkaConnection;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
-use crate::sink::clickhouse::writer::{fill_from_batch, fill_from_current};
-use crate::sink::clickhouse::{schema, ClickHouseWriter, UserLoginRow};
+use crate::sink::clickhouse::writer::{
+    fill_from_batch, fill_from_stored, keep_last_of_equal_versions,
+};
+use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError, UserLoginRow};
 
 struct Batch {
     rows: Vec<UserLoginRow>,
@@ -106,8 +109,14 @@ struct SinkCommand {
     dead_lettered: u64,
     inserted: u64,
     pending: Option<PendingInsert>,
-    /// An insert gave up (shutdown): no later batch may be committed past its rows.
+    /// An insert gave up (shutdown) or failed: no later batch may be committed past its rows.
     gave_up: bool,
+    /// Why the insert task failed (a panic): the sink then ends with an error.
+    failed: Option<String>,
+    /// The table's id column is UInt64 (a table of an earlier release).
+    unsigned_id: bool,
+    /// The highest truncate version this sink knows of: rows below it are gone.
+    watermark: u64,
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -129,14 +138,21 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
             }
         }
     };
-    schema::ensure_schema(&client, &ch, version).await?;
-    tracing::info!(version = %format!("{}.{}", version.major, version.minor), table = %ch.qualified_table(), view = %ch.qualified_view(), "ClickHouse ready");
+    let table = schema::ensure_schema(&client, &ch, version).await?;
+    if table.unsigned_id {
+        tracing::warn!(table = %ch.qualified_table(), "the table's id column is UInt64 (an earlier release's table): negative ids go to the dead-letter topic");
+    }
+    let writer = ClickHouseWriter::new(&ch);
+    let watermark = writer.truncate_watermark().await?;
+    tracing::info!(version = %format!("{}.{}", version.major, version.minor), table = %ch.qualified_table(), view = %ch.qualified_view(), truncated_below = watermark, "ClickHouse ready");
 
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
     let kafka = connection.client_config();
-    ensure_topic(&kafka, &args.kafka.topic, 3, 1).await?;
-    ensure_topic(&kafka, &args.dlq_topic, 1, 1).await?;
+    // As `stream` and `setup` create them, whoever starts first: 3 partitions (1 for dead letters),
+    // replication min(3, brokers).
+    ensure_topic(&kafka, &args.kafka.topic, 3, None).await?;
+    ensure_topic(&kafka, &args.dlq_topic, 1, None).await?;
     let consumer = KafkaConsumer::new(&connection, &args.group, &args.kafka.topic)?;
     let dead_letters = DeadLetters::new(&connection, &args.dlq_topic)?;
     tracing::info!(topic = %args.kafka.topic, group = %args.group, dead_letters = %args.dlq_topic, "sink starting");
@@ -149,7 +165,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let mut cmd = SinkCommand {
         metrics,
-        writer: ClickHouseWriter::new(&ch),
+        writer,
         args,
         consumer,
         dead_letters,
@@ -158,6 +174,9 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
         inserted: 0,
         pending: None,
         gave_up: false,
+        failed: None,
+        unsigned_id: table.unsigned_id,
+        watermark,
     };
     cmd.run().await
 }
@@ -168,17 +187,18 @@ impl SinkCommand {
         loop {
             let deadline = batch.deadline;
             let room = batch.rows.len() < self.args.batch_rows;
+            let unsigned_id = self.unsigned_id;
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
                 // Commit as soon as an insert lands, not only when the next batch is due: an idle
                 // sink must not sit on uncommitted offsets.
                 result = insert_done(&mut self.pending) => {
-                    if !self.complete_insert(result) {
+                    if !self.complete_insert(result).await {
                         break;
                     }
                 }
-                msg = self.consumer.recv_parsed(parse), if room => {
+                msg = self.consumer.recv_parsed(|p| parse(p, unsigned_id)), if room => {
                     match msg {
                         Ok((msg, parsed)) => self.handle(msg, parsed, &mut batch).await?,
                         Err(e) => {
@@ -205,7 +225,10 @@ impl SinkCommand {
             dead_lettered = self.dead_lettered,
             "sink stopped"
         );
-        Ok(())
+        match self.failed.take() {
+            Some(why) => Err(SinkError::InsertTask(why).into()),
+            None => Ok(()),
+        }
     }
 
     async fn handle(
@@ -235,6 +258,7 @@ impl SinkCommand {
                 if applied.is_none() {
                     return Ok(()); // shutting down: not marked, so read again next time
                 }
+                self.watermark = self.watermark.max(version);
             }
             Err(reason) => {
                 if !self.dead_letter(&msg, &reason).await {
@@ -284,20 +308,28 @@ impl SinkCommand {
         let writer = &self.writer;
         if !batch.unchanged.is_empty() {
             let unchanged = std::mem::take(&mut batch.unchanged);
-            let rest = fill_from_batch(&mut batch.rows, unchanged);
+            let rest = fill_from_batch(&mut batch.rows, unchanged, self.watermark);
             if !rest.is_empty() {
-                let ids: Vec<u64> = rest.iter().map(|(i, _)| batch.rows[*i].id).collect();
-                let Some(current) = self
+                let mut ids: Vec<i64> = rest.iter().map(|(i, _)| batch.rows[*i].id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let below = rest
+                    .iter()
+                    .map(|(i, _)| batch.rows[*i]._version)
+                    .max()
+                    .unwrap_or(0);
+                let Some(stored) = self
                     .retry("reading values an update left unchanged", || {
-                        writer.current_rows(&ids)
+                        writer.rows_below(&ids, below)
                     })
                     .await
                 else {
                     return false;
                 };
-                fill_from_current(&mut batch.rows, &rest, &current);
+                fill_from_stored(&mut batch.rows, &rest, &stored);
             }
         }
+        keep_last_of_equal_versions(&mut batch.rows);
         let batch = std::mem::replace(batch, Batch::new());
         let (writer, metrics, shutdown) = (
             self.writer.clone(),
@@ -307,6 +339,7 @@ impl SinkCommand {
         let rows = batch.rows;
         let count = rows.len();
         let task = tokio::spawn(async move {
+            failpoints::panic_if_armed(failpoints::SINK_INSERT_PANIC);
             let started = Instant::now();
             let done = retry(
                 "inserting into ClickHouse",
@@ -341,11 +374,11 @@ impl SinkCommand {
             return true;
         }
         let result = insert_done(&mut self.pending).await;
-        self.complete_insert(result)
+        self.complete_insert(result).await
     }
 
-    /// Commits the offsets of the insert that just ended (`result`), unless it gave up.
-    fn complete_insert(&mut self, result: InsertResult) -> bool {
+    /// Commits the offsets of the insert that just ended (`result`), unless it gave up or failed.
+    async fn complete_insert(&mut self, result: InsertResult) -> bool {
         let Some(pending) = self.pending.take() else {
             return true;
         };
@@ -356,15 +389,18 @@ impl SinkCommand {
                 return false;
             }
             Err(e) => {
+                // A panic is a bug: stop, commit nothing more, exit non-zero. The next start reads
+                // these rows again.
                 tracing::error!(error = %e, "the insert task failed");
                 self.gave_up = true;
+                self.failed = Some(e.to_string());
                 return false;
             }
         }
         failpoints::hit(failpoints::SINK_AFTER_INSERT);
         self.inserted += pending.rows as u64;
         self.metrics.commits.inc();
-        if let Err(e) = self.consumer.commit(&pending.handled) {
+        if let Err(e) = self.consumer.commit(&pending.handled).await {
             // Not fatal: the rows are stored; a later commit covers them, or they are re-read and
             // collapse with the stored versions.
             tracing::warn!(error = %e, "offset commit failed");
@@ -382,7 +418,8 @@ enum Parsed {
 }
 
 /// A message as the sink uses it; `Err` sends it to the dead-letter topic with the reason.
-fn parse(payload: &[u8]) -> Result<Parsed, String> {
+/// `unsigned_id`: the table's id is UInt64, so a negative id cannot be stored.
+fn parse(payload: &[u8], unsigned_id: bool) -> Result<Parsed, String> {
     let (mut event, micros) =
         ChangeEvent::from_json_with_time(payload).map_err(|e| e.to_string())?;
     if event.op == Op::Truncate {
@@ -392,6 +429,7 @@ fn parse(payload: &[u8]) -> Result<Parsed, String> {
     }
     let unchanged = std::mem::take(&mut event.unchanged);
     let row = UserLoginRow::from_parts(event, micros).map_err(|e| e.to_string())?;
+    row.check_storable(unsigned_id).map_err(|e| e.to_string())?;
     Ok(Parsed::Row(row, unchanged))
 }
 

@@ -26,6 +26,50 @@ pub struct KafkaStatus {
     pub partitions: Vec<PartitionLag>,
     pub total_lag: i64,
     pub dead_letters: Option<i64>,
+    /// The topic's `retention.ms` (`None`: unlimited, or it could not be read).
+    pub retention_ms: Option<i64>,
+    /// Partitions whose oldest unconsumed message has reached 80 % of the retention.
+    pub retention_warnings: Vec<RetentionWarning>,
+}
+
+/// The group is so far behind on a partition that Kafka will soon delete messages it has not read.
+#[derive(Debug, Serialize)]
+pub struct RetentionWarning {
+    pub partition: i32,
+    /// Age of the oldest unconsumed message (its timestamp against now).
+    pub oldest_unconsumed_age_ms: i64,
+    pub retention_ms: i64,
+    pub message: String,
+}
+
+/// Share of the retention at which an unconsumed message counts as about to be lost.
+const RETENTION_WARN_PERCENT: i64 = 80;
+
+/// Warnings for partitions whose oldest unconsumed message (timestamp in ms, per partition) is at
+/// least [`RETENTION_WARN_PERCENT`] of `retention_ms` old at `now_ms`.
+fn retention_warnings(
+    topic: &str,
+    group: &str,
+    oldest: &std::collections::BTreeMap<i32, i64>,
+    retention_ms: i64,
+    now_ms: i64,
+) -> Vec<RetentionWarning> {
+    oldest
+        .iter()
+        .filter_map(|(&partition, &ts)| {
+            let age = now_ms - ts;
+            (age * 100 >= retention_ms * RETENTION_WARN_PERCENT).then(|| RetentionWarning {
+                partition,
+                oldest_unconsumed_age_ms: age,
+                retention_ms,
+                message: format!(
+                    "consumer group {group} on {topic} p{partition}: the oldest unconsumed message is {:.0} s old, {}% of the topic's retention.ms {retention_ms}: Kafka deletes it soon and the sink never sees it (is `cdc-relay sink` running and keeping up?)",
+                    age as f64 / 1000.0,
+                    age * 100 / retention_ms.max(1),
+                ),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -66,19 +110,38 @@ pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
                 args.group.clone(),
                 args.dlq_topic.clone(),
             );
-            let k = tokio::task::spawn_blocking(move || -> Result<KafkaStatus, Error> {
+            let retention_ms = inspect::retention_ms(&connection, &topic).await;
+            let (mut k, oldest) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
                 let partitions = inspect::group_lag(&connection, &topic, &group)?;
+                let oldest = inspect::oldest_unconsumed(&connection, &topic, &group, &partitions)?;
                 let total_lag = partitions.iter().map(|p| p.lag).sum();
-                Ok(KafkaStatus {
+                let k = KafkaStatus {
                     dead_letters: inspect::topic_messages(&connection, &dlq).ok(),
                     topic,
                     group,
                     partitions,
                     total_lag,
-                })
+                    retention_ms: None,
+                    retention_warnings: Vec::new(),
+                };
+                Ok((k, oldest))
             })
             .await
             .map_err(|e| Error::Config(format!("status task failed: {e}")))??;
+            match retention_ms {
+                Ok(Some(retention)) => {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    k.retention_ms = Some(retention);
+                    k.retention_warnings =
+                        retention_warnings(&k.topic, &k.group, &oldest, retention, now_ms);
+                    // Data is about to be lost: unhealthy.
+                    problems.extend(k.retention_warnings.iter().map(|w| w.message.clone()));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the topic's retention.ms"),
+            }
             if k.total_lag > args.max_lag {
                 problems.push(format!(
                     "consumer group {} is {} messages behind (more than --max-lag {})",
@@ -183,6 +246,15 @@ pub fn render_table(s: &Status) -> String {
         }
         line("consumer lag total", k.total_lag.to_string());
         line(
+            "topic retention",
+            k.retention_ms
+                .map(|r| format!("{r} ms"))
+                .unwrap_or_else(|| "unlimited or unknown".into()),
+        );
+        for w in &k.retention_warnings {
+            line(&format!("  WARNING p{}", w.partition), w.message.clone());
+        }
+        line(
             "dead-lettered messages",
             k.dead_letters
                 .map(|d| d.to_string())
@@ -230,4 +302,27 @@ pub async fn run(args: StatusArgs) -> Result<i32, Error> {
         print!("{}", render_table(&status));
     }
     Ok(if status.healthy { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_from_80_percent_of_the_retention() {
+        let oldest = [(0, 1_000), (1, 40_000), (2, 52_000)].into_iter().collect();
+        // now 100 s: ages 99 s, 60 s, 48 s against a retention of 75 s (80 % = 60 s).
+        let w = retention_warnings("t", "g", &oldest, 75_000, 100_000);
+        assert_eq!(
+            w.iter().map(|w| w.partition).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        assert_eq!(w[1].oldest_unconsumed_age_ms, 60_000);
+        assert!(
+            w[1].message
+                .contains("80% of the topic's retention.ms 75000"),
+            "{}",
+            w[1].message
+        );
+    }
 }

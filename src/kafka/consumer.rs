@@ -3,8 +3,13 @@
 //! Auto-commit is off: offsets are committed only by [`KafkaConsumer::commit`], which the sink calls
 //! after ClickHouse confirmed every message below those offsets. A rebalance therefore never commits
 //! anything by itself; a partition taken away mid-batch is simply read again by its next owner.
+//!
+//! A commit is synchronous in librdkafka (it returns once the coordinator answered), so it runs on
+//! a blocking thread, never on a runtime thread; the sink awaits each commit before it starts the
+//! next, so commits reach the coordinator in order and a later one never goes behind an earlier.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -29,7 +34,7 @@ pub struct Consumed {
 }
 
 pub struct KafkaConsumer {
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
     topic: String,
 }
 
@@ -55,7 +60,7 @@ impl KafkaConsumer {
             .subscribe(&[topic])
             .map_err(KafkaError::client(format!("subscribing to {topic}")))?;
         Ok(KafkaConsumer {
-            consumer,
+            consumer: Arc::new(consumer),
             topic: topic.to_string(),
         })
     }
@@ -88,8 +93,9 @@ impl KafkaConsumer {
         Ok((consumed, parsed))
     }
 
-    /// Commits, per partition, the offset after the highest message handled.
-    pub fn commit(&self, handled: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+    /// Commits, per partition, the offset after the highest message handled, and waits (off the
+    /// runtime's threads) until the coordinator answered.
+    pub async fn commit(&self, handled: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
         if handled.is_empty() {
             return Ok(());
         }
@@ -98,8 +104,10 @@ impl KafkaConsumer {
             tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(offset + 1))
                 .map_err(KafkaError::client("building the offsets to commit"))?;
         }
-        self.consumer
-            .commit(&tpl, CommitMode::Sync)
+        let consumer = Arc::clone(&self.consumer);
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| KafkaError::Delivery(format!("the offset commit task failed: {e}")))?
             .map_err(KafkaError::client("committing offsets"))
     }
 }

@@ -1,5 +1,6 @@
 //! Read-only views of a topic and a consumer group, for `cdc-relay status`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -11,6 +12,8 @@ use super::{KafkaConnection, KafkaError, RdKafkaError};
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionLag {
     pub partition: i32,
+    /// Oldest offset the topic still holds.
+    pub low: i64,
     /// Next offset to be written.
     pub high: i64,
     /// The group's committed offset, if it has one.
@@ -26,6 +29,8 @@ fn client(connection: &KafkaConnection, group: &str) -> Result<BaseConsumer, Kaf
         .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        // An inspected offset deleted meanwhile reads from the oldest message, not the newest.
+        .set("auto.offset.reset", "earliest")
         .create()
         .map_err(KafkaError::client("creating an inspection client"))
 }
@@ -83,12 +88,83 @@ pub fn group_lag(
         let lag = high - committed.unwrap_or(low).max(low);
         out.push(PartitionLag {
             partition: p,
+            low,
             high,
             committed,
             lag,
         });
     }
     Ok(out)
+}
+
+/// The timestamp (ms since the epoch) of the oldest message the group has not consumed, for every
+/// partition with lag: the message at the committed offset, or at the low watermark when nothing
+/// (or something already deleted) is committed.
+pub fn oldest_unconsumed(
+    connection: &KafkaConnection,
+    topic: &str,
+    group: &str,
+    parts: &[PartitionLag],
+) -> Result<BTreeMap<i32, i64>, KafkaError> {
+    let mut out = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in parts.iter().filter(|p| p.lag > 0) {
+        let offset = p.committed.unwrap_or(p.low).max(p.low);
+        tpl.add_partition_offset(topic, p.partition, Offset::Offset(offset))
+            .map_err(KafkaError::client("positioning the inspection client"))?;
+    }
+    if tpl.count() == 0 {
+        return Ok(out);
+    }
+    let c = client(connection, group)?;
+    c.assign(&tpl)
+        .map_err(KafkaError::client("assigning the inspection client"))?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while out.len() < tpl.count() && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            use rdkafka::message::Message;
+            if let Some(ts) = m.timestamp().to_millis() {
+                out.entry(m.partition()).or_insert(ts);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The topic's `retention.ms`; `None` when retention is unlimited (-1).
+pub async fn retention_ms(
+    connection: &KafkaConnection,
+    topic: &str,
+) -> Result<Option<i64>, KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = connection
+        .client_config()
+        .create()
+        .map_err(KafkaError::client("creating the admin client"))?;
+    let opts = AdminOptions::new().request_timeout(Some(TIMEOUT));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(KafkaError::client(format!(
+            "reading the configuration of {topic}"
+        )))?;
+    for r in results {
+        let resource = r.map_err(|code| KafkaError::Topic {
+            topic: topic.into(),
+            reason: format!("its configuration cannot be read: {code}"),
+        })?;
+        if let Some(v) = resource
+            .get("retention.ms")
+            .and_then(|e| e.value.as_deref())
+        {
+            let ms: i64 = v.parse().map_err(|_| KafkaError::Topic {
+                topic: topic.into(),
+                reason: format!("retention.ms {v:?} is not a number"),
+            })?;
+            return Ok((ms >= 0).then_some(ms));
+        }
+    }
+    Ok(None)
 }
 
 /// Messages currently held by `topic` (all partitions).

@@ -11,16 +11,27 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::KafkaError;
 
+/// The replication factor of a topic the relay creates, unless told otherwise: three copies where
+/// the cluster has three brokers, as many as there are brokers on a smaller one.
+pub fn auto_replication(brokers: usize) -> i32 {
+    brokers.clamp(1, 3) as i32
+}
+
 /// Creates `topic` with `partitions` partitions if it does not exist; returns its partition count.
+/// `replication` `None` is [`auto_replication`] of the brokers in the cluster metadata.
 pub async fn ensure_topic(
     base: &ClientConfig,
     topic: &str,
     partitions: i32,
-    replication: i32,
+    replication: Option<i32>,
 ) -> Result<usize, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base
         .create()
         .map_err(KafkaError::client("creating the admin client"))?;
+    let replication = match replication {
+        Some(r) => r,
+        None => auto_replication(broker_count(base, topic)?),
+    };
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
@@ -29,7 +40,7 @@ pub async fn ensure_topic(
         .map_err(KafkaError::client(format!("creating topic {topic}")))?;
     for r in results {
         match r {
-            Ok(_) => tracing::info!(topic, partitions, "created Kafka topic"),
+            Ok(_) => tracing::info!(topic, partitions, replication, "created Kafka topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
                 return Err(KafkaError::Topic {
@@ -40,6 +51,19 @@ pub async fn ensure_topic(
         }
     }
     partition_count(base, topic).await
+}
+
+/// Brokers in the cluster metadata (asked along with `topic`'s, to keep the answer small; a
+/// consumer never creates the topic by asking).
+fn broker_count(base: &ClientConfig, topic: &str) -> Result<usize, KafkaError> {
+    let consumer: rdkafka::consumer::BaseConsumer = base
+        .create()
+        .map_err(KafkaError::client("creating a metadata client"))?;
+    let md = tokio::task::block_in_place(|| {
+        consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+    })
+    .map_err(KafkaError::client("reading the cluster metadata"))?;
+    Ok(md.brokers().len())
 }
 
 /// Partitions of `topic` per the cluster metadata (retried briefly: a new topic takes a moment to
@@ -68,4 +92,16 @@ pub async fn partition_count(base: &ClientConfig, topic: &str) -> Result<usize, 
         topic: topic.to_string(),
         reason: "does not exist or has no partitions".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replication_is_three_or_every_broker() {
+        let r: Vec<i32> = [0, 1, 2, 3, 4, 9]
+            .into_iter()
+            .map(super::auto_replication)
+            .collect();
+        assert_eq!(r, vec![1, 1, 2, 3, 3, 3]);
+    }
 }

@@ -75,7 +75,26 @@ impl ClickHouseConfig {
         format!(
             "{}.{}",
             quote_ident(&self.database),
-            quote_ident(&format!("{}_current", self.table))
+            quote_ident(&self.view_name())
+        )
+    }
+
+    /// `<table>_current`: one current row per id.
+    pub fn view_name(&self) -> String {
+        format!("{}_current", self.table)
+    }
+
+    /// `<table>_truncates`: one row per applied truncate; its highest version is the watermark
+    /// below which every row is gone.
+    pub fn truncates_name(&self) -> String {
+        format!("{}_truncates", self.table)
+    }
+
+    pub fn qualified_truncates(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.database),
+            quote_ident(&self.truncates_name())
         )
     }
 }

@@ -27,6 +27,8 @@ pub enum SinkError {
         column: String,
         reason: String,
     },
+    #[error("the ClickHouse insert task failed: {0}; nothing after the last committed offset was committed, the next start reads it again")]
+    InsertTask(String),
     #[error("ClickHouse server version {0:?} is not understood")]
     Version(String),
 }

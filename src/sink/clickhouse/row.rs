@@ -8,7 +8,9 @@ use crate::event::{ChangeEvent, Op};
 /// The stored row. Field names are the column names (the insert names them explicitly).
 #[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
 pub struct UserLoginRow {
-    pub id: u64,
+    /// `Int64`, like PostgreSQL's bigint. Tables of earlier releases have `UInt64`: the same bytes
+    /// for every id >= 0, which is all that is written there (see [`RowError::NegativeId`]).
+    pub id: i64,
     pub username: Option<String>,
     pub event_type: Option<String>,
     /// Seconds since the epoch, for a `DateTime` column: its range is 1970..2106, so times outside
@@ -24,7 +26,7 @@ pub struct UserLoginRow {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RowError {
-    #[error("id {0} is negative and cannot be stored as UInt64")]
+    #[error("id {0} is negative and the table's id column is UInt64 (created by an earlier cdc-relay release, which stored only ids >= 0); to store negative ids, point --clickhouse-table at a new table (the sink creates it with id Int64) and copy the rows over with INSERT INTO new SELECT * FROM old")]
     NegativeId(i64),
     #[error("op {0} carries no row")]
     NoRow(&'static str),
@@ -34,7 +36,6 @@ impl UserLoginRow {
     /// The row of `event`, whose time in microseconds is already known; moves the strings out.
     pub fn from_parts(event: ChangeEvent, micros: Option<i64>) -> Result<Self, RowError> {
         let id = event.id.ok_or(RowError::NoRow(event.op.as_str()))?;
-        let id = u64::try_from(id).map_err(|_| RowError::NegativeId(id))?;
         let seconds = micros.and_then(|us| u32::try_from(us.div_euclid(1_000_000)).ok());
         Ok(UserLoginRow {
             id,
@@ -47,6 +48,14 @@ impl UserLoginRow {
             _version: event.version,
             _deleted: u8::from(event.op == Op::Delete),
         })
+    }
+
+    /// Refuses what the table cannot hold: a negative id in a table whose id is unsigned.
+    pub fn check_storable(&self, unsigned_id: bool) -> Result<(), RowError> {
+        if unsigned_id && self.id < 0 {
+            return Err(RowError::NegativeId(self.id));
+        }
+        Ok(())
     }
 }
 
@@ -82,9 +91,16 @@ mod tests {
         );
         assert_eq!(row._deleted, 0);
         assert_eq!(row_of(&event(Op::Delete, Some(5))).unwrap()._deleted, 1);
+        let negative = row_of(&event(Op::Insert, Some(-1))).unwrap();
+        assert_eq!(negative.id, -1);
+        assert_eq!(negative.check_storable(false), Ok(()));
+        assert_eq!(negative.check_storable(true), Err(RowError::NegativeId(-1)));
+        assert!(RowError::NegativeId(-1).to_string().contains("UInt64"));
         assert_eq!(
-            row_of(&event(Op::Insert, Some(-1))),
-            Err(RowError::NegativeId(-1))
+            row_of(&event(Op::Insert, Some(0)))
+                .unwrap()
+                .check_storable(true),
+            Ok(())
         );
         assert!(row_of(&event(Op::Truncate, None)).is_err());
     }

@@ -3,6 +3,11 @@
 //! ClickHouse 18.16 (Debian's) has `ReplacingMergeTree(ver)` but not the `is_deleted` argument
 //! (23.2+), nor DateTime64, so the common schema uses what both have; on a newer server the engine
 //! also gets `_deleted`, which lets merges drop deleted rows. Either way the view filters deleted rows.
+//!
+//! A truncate is a row in `<table>_truncates` (no mutation): the view hides every row whose
+//! `_version` is below the highest truncate version, including rows that arrive after the truncate
+//! was applied (from other partitions) with lower versions. Views of earlier releases lack that
+//! filter and are re-created; tables of earlier releases (`id UInt64`) keep working.
 
 use super::config::quote_ident;
 use super::{ClickHouseConfig, SinkError};
@@ -35,7 +40,7 @@ impl ServerVersion {
 
 /// The columns the sink writes and reads, with their types.
 pub const COLUMNS: &[(&str, &str)] = &[
-    ("id", "UInt64"),
+    ("id", "Int64"),
     ("username", "Nullable(String)"),
     ("event_type", "Nullable(String)"),
     ("event_time", "Nullable(DateTime)"),
@@ -66,8 +71,19 @@ pub fn create_table_sql(cfg: &ClickHouseConfig, version: ServerVersion) -> Strin
     )
 }
 
-/// One current, non-deleted row per id: FINAL collapses versions at read time, so the view is
-/// exact even before background merges ran.
+/// The id column type of tables created by releases before negative ids were stored.
+pub const LEGACY_ID_TYPE: &str = "UInt64";
+
+/// One row per applied truncate. `max(version)` of an empty table is 0, which hides nothing.
+pub fn create_truncates_sql(cfg: &ClickHouseConfig) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n    version UInt64,\n    applied_at DateTime DEFAULT now()\n) ENGINE = MergeTree ORDER BY version",
+        cfg.qualified_truncates()
+    )
+}
+
+/// One current, non-deleted row per id, at or above the truncate watermark: FINAL collapses
+/// versions at read time, so the view is exact even before background merges ran.
 pub fn create_view_sql(cfg: &ClickHouseConfig) -> String {
     let cols: Vec<&str> = COLUMNS
         .iter()
@@ -75,11 +91,19 @@ pub fn create_view_sql(cfg: &ClickHouseConfig) -> String {
         .filter(|n| *n != "_deleted")
         .collect();
     format!(
-        "CREATE VIEW IF NOT EXISTS {} AS SELECT {} FROM {} FINAL WHERE _deleted = 0",
+        "CREATE VIEW IF NOT EXISTS {} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
         cfg.qualified_view(),
         cols.join(", "),
-        cfg.qualified_table()
+        cfg.qualified_table(),
+        cfg.qualified_truncates()
     )
+}
+
+/// What the sink must know about the table it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableInfo {
+    /// `id` is `UInt64` (a table of an earlier release): negative ids cannot be stored.
+    pub unsigned_id: bool,
 }
 
 /// Reads the server version.
@@ -99,13 +123,14 @@ pub async fn server_version(
     ServerVersion::parse(&text)
 }
 
-/// Creates the table and view if missing, then checks that the table has every column with the
-/// type the sink writes.
+/// Creates the table, the truncates table and the view if missing, checks that the table has every
+/// column with the type the sink writes, and re-creates a view of an earlier release (without the
+/// truncate filter).
 pub async fn ensure_schema(
     client: &clickhouse::Client,
     cfg: &ClickHouseConfig,
     version: ServerVersion,
-) -> Result<(), SinkError> {
+) -> Result<TableInfo, SinkError> {
     let err = |context: &str| {
         let context = context.to_string();
         let url = cfg.url.clone();
@@ -128,16 +153,43 @@ pub async fn ensure_schema(
         .execute()
         .await
         .map_err(err("creating the table"))?;
-    check_table(client, cfg).await?;
+    let info = check_table(client, cfg).await?;
+    client
+        .query(&create_truncates_sql(cfg))
+        .execute()
+        .await
+        .map_err(err("creating the truncates table"))?;
+    let view: Vec<String> = client
+        .query("SELECT create_table_query FROM system.tables WHERE database = ? AND name = ?")
+        .bind(&cfg.database)
+        .bind(cfg.view_name())
+        .fetch_all()
+        .await
+        .map_err(err("reading the current-rows view"))?;
+    if view
+        .first()
+        .is_some_and(|ddl| !ddl.contains(&cfg.truncates_name()))
+    {
+        // Another sink may do the same at the same moment: both statements are idempotent.
+        tracing::info!(view = %cfg.qualified_view(), "re-creating the current-rows view of an earlier release with the truncate filter");
+        client
+            .query(&format!("DROP TABLE IF EXISTS {}", cfg.qualified_view()))
+            .execute()
+            .await
+            .map_err(err("dropping the current-rows view of an earlier release"))?;
+    }
     client
         .query(&create_view_sql(cfg))
         .execute()
         .await
         .map_err(err("creating the current-rows view"))?;
-    Ok(())
+    Ok(info)
 }
 
-async fn check_table(client: &clickhouse::Client, cfg: &ClickHouseConfig) -> Result<(), SinkError> {
+async fn check_table(
+    client: &clickhouse::Client,
+    cfg: &ClickHouseConfig,
+) -> Result<TableInfo, SinkError> {
     #[derive(clickhouse::Row, serde::Deserialize)]
     struct Col {
         name: String,
@@ -163,10 +215,12 @@ async fn check_table(client: &clickhouse::Client, cfg: &ClickHouseConfig) -> Res
                     reason: "is missing".into(),
                 })
             }
-            // DateTime may carry a time zone on newer servers.
+            // DateTime may carry a time zone on newer servers; tables of earlier releases have an
+            // unsigned id (only negative ids are refused there, message by message).
             Some(c)
                 if c.r#type != *ty
-                    && !(c.r#type.starts_with("Nullable(DateTime(") && *name == "event_time") =>
+                    && !(c.r#type.starts_with("Nullable(DateTime(") && *name == "event_time")
+                    && !(c.r#type == LEGACY_ID_TYPE && *name == "id") =>
             {
                 return Err(SinkError::Schema {
                     table: cfg.qualified_table(),
@@ -177,7 +231,11 @@ async fn check_table(client: &clickhouse::Client, cfg: &ClickHouseConfig) -> Res
             Some(_) => {}
         }
     }
-    Ok(())
+    Ok(TableInfo {
+        unsigned_id: cols
+            .iter()
+            .any(|c| c.name == "id" && c.r#type == LEGACY_ID_TYPE),
+    })
 }
 
 #[cfg(test)]
@@ -204,6 +262,15 @@ mod tests {
                 "{name} {ty} missing from sql/clickhouse/schema.sql"
             );
         }
+        let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let reference = squash(reference);
+        for ddl in [create_truncates_sql(&cfg()), create_view_sql(&cfg())] {
+            let ddl = squash(&ddl.replace('`', ""));
+            assert!(
+                reference.contains(&ddl),
+                "sql/clickhouse/schema.sql lacks {ddl}"
+            );
+        }
     }
 
     #[test]
@@ -213,6 +280,6 @@ mod tests {
         assert!(create_table_sql(&cfg(), old).contains("ReplacingMergeTree(_version)"));
         assert!(create_table_sql(&cfg(), new).contains("ReplacingMergeTree(_version, _deleted)"));
         assert!(ServerVersion::parse("x").is_err());
-        assert!(create_view_sql(&cfg()).contains("FINAL WHERE _deleted = 0"));
+        assert!(create_view_sql(&cfg()).contains("FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM `default`.`user_logins_truncates`)"));
     }
 }

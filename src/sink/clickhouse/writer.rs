@@ -42,53 +42,94 @@ impl ClickHouseWriter {
         insert.end().await.map_err(err)
     }
 
-    /// The current stored rows of these ids (to complete updates that left TOASTed columns out).
-    pub async fn current_rows(&self, ids: &[u64]) -> Result<Vec<UserLoginRow>, SinkError> {
+    /// Stored rows of these ids with a `_version` below `below` and at or above the truncate
+    /// watermark (to complete updates that left TOASTed columns out; [`fill_from_stored`] picks).
+    pub async fn rows_below(
+        &self,
+        ids: &[i64],
+        below: u64,
+    ) -> Result<Vec<UserLoginRow>, SinkError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         self.client
             // Numbers only, so formatting them in is safe; 18.16 cannot bind an array to IN.
             .query(&format!(
-                "SELECT ?fields FROM {} FINAL WHERE id IN ({})",
+                "SELECT ?fields FROM {} WHERE id IN ({}) AND _version < {below} \
+                 AND _version >= (SELECT max(version) FROM {})",
                 self.cfg.qualified_table(),
-                ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+                ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+                self.cfg.qualified_truncates(),
             ))
             .fetch_all()
             .await
             .map_err(|source| SinkError::Client {
                 url: self.cfg.url.clone(),
-                context: "reading current rows for unchanged TOAST columns".into(),
+                context: "reading earlier rows for unchanged TOAST columns".into(),
                 source,
             })
     }
 
-    /// Marks every row older than `version` deleted (what a PostgreSQL TRUNCATE means here). A
-    /// mutation: asynchronous in ClickHouse, and rows written later (higher versions) are untouched.
+    /// Records a truncate: every row with a `_version` below `version` is gone, whenever it
+    /// arrives (the view filters on the highest recorded version). Recording it twice is harmless.
     pub async fn truncate_before(&self, version: u64) -> Result<(), SinkError> {
         self.client
             .query(&format!(
-                "ALTER TABLE {} UPDATE _deleted = 1 WHERE _version < ?",
-                self.cfg.qualified_table()
+                "INSERT INTO {} (version) VALUES ({version})",
+                self.cfg.qualified_truncates()
             ))
-            .bind(version)
             .execute()
             .await
             .map_err(|source| SinkError::Client {
                 url: self.cfg.url.clone(),
-                context: "applying a truncate".into(),
+                context: "recording a truncate".into(),
+                source,
+            })
+    }
+
+    /// The highest recorded truncate version (0 when there was none).
+    pub async fn truncate_watermark(&self) -> Result<u64, SinkError> {
+        self.client
+            .query(&format!(
+                "SELECT max(version) FROM {}",
+                self.cfg.qualified_truncates()
+            ))
+            .fetch_one()
+            .await
+            .map_err(|source| SinkError::Client {
+                url: self.cfg.url.clone(),
+                context: "reading the truncate watermark".into(),
                 source,
             })
     }
 }
 
-/// Completes rows whose update did not carry some TOASTed columns from the latest earlier row of
-/// the same id in the batch; returns those with no such row, to be completed from the table.
+/// Whether `cand` (at batch position `cand_idx`) is an earlier change of the row at `idx`: a lower
+/// version, or the same version (one transaction) earlier on the partition.
+fn is_earlier(cand: &UserLoginRow, cand_idx: usize, row: &UserLoginRow, idx: usize) -> bool {
+    cand.id == row.id
+        && (cand._version < row._version || (cand._version == row._version && cand_idx < idx))
+}
+
+/// Completes rows whose update did not carry some TOASTed columns from the newest earlier change
+/// of the same id in the batch (ignoring rows below the truncate `watermark`); returns those with
+/// no such row, to be completed from the table ([`fill_from_stored`]).
 pub fn fill_from_batch(
     rows: &mut [UserLoginRow],
-    unchanged: Vec<(usize, Vec<String>)>,
+    mut unchanged: Vec<(usize, Vec<String>)>,
+    watermark: u64,
 ) -> Vec<(usize, Vec<String>)> {
+    // Oldest change first, so a row that is itself completed is complete before it is copied from.
+    unchanged.sort_by_key(|(idx, _)| (rows[*idx]._version, *idx));
     let mut rest = Vec::new();
     for (idx, cols) in unchanged {
-        let id = rows[idx].id;
-        match rows[..idx].iter().rposition(|r| r.id == id) {
+        let best = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| r._version >= watermark && is_earlier(r, *i, &rows[idx], idx))
+            .max_by_key(|(i, r)| (r._version, *i))
+            .map(|(i, _)| i);
+        match best {
             Some(prev) => {
                 let prev = rows[prev].clone();
                 copy_columns(&mut rows[idx], &prev, &cols);
@@ -99,17 +140,42 @@ pub fn fill_from_batch(
     rest
 }
 
-/// Completes rows from the stored current rows; columns with no stored value stay NULL.
-pub fn fill_from_current(
+/// Completes rows from the stored row of the same id with the greatest `_version` strictly below
+/// theirs (`stored` holds only rows at or above the truncate watermark); columns with no such row
+/// stay NULL.
+pub fn fill_from_stored(
     rows: &mut [UserLoginRow],
     rest: &[(usize, Vec<String>)],
-    current: &[UserLoginRow],
+    stored: &[UserLoginRow],
 ) {
     for (idx, cols) in rest {
-        if let Some(prev) = current.iter().find(|r| r.id == rows[*idx].id) {
+        let row = &rows[*idx];
+        if let Some(prev) = stored
+            .iter()
+            .filter(|r| r.id == row.id && r._version < row._version)
+            .max_by_key(|r| r._version)
+        {
             copy_columns(&mut rows[*idx], prev, cols);
         }
     }
+}
+
+/// Keeps, of rows with the same id and the same version, only the last (the latest change of one
+/// transaction): ClickHouse does not say which of equal versions in one insert survives.
+pub fn keep_last_of_equal_versions(rows: &mut Vec<UserLoginRow>) {
+    let mut last = std::collections::HashMap::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        last.insert((r.id, r._version), i);
+    }
+    if last.len() == rows.len() {
+        return;
+    }
+    let mut i = 0;
+    rows.retain(|r| {
+        let keep = last[&(r.id, r._version)] == i;
+        i += 1;
+        keep
+    });
 }
 
 fn copy_columns(row: &mut UserLoginRow, from: &UserLoginRow, cols: &[String]) {
@@ -153,5 +219,106 @@ impl ClickHouseWriter {
             .await
             .map_err(err)?;
         Ok((raw, current))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, version: u64, user: Option<&str>, event: &str) -> UserLoginRow {
+        UserLoginRow {
+            id,
+            username: user.map(str::to_string),
+            event_type: Some(event.into()),
+            event_time: None,
+            event_time_us: None,
+            op: "update".into(),
+            _lsn: "0/1".into(),
+            _version: version,
+            _deleted: 0,
+        }
+    }
+
+    fn users(rows: &[UserLoginRow]) -> Vec<Option<&str>> {
+        rows.iter().map(|r| r.username.as_deref()).collect()
+    }
+
+    #[test]
+    fn fills_from_the_newest_earlier_change_in_the_batch() {
+        let username = || vec!["username".to_string()];
+        let mut rows = vec![
+            row(1, 10, Some("a"), "x"),
+            row(1, 30, Some("c"), "x"), // a later change, delivered before (a re-read)
+            row(1, 20, None, "y"),      // fill from 10, not 30
+            row(2, 5, Some("b1"), "x"),
+            row(2, 5, None, "y"), // same transaction, earlier on the partition: fill from it
+            row(3, 7, None, "y"), // nothing earlier in the batch
+            row(4, 9, Some("old"), "x"),
+            row(4, 12, None, "y"), // 9 is at the watermark 9: still there
+        ];
+        let unchanged = [2, 4, 5, 7].map(|i| (i, username())).to_vec();
+        let rest = fill_from_batch(&mut rows[..6], unchanged[..3].to_vec(), 0);
+        assert_eq!(rest.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![5]);
+        let rest = fill_from_batch(&mut rows, unchanged[3..].to_vec(), 9);
+        assert!(rest.is_empty());
+        assert_eq!(users(&rows)[2], Some("a"));
+        assert_eq!(users(&rows)[4], Some("b1"));
+        assert_eq!(users(&rows)[7], Some("old"));
+
+        let mut rows = vec![row(4, 9, Some("old"), "x"), row(4, 12, None, "y")];
+        let rest = fill_from_batch(&mut rows, vec![(1, username())], 10);
+        assert_eq!(rest.len(), 1, "a row below the watermark is not a source");
+        assert_eq!(rows[1].username, None);
+    }
+
+    #[test]
+    fn a_filled_row_is_complete_before_a_later_one_copies_it() {
+        let username = || vec!["username".to_string()];
+        // Positions out of version order: 20 must be completed from 10 before 25 copies 20.
+        let mut rows = vec![
+            row(1, 25, None, "z"),
+            row(1, 20, None, "y"),
+            row(1, 10, Some("a"), "x"),
+        ];
+        let rest = fill_from_batch(&mut rows, vec![(0, username()), (1, username())], 0);
+        assert!(rest.is_empty());
+        assert_eq!(users(&rows), vec![Some("a"), Some("a"), Some("a")]);
+    }
+
+    #[test]
+    fn fills_from_the_greatest_stored_version_below_the_row() {
+        let stored = vec![
+            row(1, 10, Some("a"), "x"),
+            row(1, 30, Some("c"), "x"),
+            row(1, 20, Some("self"), "x"), // the row itself, stored before a re-read
+            row(2, 3, Some("b"), "x"),
+        ];
+        let mut rows = vec![row(1, 20, None, "y"), row(2, 1, None, "y")];
+        let rest = vec![
+            (0, vec!["username".to_string()]),
+            (1, vec!["username".to_string()]),
+        ];
+        fill_from_stored(&mut rows, &rest, &stored);
+        assert_eq!(users(&rows), vec![Some("a"), None]);
+    }
+
+    #[test]
+    fn keeps_the_last_of_equal_versions_of_one_id() {
+        let mut rows = vec![
+            row(1, 5, Some("first"), "x"),
+            row(2, 5, Some("other id"), "x"),
+            row(1, 6, Some("newer version"), "x"),
+            row(1, 5, Some("second"), "x"),
+            row(1, 5, Some("last"), "x"),
+        ];
+        keep_last_of_equal_versions(&mut rows);
+        assert_eq!(
+            users(&rows),
+            vec![Some("other id"), Some("newer version"), Some("last")]
+        );
+        let mut distinct = vec![row(1, 1, Some("a"), "x"), row(1, 2, Some("b"), "x")];
+        keep_last_of_equal_versions(&mut distinct);
+        assert_eq!(distinct.len(), 2);
     }
 }
