@@ -767,3 +767,63 @@ async fn tls_verify_full_against_the_local_ca_and_a_wrong_ca_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sslrootcert"));
     p.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_the_users_pg_options_reach_the_sql_and_the_replication_sessions() {
+    let p = Pipeline::new("ops_opts").await;
+    // The ledger's UPDATE fires this trigger, which records the relay session's settings (as a
+    // SECURITY DEFINER function it may write the audit table; the settings are the caller's).
+    p.exec(
+        "CREATE TABLE {t}_seen (test text, tz text, datestyle text); \
+         CREATE FUNCTION {t}_probe() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ BEGIN \
+           INSERT INTO {t}_seen VALUES (current_setting('cdc_relay.test', true), \
+             current_setting('TimeZone'), current_setting('DateStyle')); \
+           RETURN NULL; END $$; \
+         CREATE TRIGGER {t}_probe AFTER UPDATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {t}_probe()",
+    )
+    .await;
+    let url = format!(
+        "{}?options=-c%20cdc_relay.test%3Dfrom_url%20-c%20TimeZone%3DAsia/Tokyo%20-c%20client_min_messages%3Dlog",
+        env("CDC_RELAY_PG_RELAY_URL")
+    );
+    let relay = Relay::start(&p.name, &p.args(&[]), &[("CDC_RELAY_PG_URL", url.as_str())]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) VALUES ('o1', 'login', '2024-05-01 12:00:00'), ('o2', 'login', '2024-05-01 12:00:01')")
+        .await;
+    p.wait_all_sent(2, Duration::from_secs(30)).await;
+    let msgs = p.read(2, Duration::from_secs(1));
+    assert_eq!(ids(&msgs).len(), 2, "{msgs:?}");
+    assert!(msgs
+        .iter()
+        .any(|m| m.value["event_time"] == "2024-05-01T12:00:00"));
+    // The SQL session: the user's setting is there, and the relay's TimeZone won over the user's.
+    let seen: Vec<(Option<String>, String, String)> =
+        p.pg.query(
+            &format!("SELECT DISTINCT test, tz, datestyle FROM {}_seen", p.name),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0.as_deref(), Some("from_url"), "{seen:?}");
+    assert_eq!(seen[0].1, "UTC", "{seen:?}");
+    assert!(seen[0].2.starts_with("ISO"), "{seen:?}");
+    // The replication session: with the user's client_min_messages=log the walsender sends its
+    // LOG lines to the client, which logs them.
+    assert_eq!(relay.stop(), 0);
+    let log = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!(".local/test-logs/{}.log", p.name)),
+    )
+    .unwrap();
+    assert!(
+        log.contains("starting logical decoding for slot"),
+        "the walsender did not get client_min_messages=log: {log}"
+    );
+    p.exec("DROP TABLE {t}_seen; DROP TRIGGER {t}_probe ON {t}; DROP FUNCTION {t}_probe()")
+        .await;
+    p.drop().await;
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
-use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message, NoticeResponseBody};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -144,6 +144,41 @@ pub(super) fn server_error(body: &ErrorResponseBody) -> ReplicationError {
     }
 }
 
+/// Output settings the replication session pins for the decoder (appended to the user's options).
+pub const REPLICATION_SESSION_OPTIONS: &str =
+    "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres";
+
+/// The user's `options` followed by `ours` (a later `-c` wins over an earlier one).
+pub fn append_options(user: Option<&str>, ours: &str) -> String {
+    match user.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(user) => format!("{user} {ours}"),
+        None => ours.to_string(),
+    }
+}
+
+/// Logs a notice the server sent (what `client_min_messages` lets through; WARNINGs by default).
+pub(super) fn log_notice(body: &NoticeResponseBody) {
+    let (mut severity, mut message) = (String::new(), String::new());
+    let mut detail = None;
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'V' => severity = v,
+            b'S' if severity.is_empty() => severity = v,
+            b'M' => message = v,
+            b'D' => detail = Some(v),
+            _ => {}
+        }
+    }
+    let detail = detail.unwrap_or_default();
+    if severity == "WARNING" {
+        tracing::warn!(%severity, %detail, "PostgreSQL replication connection: {message}");
+    } else {
+        tracing::info!(%severity, %detail, "PostgreSQL replication connection: {message}");
+    }
+}
+
 /// Where and how to connect, taken from the same URL the ordinary SQL connection uses.
 #[derive(Clone)]
 pub struct ConnectParams {
@@ -153,6 +188,9 @@ pub struct ConnectParams {
     pub user: String,
     pub password: Option<Vec<u8>>,
     pub dbname: String,
+    /// The `options` of the URL (command-line switches for the server session, e.g.
+    /// `-c search_path=app`); the replication session's own settings are appended to them.
+    pub options: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectParams {
@@ -187,6 +225,7 @@ impl ConnectParams {
             dbname: cfg.get_dbname().unwrap_or(&user).to_string(),
             user,
             password: cfg.get_password().map(<[u8]>::to_vec),
+            options: cfg.get_options().map(str::to_string),
         })
     }
 
@@ -242,10 +281,10 @@ impl ReplicationClient {
     }
 
     async fn startup(&mut self, params: &ConnectParams) -> Result<(), ReplicationError> {
-        // Output functions run in the walsender with this session's settings: pin them so the
-        // text the decoder parses (timestamps above all) has one known format.
-        let options =
-            "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres";
+        // Output functions run in the walsender with this session's settings: pin them (after
+        // the user's own options, so ours win) so the text the decoder parses (timestamps above
+        // all) has one known format.
+        let options = append_options(params.options.as_deref(), REPLICATION_SESSION_OPTIONS);
         frontend::startup_message(
             [
                 ("user", params.user.as_str()),
@@ -253,7 +292,7 @@ impl ReplicationClient {
                 ("replication", "database"),
                 ("application_name", "cdc-relay"),
                 ("client_encoding", "UTF8"),
-                ("options", options),
+                ("options", options.as_str()),
             ],
             &mut self.write_buf,
         )
@@ -321,9 +360,8 @@ impl ReplicationClient {
                 }
                 Message::ReadyForQuery(_) => return Ok(()),
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
-                Message::ParameterStatus(_)
-                | Message::BackendKeyData(_)
-                | Message::NoticeResponse(_) => {}
+                Message::NoticeResponse(body) => log_notice(&body),
+                Message::ParameterStatus(_) | Message::BackendKeyData(_) => {}
                 _ => {
                     return Err(ReplicationError::Protocol(
                         "unexpected message during startup".into(),
@@ -362,6 +400,7 @@ impl ReplicationClient {
                     rows.push(row);
                 }
                 Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::NoticeResponse(body) => log_notice(&body),
                 Message::ReadyForQuery(_) => break,
                 _ => {}
             }
@@ -427,7 +466,7 @@ impl ReplicationClient {
                     let err = server_error(&body);
                     return Err(err);
                 }
-                Frame::Other(Message::NoticeResponse(_)) => {}
+                Frame::Other(Message::NoticeResponse(body)) => log_notice(&body),
                 _ => {
                     return Err(ReplicationError::Protocol(
                         "expected CopyBothResponse after START_REPLICATION".into(),

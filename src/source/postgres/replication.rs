@@ -52,7 +52,8 @@ impl ReplicationStream {
                     return Ok(None)
                 }
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
-                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                Message::NoticeResponse(body) => super::client::log_notice(&body),
+                Message::ParameterStatus(_) => {}
                 _ => {
                     return Err(ReplicationError::Protocol(
                         "unexpected message in replication stream".into(),
