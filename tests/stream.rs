@@ -827,3 +827,115 @@ async fn ops_the_users_pg_options_reach_the_sql_and_the_replication_sessions() {
         .await;
     p.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_other_ops_than_the_publication_are_refused_by_stream_and_applied_by_setup() {
+    let p = Pipeline::new("ops_pubops").await; // its publication publishes inserts
+    let published = || async {
+        let r =
+            p.pg.query_one(
+                "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1",
+                &[&p.name],
+            )
+            .await
+            .unwrap();
+        (
+            r.get::<_, bool>(0),
+            r.get::<_, bool>(1),
+            r.get::<_, bool>(2),
+        )
+    };
+
+    // The relay role could not alter it anyway; the owner's stream must not either.
+    for url in [env("CDC_RELAY_PG_RELAY_URL"), env("CDC_RELAY_PG_URL")] {
+        let out = common::relay(
+            &p.args(&["--ops", "insert,update"]),
+            &[("CDC_RELAY_PG_URL", url.as_str())],
+        )
+        .output()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let stmt = format!(
+            "ALTER PUBLICATION \"{}\" SET (publish = 'insert, update')",
+            p.name
+        );
+        assert!(stderr.contains(&stmt), "{stderr}");
+        assert!(
+            stderr.contains("publishes insert, but --ops asks for insert, update"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("cdc-relay setup --ops insert,update"),
+            "{stderr}"
+        );
+        assert_eq!(published().await, (true, false, false), "unchanged");
+    }
+    let slots: i64 =
+        p.pg.query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "refused before anything was created");
+
+    // setup changes it (as the table's owner: altering a publication takes ownership).
+    let dlq = format!("{}_dlq", p.name);
+    let owner = env("CDC_RELAY_PG_URL");
+    let out = common::relay(
+        &[
+            "setup",
+            "--table",
+            &p.name,
+            "--slot",
+            &p.name,
+            "--publication",
+            &p.name,
+            "--topic",
+            &p.name,
+            "--dlq-topic",
+            &dlq,
+            "--clickhouse-table",
+            &p.name,
+            "--ops",
+            "insert,update",
+        ],
+        &[("CDC_RELAY_PG_URL", owner.as_str())],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(published().await, (true, true, false));
+
+    // Now the stream with the same --ops starts, and updates flow.
+    let relay = p.start(&["--ops", "insert,update"]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) VALUES ('p', 'login', now())")
+        .await;
+    p.wait_all_sent(1, Duration::from_secs(30)).await;
+    p.exec("UPDATE {t} SET event_type = 'logout'").await;
+    let msgs = p.read(2, Duration::from_secs(1));
+    assert_eq!(
+        msgs.iter()
+            .map(|m| m.value["op"].clone())
+            .collect::<Vec<_>>(),
+        ["insert", "update"],
+        "{msgs:?}"
+    );
+    assert_eq!(relay.stop(), 0);
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
+    for stmt in [
+        format!("DROP TABLE IF EXISTS {}_current", p.name),
+        format!("DROP TABLE IF EXISTS {}", p.name),
+    ] {
+        ch.query(&stmt).execute().await.unwrap();
+    }
+    p.drop().await;
+}
