@@ -939,3 +939,151 @@ async fn ops_other_ops_than_the_publication_are_refused_by_stream_and_applied_by
     }
     p.drop().await;
 }
+
+/// A proxied connection's switch: once set, nothing is forwarded any more.
+type Hole = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// A TCP proxy in front of PostgreSQL that can black-hole a connection: stop forwarding both ways
+/// while keeping both sockets open, which is how a peer that vanished without FIN or RST looks.
+/// New connections are still accepted and forwarded.
+struct Proxy {
+    port: u16,
+    /// Per connection: its local port towards PostgreSQL (PostgreSQL's `client_port`), its switch.
+    conns: std::sync::Arc<std::sync::Mutex<Vec<(u16, Hole)>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let registry = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let hole = Arc::new(AtomicBool::new(false));
+                registry
+                    .lock()
+                    .unwrap()
+                    .push((server.local_addr().unwrap().port(), hole.clone()));
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Self::pipe(cr, sw, hole.clone()));
+                tokio::spawn(Self::pipe(sr, cw, hole));
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        hole: Hole,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if hole.load(std::sync::atomic::Ordering::SeqCst) {
+                // Forward nothing, read nothing more, close nothing.
+                std::future::pending::<()>().await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// Black-holes the connection whose local port towards PostgreSQL is `port`.
+    fn black_hole(&self, port: u16) -> bool {
+        let conns = self.conns.lock().unwrap();
+        let found = conns.iter().find(|(p, _)| *p == port);
+        if let Some((_, hole)) = found {
+            hole.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        found.is_some()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_a_half_open_replication_connection_is_detected_and_replaced() {
+    let p = Pipeline::new("ops_halfopen").await;
+    let url = env("CDC_RELAY_PG_RELAY_URL");
+    let parsed: tokio_postgres::Config = url.parse().unwrap();
+    let host = match &parsed.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("a TCP host, not {other:?}"),
+    };
+    let port = parsed.get_ports()[0];
+    let proxy = Proxy::start(format!("{host}:{port}")).await;
+    let proxied = url.replacen(
+        &format!("@{host}:{port}/"),
+        &format!("@127.0.0.1:{}/", proxy.port),
+        1,
+    );
+    assert_ne!(proxied, url);
+    let relay = Relay::start(
+        &p.name,
+        &p.args(&[]),
+        &[("CDC_RELAY_PG_URL", proxied.as_str())],
+    );
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (id, username, event_type, event_time) SELECT g, 'a' || g, 'login', now() FROM generate_series(1, 10) g").await;
+    p.wait_all_sent(10, Duration::from_secs(30)).await;
+
+    // The walsender's client port is the proxy's side of the replication connection.
+    let admin = pg_url(&env("CDC_RELAY_PG_ADMIN_URL")).await;
+    let row = admin
+        .query_one(
+            "SELECT a.pid, a.client_port FROM pg_replication_slots r JOIN pg_stat_activity a ON a.pid = r.active_pid WHERE r.slot_name = $1",
+            &[&p.name],
+        )
+        .await
+        .unwrap();
+    let (old_pid, client_port): (i32, i32) = (row.get(0), row.get(1));
+    assert!(
+        proxy.black_hole(client_port as u16),
+        "the replication connection goes through the proxy"
+    );
+    let holed = std::time::Instant::now();
+    p.exec("INSERT INTO {t} (id, username, event_type, event_time) SELECT g, 'b' || g, 'login', now() FROM generate_series(11, 20) g").await;
+
+    let detected = eventually("the relay reconnects", Duration::from_secs(60), || async {
+        relay
+            .log_text()
+            .contains("reconnecting")
+            .then(|| holed.elapsed())
+    })
+    .await;
+    p.wait_all_sent(20, Duration::from_secs(60).saturating_sub(holed.elapsed()))
+        .await;
+    let delivered = holed.elapsed();
+    println!("half-open replication connection: reconnecting after {detected:?}, new rows in Kafka and marked sent after {delivered:?}");
+    let log = relay.log_text();
+    assert!(log.contains("no message from the server"), "{log}");
+    let msgs = p.read(20, Duration::from_secs(2));
+    assert_eq!(
+        ids(&msgs),
+        (1..=20).collect::<BTreeSet<i64>>(),
+        "every row is in Kafka"
+    );
+    let new_pid: i32 = admin
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(new_pid, old_pid, "a new walsender streams the slot");
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}

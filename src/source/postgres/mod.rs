@@ -150,6 +150,21 @@ impl SourceConfig {
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(std::time::Duration::from_secs(10));
         }
+        // A peer that vanished without FIN or RST: unless the URL says otherwise, idle sockets
+        // probe after 30 s (tokio-postgres' default is 2 hours) and unacknowledged data gives up
+        // after 60 s (the kernel's default retries for about 15 minutes). Both connection kinds.
+        if pg.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+            pg.keepalives_idle(std::time::Duration::from_secs(30));
+        }
+        if pg.get_keepalives_interval().is_none() {
+            pg.keepalives_interval(std::time::Duration::from_secs(10));
+        }
+        if pg.get_keepalives_retries().is_none() {
+            pg.keepalives_retries(3);
+        }
+        if pg.get_tcp_user_timeout().is_none() {
+            pg.tcp_user_timeout(std::time::Duration::from_secs(60));
+        }
         let (schema, table) = match table.split_once('.') {
             Some((s, t)) => (s.to_string(), t.to_string()),
             None => ("public".to_string(), table.to_string()),
