@@ -110,3 +110,68 @@ fn unknown_config_keys_and_missing_settings_are_errors() {
         "{text}"
     );
 }
+
+#[test]
+fn config_check_never_prints_a_secret_from_urls_or_key_value_strings() {
+    let secrets = [
+        "QuerySecret1",
+        "SslKeySecret2",
+        "ChUserSecret3",
+        "ChQuerySecret4",
+        "KafkaSecret5",
+        "QuotedSecret6",
+        "EscapedSecret7",
+        "FileChSecret8",
+    ];
+    let check = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for s in secrets {
+            assert!(!text.contains(s), "{s} shown:\n{text}");
+        }
+        text
+    };
+
+    // From the environment: URLs with secrets in user info and in query parameters.
+    let text = check(
+        bin()
+            .args(["config", "check"])
+            .env(
+                "CDC_RELAY_PG_URL",
+                "postgres://cdc@127.0.0.1:1/cdc?sslmode=disable&PASSWORD=QuerySecret1&sslpassword=SslKeySecret2",
+            )
+            .env(
+                "CDC_RELAY_CLICKHOUSE_URL",
+                "https://default:ChUserSecret3@ch.example:8443/?database=x&password=ChQuerySecret4",
+            )
+            .env("CDC_RELAY_KAFKA_BROKERS", "SASL_SSL://cdc:KafkaSecret5@k:9093"),
+    );
+    assert!(
+        text.contains(
+            "postgres://cdc@127.0.0.1:1/cdc?sslmode=disable&PASSWORD=****&sslpassword=****"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("https://default:****@ch.example:8443/?database=x&password=****"),
+        "{text}"
+    );
+    assert!(text.contains("SASL_SSL://cdc:****@k:9093"), "{text}");
+
+    // From the config file: a key=value string with a quoted password (spaces around `=`, an
+    // escaped quote), and a ClickHouse password.
+    let file = write(
+        "masking",
+        "pg_url = \"host=127.0.0.1 port=1 user=cdc password = 'QuotedSecret6 \\\\' EscapedSecret7' dbname=cdc\"\nclickhouse_password = \"FileChSecret8\"\nkafka_brokers = \"k:1\"\nclickhouse_url = \"http://ch:8123\"\n",
+    );
+    let text = check(bin().args(["--config", file.to_str().unwrap(), "config", "check"]));
+    assert!(
+        text.contains("host=127.0.0.1 port=1 user=cdc password = '****' dbname=cdc"),
+        "{text}"
+    );
+    assert!(text.contains("stream   ok"), "the string is valid: {text}");
+}

@@ -767,3 +767,323 @@ async fn tls_verify_full_against_the_local_ca_and_a_wrong_ca_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sslrootcert"));
     p.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_the_users_pg_options_reach_the_sql_and_the_replication_sessions() {
+    let p = Pipeline::new("ops_opts").await;
+    // The ledger's UPDATE fires this trigger, which records the relay session's settings (as a
+    // SECURITY DEFINER function it may write the audit table; the settings are the caller's).
+    p.exec(
+        "CREATE TABLE {t}_seen (test text, tz text, datestyle text); \
+         CREATE FUNCTION {t}_probe() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ BEGIN \
+           INSERT INTO {t}_seen VALUES (current_setting('cdc_relay.test', true), \
+             current_setting('TimeZone'), current_setting('DateStyle')); \
+           RETURN NULL; END $$; \
+         CREATE TRIGGER {t}_probe AFTER UPDATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {t}_probe()",
+    )
+    .await;
+    let url = format!(
+        "{}?options=-c%20cdc_relay.test%3Dfrom_url%20-c%20TimeZone%3DAsia/Tokyo%20-c%20client_min_messages%3Dlog",
+        env("CDC_RELAY_PG_RELAY_URL")
+    );
+    let relay = Relay::start(&p.name, &p.args(&[]), &[("CDC_RELAY_PG_URL", url.as_str())]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) VALUES ('o1', 'login', '2024-05-01 12:00:00'), ('o2', 'login', '2024-05-01 12:00:01')")
+        .await;
+    p.wait_all_sent(2, Duration::from_secs(30)).await;
+    let msgs = p.read(2, Duration::from_secs(1));
+    assert_eq!(ids(&msgs).len(), 2, "{msgs:?}");
+    assert!(msgs
+        .iter()
+        .any(|m| m.value["event_time"] == "2024-05-01T12:00:00"));
+    // The SQL session: the user's setting is there, and the relay's TimeZone won over the user's.
+    let seen: Vec<(Option<String>, String, String)> =
+        p.pg.query(
+            &format!("SELECT DISTINCT test, tz, datestyle FROM {}_seen", p.name),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0.as_deref(), Some("from_url"), "{seen:?}");
+    assert_eq!(seen[0].1, "UTC", "{seen:?}");
+    assert!(seen[0].2.starts_with("ISO"), "{seen:?}");
+    // The replication session: with the user's client_min_messages=log the walsender sends its
+    // LOG lines to the client, which logs them.
+    assert_eq!(relay.stop(), 0);
+    let log = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!(".local/test-logs/{}.log", p.name)),
+    )
+    .unwrap();
+    assert!(
+        log.contains("starting logical decoding for slot"),
+        "the walsender did not get client_min_messages=log: {log}"
+    );
+    p.exec("DROP TABLE {t}_seen; DROP TRIGGER {t}_probe ON {t}; DROP FUNCTION {t}_probe()")
+        .await;
+    p.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_other_ops_than_the_publication_are_refused_by_stream_and_applied_by_setup() {
+    let p = Pipeline::new("ops_pubops").await; // its publication publishes inserts
+    let published = || async {
+        let r =
+            p.pg.query_one(
+                "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1",
+                &[&p.name],
+            )
+            .await
+            .unwrap();
+        (
+            r.get::<_, bool>(0),
+            r.get::<_, bool>(1),
+            r.get::<_, bool>(2),
+        )
+    };
+
+    // The relay role could not alter it anyway; the owner's stream must not either.
+    for url in [env("CDC_RELAY_PG_RELAY_URL"), env("CDC_RELAY_PG_URL")] {
+        let out = common::relay(
+            &p.args(&["--ops", "insert,update"]),
+            &[("CDC_RELAY_PG_URL", url.as_str())],
+        )
+        .output()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let stmt = format!(
+            "ALTER PUBLICATION \"{}\" SET (publish = 'insert, update')",
+            p.name
+        );
+        assert!(stderr.contains(&stmt), "{stderr}");
+        assert!(
+            stderr.contains("publishes insert, but --ops asks for insert, update"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("cdc-relay setup --ops insert,update"),
+            "{stderr}"
+        );
+        assert_eq!(published().await, (true, false, false), "unchanged");
+    }
+    let slots: i64 =
+        p.pg.query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "refused before anything was created");
+
+    // setup changes it (as the table's owner: altering a publication takes ownership).
+    let dlq = format!("{}_dlq", p.name);
+    let owner = env("CDC_RELAY_PG_URL");
+    let out = common::relay(
+        &[
+            "setup",
+            "--table",
+            &p.name,
+            "--slot",
+            &p.name,
+            "--publication",
+            &p.name,
+            "--topic",
+            &p.name,
+            "--dlq-topic",
+            &dlq,
+            "--clickhouse-table",
+            &p.name,
+            "--ops",
+            "insert,update",
+        ],
+        &[("CDC_RELAY_PG_URL", owner.as_str())],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(published().await, (true, true, false));
+
+    // Now the stream with the same --ops starts, and updates flow.
+    let relay = p.start(&["--ops", "insert,update"]);
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (username, event_type, event_time) VALUES ('p', 'login', now())")
+        .await;
+    p.wait_all_sent(1, Duration::from_secs(30)).await;
+    p.exec("UPDATE {t} SET event_type = 'logout'").await;
+    let msgs = p.read(2, Duration::from_secs(1));
+    assert_eq!(
+        msgs.iter()
+            .map(|m| m.value["op"].clone())
+            .collect::<Vec<_>>(),
+        ["insert", "update"],
+        "{msgs:?}"
+    );
+    assert_eq!(relay.stop(), 0);
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
+    for stmt in [
+        format!("DROP TABLE IF EXISTS {}_current", p.name),
+        format!("DROP TABLE IF EXISTS {}", p.name),
+    ] {
+        ch.query(&stmt).execute().await.unwrap();
+    }
+    p.drop().await;
+}
+
+/// A proxied connection's switch: once set, nothing is forwarded any more.
+type Hole = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// A TCP proxy in front of PostgreSQL that can black-hole a connection: stop forwarding both ways
+/// while keeping both sockets open, which is how a peer that vanished without FIN or RST looks.
+/// New connections are still accepted and forwarded.
+struct Proxy {
+    port: u16,
+    /// Per connection: its local port towards PostgreSQL (PostgreSQL's `client_port`), its switch.
+    conns: std::sync::Arc<std::sync::Mutex<Vec<(u16, Hole)>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let registry = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let hole = Arc::new(AtomicBool::new(false));
+                registry
+                    .lock()
+                    .unwrap()
+                    .push((server.local_addr().unwrap().port(), hole.clone()));
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Self::pipe(cr, sw, hole.clone()));
+                tokio::spawn(Self::pipe(sr, cw, hole));
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        hole: Hole,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if hole.load(std::sync::atomic::Ordering::SeqCst) {
+                // Forward nothing, read nothing more, close nothing.
+                std::future::pending::<()>().await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// Black-holes the connection whose local port towards PostgreSQL is `port`.
+    fn black_hole(&self, port: u16) -> bool {
+        let conns = self.conns.lock().unwrap();
+        let found = conns.iter().find(|(p, _)| *p == port);
+        if let Some((_, hole)) = found {
+            hole.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        found.is_some()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ops_a_half_open_replication_connection_is_detected_and_replaced() {
+    let p = Pipeline::new("ops_halfopen").await;
+    let url = env("CDC_RELAY_PG_RELAY_URL");
+    let parsed: tokio_postgres::Config = url.parse().unwrap();
+    let host = match &parsed.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("a TCP host, not {other:?}"),
+    };
+    let port = parsed.get_ports()[0];
+    let proxy = Proxy::start(format!("{host}:{port}")).await;
+    let proxied = url.replacen(
+        &format!("@{host}:{port}/"),
+        &format!("@127.0.0.1:{}/", proxy.port),
+        1,
+    );
+    assert_ne!(proxied, url);
+    let relay = Relay::start(
+        &p.name,
+        &p.args(&[]),
+        &[("CDC_RELAY_PG_URL", proxied.as_str())],
+    );
+    p.wait_streaming().await;
+    p.exec("INSERT INTO {t} (id, username, event_type, event_time) SELECT g, 'a' || g, 'login', now() FROM generate_series(1, 10) g").await;
+    p.wait_all_sent(10, Duration::from_secs(30)).await;
+
+    // The walsender's client port is the proxy's side of the replication connection.
+    let admin = pg_url(&env("CDC_RELAY_PG_ADMIN_URL")).await;
+    let row = admin
+        .query_one(
+            "SELECT a.pid, a.client_port FROM pg_replication_slots r JOIN pg_stat_activity a ON a.pid = r.active_pid WHERE r.slot_name = $1",
+            &[&p.name],
+        )
+        .await
+        .unwrap();
+    let (old_pid, client_port): (i32, i32) = (row.get(0), row.get(1));
+    assert!(
+        proxy.black_hole(client_port as u16),
+        "the replication connection goes through the proxy"
+    );
+    let holed = std::time::Instant::now();
+    p.exec("INSERT INTO {t} (id, username, event_type, event_time) SELECT g, 'b' || g, 'login', now() FROM generate_series(11, 20) g").await;
+
+    let detected = eventually("the relay reconnects", Duration::from_secs(60), || async {
+        relay
+            .log_text()
+            .contains("reconnecting")
+            .then(|| holed.elapsed())
+    })
+    .await;
+    p.wait_all_sent(20, Duration::from_secs(60).saturating_sub(holed.elapsed()))
+        .await;
+    let delivered = holed.elapsed();
+    println!("half-open replication connection: reconnecting after {detected:?}, new rows in Kafka and marked sent after {delivered:?}");
+    let log = relay.log_text();
+    assert!(log.contains("no message from the server"), "{log}");
+    let msgs = p.read(20, Duration::from_secs(2));
+    assert_eq!(
+        ids(&msgs),
+        (1..=20).collect::<BTreeSet<i64>>(),
+        "every row is in Kafka"
+    );
+    let new_pid: i32 = admin
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(new_pid, old_pid, "a new walsender streams the slot");
+    assert_eq!(relay.stop(), 0);
+    p.drop().await;
+}

@@ -13,7 +13,8 @@ pub async fn setup(args: SetupArgs) -> Result<(), Error> {
     let cfg = super::source_config(&args.postgres, PublishOpsArg::ops(&args.ops))?;
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;
-    catalog::ensure_publication(&cfg, &sql).await?;
+    // The one place that changes an existing publication's operations (stream refuses to).
+    catalog::setup_publication(&cfg, &sql).await?;
     match catalog::slot_info(&cfg, &sql).await? {
         Some(info) => {
             catalog::check_slot(&cfg, &info)?;

@@ -125,14 +125,26 @@ pub async fn check_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), S
 }
 
 /// Creates the publication if it is missing. An existing one is checked: it must contain the table,
-/// and if it publishes other operations than `--ops` it is altered (which needs table ownership; a
-/// least-privilege role gets an error naming the statement for the owner to run).
+/// and publish exactly the operations of `--ops`; one that publishes others is refused (exit code
+/// 2) with the statement that changes it. Only `setup` ([`setup_publication`]) alters an existing
+/// publication: a stream started with a stray `--ops` must not widen or narrow what it publishes.
 /// The operations a publication publishes, as an array of names.
 const PUBLICATION_OPS: &str = "ARRAY_REMOVE(ARRAY[CASE WHEN pubinsert THEN 'insert' END, \
      CASE WHEN pubupdate THEN 'update' END, CASE WHEN pubdelete THEN 'delete' END, \
      CASE WHEN pubtruncate THEN 'truncate' END], NULL)";
 
 pub async fn ensure_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+    publication(cfg, sql, false).await
+}
+
+/// For `setup`: like [`ensure_publication`], but an existing publication that publishes other
+/// operations than `--ops` is altered to publish them (which needs table ownership; a
+/// least-privilege role gets an error naming the statement for the owner to run).
+pub async fn setup_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+    publication(cfg, sql, true).await
+}
+
+async fn publication(cfg: &SourceConfig, sql: &Client, alter: bool) -> Result<(), SourceError> {
     let publish = quote_literal(&cfg.ops.as_publish_option());
     let name = quote_ident(&cfg.publication);
     let existing = sql
@@ -163,12 +175,33 @@ pub async fn ensure_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), 
             }
             let mut want: Vec<&str> = cfg.ops.0.clone();
             want.sort_unstable();
+            want.dedup();
             let mut have: Vec<&str> = ops.iter().map(String::as_str).collect();
             have.sort_unstable();
             if want == have {
                 return Ok(());
             }
-            format!("ALTER PUBLICATION {name} SET (publish = {publish})")
+            let stmt = format!("ALTER PUBLICATION {name} SET (publish = {publish})");
+            if !alter {
+                let have = if ops.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    ops.join(", ")
+                };
+                let otherwise = if ops.is_empty() {
+                    String::new()
+                } else {
+                    format!("; or start the stream with --ops {}", ops.join(","))
+                };
+                return Err(SourceError::Config(format!(
+                    "publication {name} publishes {have}, but --ops asks for {}. The stream does not change an existing publication: \
+                     to publish {} run `{stmt}` as the table's owner, or `cdc-relay setup --ops {}`{otherwise}",
+                    cfg.ops.as_publish_option(),
+                    cfg.ops.as_publish_option(),
+                    cfg.ops.0.join(","),
+                )));
+            }
+            stmt
         }
     };
     sql.batch_execute(&stmt).await.map_err(|e| {

@@ -9,10 +9,10 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
-use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message, NoticeResponseBody};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -144,6 +144,41 @@ pub(super) fn server_error(body: &ErrorResponseBody) -> ReplicationError {
     }
 }
 
+/// Output settings the replication session pins for the decoder (appended to the user's options).
+pub const REPLICATION_SESSION_OPTIONS: &str =
+    "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres";
+
+/// The user's `options` followed by `ours` (a later `-c` wins over an earlier one).
+pub fn append_options(user: Option<&str>, ours: &str) -> String {
+    match user.map(str::trim).filter(|u| !u.is_empty()) {
+        Some(user) => format!("{user} {ours}"),
+        None => ours.to_string(),
+    }
+}
+
+/// Logs a notice the server sent (what `client_min_messages` lets through; WARNINGs by default).
+pub(super) fn log_notice(body: &NoticeResponseBody) {
+    let (mut severity, mut message) = (String::new(), String::new());
+    let mut detail = None;
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'V' => severity = v,
+            b'S' if severity.is_empty() => severity = v,
+            b'M' => message = v,
+            b'D' => detail = Some(v),
+            _ => {}
+        }
+    }
+    let detail = detail.unwrap_or_default();
+    if severity == "WARNING" {
+        tracing::warn!(%severity, %detail, "PostgreSQL replication connection: {message}");
+    } else {
+        tracing::info!(%severity, %detail, "PostgreSQL replication connection: {message}");
+    }
+}
+
 /// Where and how to connect, taken from the same URL the ordinary SQL connection uses.
 #[derive(Clone)]
 pub struct ConnectParams {
@@ -153,6 +188,13 @@ pub struct ConnectParams {
     pub user: String,
     pub password: Option<Vec<u8>>,
     pub dbname: String,
+    /// The `options` of the URL (command-line switches for the server session, e.g.
+    /// `-c search_path=app`); the replication session's own settings are appended to them.
+    pub options: Option<String>,
+    /// TCP keepalive (idle time before the first probe, interval, probes), `None` when off.
+    pub keepalive: Option<(Duration, Option<Duration>, Option<u32>)>,
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the kernel gives up.
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for ConnectParams {
@@ -187,6 +229,15 @@ impl ConnectParams {
             dbname: cfg.get_dbname().unwrap_or(&user).to_string(),
             user,
             password: cfg.get_password().map(<[u8]>::to_vec),
+            options: cfg.get_options().map(str::to_string),
+            keepalive: cfg.get_keepalives().then(|| {
+                (
+                    cfg.get_keepalives_idle(),
+                    cfg.get_keepalives_interval(),
+                    cfg.get_keepalives_retries(),
+                )
+            }),
+            tcp_user_timeout: cfg.get_tcp_user_timeout().copied(),
         })
     }
 
@@ -199,8 +250,36 @@ impl ConnectParams {
 pub struct ReplicationClient {
     socket: Box<dyn Socket>,
     read_buf: BytesMut,
+    /// Bytes not yet written; `flush` takes them out only as the socket accepts them.
     pub(super) write_buf: BytesMut,
     endpoint: String,
+    /// How this connection was made, to open another one to the same server.
+    params: Option<ConnectParams>,
+    /// The walsender's process id (BackendKeyData).
+    pub(super) backend_pid: Option<i32>,
+}
+
+/// Longest a write to the server may take: a server that reads nothing for this long is gone.
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// TCP keepalive and TCP_USER_TIMEOUT, so that a dead peer also fails the socket itself.
+fn tune_tcp(tcp: &TcpStream, params: &ConnectParams) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(tcp);
+    if let Some((idle, interval, retries)) = params.keepalive {
+        let mut ka = socket2::TcpKeepalive::new().with_time(idle);
+        if let Some(i) = interval {
+            ka = ka.with_interval(i);
+        }
+        if let Some(r) = retries {
+            ka = ka.with_retries(r);
+        }
+        sock.set_tcp_keepalive(&ka)?;
+    }
+    #[cfg(target_os = "linux")]
+    if let Some(t) = params.tcp_user_timeout {
+        sock.set_tcp_user_timeout(Some(t))?;
+    }
+    Ok(())
 }
 
 /// What `CREATE_REPLICATION_SLOT` returns.
@@ -229,6 +308,7 @@ impl ReplicationClient {
             .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
             .map_err(io)?;
             tcp.set_nodelay(true).map_err(io)?;
+            tune_tcp(&tcp, params).map_err(io)?;
             negotiate_tls(tcp, params).await?
         };
         let mut client = ReplicationClient {
@@ -236,16 +316,61 @@ impl ReplicationClient {
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
             endpoint,
+            params: Some(params.clone()),
+            backend_pid: None,
         };
         client.startup(params).await?;
         Ok(client)
     }
 
+    pub(super) fn endpoint_name(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A client over an already started connection (tests play the server on the other end).
+    #[cfg(test)]
+    pub(super) fn over(socket: impl AsyncRead + AsyncWrite + Unpin + Send + 'static) -> Self {
+        ReplicationClient {
+            socket: Box::new(socket),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            endpoint: "test".into(),
+            params: None,
+            backend_pid: None,
+        }
+    }
+
+    /// Ends the walsender `pid` if it still holds `slot`, over a new connection (a walsender in
+    /// `replication=database` mode runs SQL, and a role may end its own sessions). For a
+    /// connection taken for dead: its walsender keeps the slot until `wal_sender_timeout`, and
+    /// the reconnect would be refused until then. Returns whether one was ended.
+    pub(super) async fn terminate_walsender(
+        &self,
+        pid: i32,
+        slot: &str,
+    ) -> Result<bool, ReplicationError> {
+        let Some(params) = &self.params else {
+            return Ok(false);
+        };
+        let mut other = ReplicationClient::connect(params).await?;
+        let rows = other
+            .simple_query(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = {} AND active_pid = {pid}",
+                quote_literal(slot)
+            ))
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .is_some_and(|v| v == "t"))
+    }
+
     async fn startup(&mut self, params: &ConnectParams) -> Result<(), ReplicationError> {
-        // Output functions run in the walsender with this session's settings: pin them so the
-        // text the decoder parses (timestamps above all) has one known format.
-        let options =
-            "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres";
+        // Output functions run in the walsender with this session's settings: pin them (after
+        // the user's own options, so ours win) so the text the decoder parses (timestamps above
+        // all) has one known format.
+        let options = append_options(params.options.as_deref(), REPLICATION_SESSION_OPTIONS);
         frontend::startup_message(
             [
                 ("user", params.user.as_str()),
@@ -253,7 +378,7 @@ impl ReplicationClient {
                 ("replication", "database"),
                 ("application_name", "cdc-relay"),
                 ("client_encoding", "UTF8"),
-                ("options", options),
+                ("options", options.as_str()),
             ],
             &mut self.write_buf,
         )
@@ -321,9 +446,9 @@ impl ReplicationClient {
                 }
                 Message::ReadyForQuery(_) => return Ok(()),
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
-                Message::ParameterStatus(_)
-                | Message::BackendKeyData(_)
-                | Message::NoticeResponse(_) => {}
+                Message::NoticeResponse(body) => log_notice(&body),
+                Message::BackendKeyData(body) => self.backend_pid = Some(body.process_id()),
+                Message::ParameterStatus(_) => {}
                 _ => {
                     return Err(ReplicationError::Protocol(
                         "unexpected message during startup".into(),
@@ -362,6 +487,7 @@ impl ReplicationClient {
                     rows.push(row);
                 }
                 Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::NoticeResponse(body) => log_notice(&body),
                 Message::ReadyForQuery(_) => break,
                 _ => {}
             }
@@ -427,7 +553,7 @@ impl ReplicationClient {
                     let err = server_error(&body);
                     return Err(err);
                 }
-                Frame::Other(Message::NoticeResponse(_)) => {}
+                Frame::Other(Message::NoticeResponse(body)) => log_notice(&body),
                 _ => {
                     return Err(ReplicationError::Protocol(
                         "expected CopyBothResponse after START_REPLICATION".into(),
@@ -435,18 +561,37 @@ impl ReplicationClient {
                 }
             }
         }
-        Ok(ReplicationStream::new(self))
+        Ok(ReplicationStream::new(self, slot, start))
     }
 
+    /// Writes `write_buf` out. Cancel-safe: bytes leave the buffer only once the socket took them,
+    /// so a cancelled flush loses nothing and the next one sends the rest first. A server that
+    /// takes nothing for [`WRITE_TIMEOUT`] is an I/O error (a dead peer with a full send buffer).
     pub(super) async fn flush(&mut self) -> Result<(), ReplicationError> {
-        let buf = self.write_buf.split();
-        self.socket
-            .write_all(&buf)
-            .await
-            .map_err(|source| ReplicationError::Io {
-                endpoint: self.endpoint.clone(),
-                source,
-            })
+        let write = async {
+            while !self.write_buf.is_empty() {
+                let n = self.socket.write(&self.write_buf).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                self.write_buf.advance(n);
+            }
+            self.socket.flush().await
+        };
+        let result = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the server took nothing written for {}s",
+                    WRITE_TIMEOUT.as_secs()
+                ),
+            )),
+        };
+        result.map_err(|source| ReplicationError::Io {
+            endpoint: self.endpoint.clone(),
+            source,
+        })
     }
 
     async fn recv(&mut self) -> Result<Message, ReplicationError> {

@@ -105,6 +105,9 @@ impl PublishOps {
     }
 }
 
+/// Output settings of the ordinary SQL sessions, appended to the user's `options`.
+const SQL_SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3";
+
 /// Everything the PostgreSQL side needs to know.
 #[derive(Clone)]
 pub struct SourceConfig {
@@ -150,10 +153,28 @@ impl SourceConfig {
             None => tls::SslMode::Prefer,
         };
         let tls = tls::PgTls::new(mode, root.map(Into::into)).map_err(SourceError::Config)?;
-        pg.options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3");
+        // The user's `options` (search_path, statement_timeout, …) stay; ours go last so that
+        // DateStyle and TimeZone are what the relay parses whatever the user asked for.
+        let options = client::append_options(pg.get_options(), SQL_SESSION_OPTIONS);
+        pg.options(options);
         pg.application_name("cdc-relay");
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        // A peer that vanished without FIN or RST: unless the URL says otherwise, idle sockets
+        // probe after 30 s (tokio-postgres' default is 2 hours) and unacknowledged data gives up
+        // after 60 s (the kernel's default retries for about 15 minutes). Both connection kinds.
+        if pg.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+            pg.keepalives_idle(std::time::Duration::from_secs(30));
+        }
+        if pg.get_keepalives_interval().is_none() {
+            pg.keepalives_interval(std::time::Duration::from_secs(10));
+        }
+        if pg.get_keepalives_retries().is_none() {
+            pg.keepalives_retries(3);
+        }
+        if pg.get_tcp_user_timeout().is_none() {
+            pg.tcp_user_timeout(std::time::Duration::from_secs(60));
         }
         let (schema, table) = match table.split_once('.') {
             Some((s, t)) => (s.to_string(), t.to_string()),
@@ -284,4 +305,45 @@ pub fn parse_lsn(text: &str) -> Result<Lsn, SourceError> {
         column: "lsn",
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str) -> SourceConfig {
+        SourceConfig::new(url, "t", "s", "p", PublishOps(vec!["insert"])).unwrap()
+    }
+
+    #[test]
+    fn the_users_options_are_kept_and_ours_come_last() {
+        let c =
+            cfg("postgres://u@h/db?options=-c%20search_path%3Dapp%20-c%20TimeZone%3DAsia/Tokyo");
+        assert_eq!(
+            c.pg.get_options(),
+            Some("-c search_path=app -c TimeZone=Asia/Tokyo -c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3")
+        );
+        let c = cfg("host=h user=u options='-c statement_timeout=5s'");
+        assert_eq!(
+            c.pg.get_options(),
+            Some(
+                "-c statement_timeout=5s -c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
+            )
+        );
+        assert_eq!(
+            cfg("postgres://u@h/db").pg.get_options(),
+            Some(SQL_SESSION_OPTIONS)
+        );
+        // The replication connection carries them too, with its own settings last.
+        let params = c.replication_params().unwrap();
+        let startup = client::append_options(
+            params.options.as_deref(),
+            client::REPLICATION_SESSION_OPTIONS,
+        );
+        assert!(startup.starts_with("-c statement_timeout=5s "), "{startup}");
+        assert!(
+            startup.ends_with(client::REPLICATION_SESSION_OPTIONS),
+            "{startup}"
+        );
+    }
 }
