@@ -380,6 +380,10 @@ pub struct StatusArgs {
     #[arg(long, env = "CDC_RELAY_DLQ_TOPIC", default_value = "user_events.dlq")]
     pub dlq_topic: String,
 
+    /// The stream's dead-letter topic whose size is shown. Default: `<topic>.stream-dlq`.
+    #[arg(long, env = "CDC_RELAY_STREAM_DLQ_TOPIC")]
+    pub stream_dlq_topic: Option<String>,
+
     /// ClickHouse HTTP(S) URL; without it the ClickHouse section is skipped.
     #[arg(long, env = "CDC_RELAY_CLICKHOUSE_URL")]
     pub clickhouse_url: Option<String>,

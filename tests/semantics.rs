@@ -142,6 +142,36 @@ impl E2e {
         assert_eq!(got, want, "ClickHouse drifted after matching");
     }
 
+    /// `cdc-relay status --json` for this pipeline (PostgreSQL and Kafka sections).
+    fn status(&self) -> serde_json::Value {
+        let out = relay(
+            &[
+                "status",
+                "--json",
+                "--table",
+                &self.name,
+                "--slot",
+                &self.name,
+                "--publication",
+                &self.name,
+                "--topic",
+                &self.name,
+                "--group",
+                &self.name,
+            ],
+            &[],
+        )
+        .env_remove("CDC_RELAY_CLICKHOUSE_URL")
+        .output()
+        .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     fn read(&self, expected: usize, settle: Duration) -> Vec<Received> {
         read_topic(&self.name, expected, Duration::from_secs(60), settle)
     }
@@ -379,6 +409,20 @@ async fn a_held_row_lock_delays_only_the_confirmation_not_the_stream() {
     )
     .await;
     assert_eq!(p.count("id = 1 AND sent_to_kafka IS NOT TRUE").await, 1);
+    // status names the session holding the table's rows.
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let status = p.status();
+    let locks = status["postgres"]["table_locks"].as_array().unwrap();
+    assert!(
+        locks
+            .iter()
+            .any(|l| l["pid"] == holder_pid && l["mode"] == "RowShareLock" && l["granted"] == true),
+        "{locks:?}"
+    );
     holder.batch_execute("COMMIT").await.unwrap();
     p.wait_all_sent(Duration::from_secs(30)).await;
     assert_eq!(stream.stop(), 0);
@@ -432,22 +476,20 @@ async fn a_primary_key_update_is_a_delete_and_a_new_row_and_keeps_unchanged_toas
     assert!(current
         .values()
         .all(|r| r.event_type.as_deref() == Some("moved")));
-    // On the topic: the old key is deleted before the new row appears.
+    // On the topic: a delete of the old key and the new row, one transaction (one version), the
+    // new row naming the key it moved from.
     let msgs = p.read(6, Duration::from_secs(1));
-    let ops: Vec<(String, i64)> = msgs
-        .iter()
-        .filter(|m| m.value["op"] != "insert")
-        .map(|m| {
-            (
-                m.value["op"].as_str().unwrap().to_string(),
-                m.value["id"].as_i64().unwrap(),
-            )
-        })
-        .collect();
     for (old, new) in [(1, 1_000_001), (2, 1_000_002)] {
-        let d = ops.iter().position(|o| *o == ("delete".to_string(), old));
-        let u = ops.iter().position(|o| *o == ("update".to_string(), new));
-        assert!(d.is_some() && u.is_some() && d < u, "{ops:?}");
+        let find = |op: &str, id: i64| {
+            msgs.iter()
+                .find(|m| m.value["op"] == op && m.value["id"] == id)
+                .unwrap_or_else(|| panic!("no {op} of {id}: {msgs:?}"))
+                .value
+                .clone()
+        };
+        let (delete, update) = (find("delete", old), find("update", new));
+        assert_eq!(delete["version"], update["version"]);
+        assert_eq!(update["moved_from"], old);
     }
     assert_eq!(msgs.len(), 6, "{msgs:?}");
     assert_eq!(stream.stop(), 0);
@@ -544,6 +586,7 @@ async fn an_oversized_row_goes_to_the_dead_letter_topic_and_the_rows_behind_it_f
             "as much of the row as fits"
         );
     }
+    assert_eq!(p.status()["kafka"]["stream_dead_letters"], 2);
     assert_eq!(stream.stop(), 0, "the stream kept running");
     p.drop().await;
 }

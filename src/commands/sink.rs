@@ -22,14 +22,14 @@ use crate::kafka::topic::ensure_topic;
 use crate::kafka::KafkaConnection;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
 use crate::sink::clickhouse::writer::{
-    fill_from_batch, fill_from_stored, keep_last_of_equal_versions,
+    fill_from_batch, fill_from_stored, keep_last_of_equal_versions, Unfilled,
 };
 use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError, UserLoginRow};
 
 struct Batch {
     rows: Vec<UserLoginRow>,
     /// Rows whose update left TOASTed columns out (index into `rows`, the columns).
-    unchanged: Vec<(usize, Vec<String>)>,
+    unchanged: Vec<Unfilled>,
     /// Highest handled offset per partition.
     handled: BTreeMap<i32, i64>,
     deadline: Option<Instant>,
@@ -240,9 +240,13 @@ impl SinkCommand {
         self.metrics.messages.inc();
         self.metrics.bytes.add(msg.len as u64);
         match parsed {
-            Ok(Parsed::Row(row, unchanged)) => {
+            Ok(Parsed::Row(row, unchanged, moved_from)) => {
                 if !unchanged.is_empty() {
-                    batch.unchanged.push((batch.rows.len(), unchanged));
+                    batch.unchanged.push(Unfilled {
+                        idx: batch.rows.len(),
+                        cols: unchanged,
+                        from: moved_from.unwrap_or(row.id),
+                    });
                 }
                 batch.rows.push(row);
             }
@@ -310,12 +314,12 @@ impl SinkCommand {
             let unchanged = std::mem::take(&mut batch.unchanged);
             let rest = fill_from_batch(&mut batch.rows, unchanged, self.watermark);
             if !rest.is_empty() {
-                let mut ids: Vec<i64> = rest.iter().map(|(i, _)| batch.rows[*i].id).collect();
+                let mut ids: Vec<i64> = rest.iter().map(|u| u.from).collect();
                 ids.sort_unstable();
                 ids.dedup();
                 let below = rest
                     .iter()
-                    .map(|(i, _)| batch.rows[*i]._version)
+                    .map(|u| batch.rows[u.idx]._version)
                     .max()
                     .unwrap_or(0);
                 let Some(stored) = self
@@ -411,8 +415,9 @@ impl SinkCommand {
 
 /// What one message means to the sink.
 enum Parsed {
-    /// The row to store, and the columns the change left out (unchanged TOAST values).
-    Row(UserLoginRow, Vec<String>),
+    /// The row to store, the columns the change left out (unchanged TOAST values), and the id a
+    /// key update moved the row from.
+    Row(UserLoginRow, Vec<String>, Option<i64>),
     /// Hide every row stored before this version.
     Truncate { version: u64 },
 }
@@ -428,9 +433,10 @@ fn parse(payload: &[u8], unsigned_id: bool) -> Result<Parsed, String> {
         });
     }
     let unchanged = std::mem::take(&mut event.unchanged);
+    let moved_from = event.moved_from;
     let row = UserLoginRow::from_parts(event, micros).map_err(|e| e.to_string())?;
     row.check_storable(unsigned_id).map_err(|e| e.to_string())?;
-    Ok(Parsed::Row(row, unchanged))
+    Ok(Parsed::Row(row, unchanged, moved_from))
 }
 
 type InsertResult = Result<Option<()>, tokio::task::JoinError>;

@@ -26,6 +26,8 @@ pub struct KafkaStatus {
     pub partitions: Vec<PartitionLag>,
     pub total_lag: i64,
     pub dead_letters: Option<i64>,
+    /// Changes the stream could not produce (its dead-letter topic).
+    pub stream_dead_letters: Option<i64>,
     /// The topic's `retention.ms` (`None`: unlimited, or it could not be read).
     pub retention_ms: Option<i64>,
     /// Partitions whose oldest unconsumed message has reached 80 % of the retention.
@@ -110,6 +112,10 @@ pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
                 args.group.clone(),
                 args.dlq_topic.clone(),
             );
+            let stream_dlq = args
+                .stream_dlq_topic
+                .clone()
+                .unwrap_or_else(|| format!("{topic}.stream-dlq"));
             let retention_ms = inspect::retention_ms(&connection, &topic).await;
             let (mut k, oldest) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
                 let partitions = inspect::group_lag(&connection, &topic, &group)?;
@@ -117,6 +123,7 @@ pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
                 let total_lag = partitions.iter().map(|p| p.lag).sum();
                 let k = KafkaStatus {
                     dead_letters: inspect::topic_messages(&connection, &dlq).ok(),
+                    stream_dead_letters: inspect::topic_messages(&connection, &stream_dlq).ok(),
                     topic,
                     group,
                     partitions,
@@ -226,6 +233,24 @@ pub fn render_table(s: &Status) -> String {
     );
     line("rows unsent (sent_to_kafka)", pg.unsent_rows.to_string());
     line("rows sent", pg.sent_rows.to_string());
+    // What a waiting ledger waits on: other sessions' locks on the table.
+    for l in &pg.table_locks {
+        line(
+            &format!("  lock pid {}", l.pid),
+            format!(
+                "{} {}{}{}",
+                if l.granted { "holds" } else { "waits for" },
+                l.mode,
+                l.transaction_seconds
+                    .map(|s| format!(" (transaction open {s:.0} s)"))
+                    .unwrap_or_default(),
+                l.query
+                    .as_deref()
+                    .map(|q| format!(": {}", q.split_whitespace().collect::<Vec<_>>().join(" ")))
+                    .unwrap_or_default(),
+            ),
+        );
+    }
     if let Some(k) = &s.kafka {
         line(
             "topic",
@@ -257,6 +282,12 @@ pub fn render_table(s: &Status) -> String {
         line(
             "dead-lettered messages",
             k.dead_letters
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into()),
+        );
+        line(
+            "stream dead letters",
+            k.stream_dead_letters
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "-".into()),
         );

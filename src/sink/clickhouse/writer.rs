@@ -104,58 +104,68 @@ impl ClickHouseWriter {
     }
 }
 
-/// Whether `cand` (at batch position `cand_idx`) is an earlier change of the row at `idx`: a lower
-/// version, or the same version (one transaction) earlier on the partition.
-fn is_earlier(cand: &UserLoginRow, cand_idx: usize, row: &UserLoginRow, idx: usize) -> bool {
-    cand.id == row.id
-        && (cand._version < row._version || (cand._version == row._version && cand_idx < idx))
+/// A row whose update left TOASTed columns out, to be completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfilled {
+    /// Its position in the batch.
+    pub idx: usize,
+    pub cols: Vec<String>,
+    /// The id whose earlier state holds the values: its own, or after a key update the id it moved
+    /// from.
+    pub from: i64,
+}
+
+/// Whether `cand` (at batch position `cand_idx`) is an earlier state of `u`'s row: a stored row of
+/// the id it takes its values from with a lower version, or the same version (one transaction)
+/// earlier on the partition. A delete holds no values.
+fn is_earlier(cand: &UserLoginRow, cand_idx: usize, u: &Unfilled, row: &UserLoginRow) -> bool {
+    cand.id == u.from
+        && cand._deleted == 0
+        && (cand._version < row._version || (cand._version == row._version && cand_idx < u.idx))
 }
 
 /// Completes rows whose update did not carry some TOASTed columns from the newest earlier change
-/// of the same id in the batch (ignoring rows below the truncate `watermark`); returns those with
-/// no such row, to be completed from the table ([`fill_from_stored`]).
+/// of the same id (or the id it moved from) in the batch, ignoring rows below the truncate
+/// `watermark`; returns those with no such row, to be completed from the table
+/// ([`fill_from_stored`]).
 pub fn fill_from_batch(
     rows: &mut [UserLoginRow],
-    mut unchanged: Vec<(usize, Vec<String>)>,
+    mut unfilled: Vec<Unfilled>,
     watermark: u64,
-) -> Vec<(usize, Vec<String>)> {
+) -> Vec<Unfilled> {
     // Oldest change first, so a row that is itself completed is complete before it is copied from.
-    unchanged.sort_by_key(|(idx, _)| (rows[*idx]._version, *idx));
+    unfilled.sort_by_key(|u| (rows[u.idx]._version, u.idx));
     let mut rest = Vec::new();
-    for (idx, cols) in unchanged {
+    for u in unfilled {
         let best = rows
             .iter()
             .enumerate()
-            .filter(|(i, r)| r._version >= watermark && is_earlier(r, *i, &rows[idx], idx))
+            .filter(|(i, r)| r._version >= watermark && is_earlier(r, *i, &u, &rows[u.idx]))
             .max_by_key(|(i, r)| (r._version, *i))
             .map(|(i, _)| i);
         match best {
             Some(prev) => {
                 let prev = rows[prev].clone();
-                copy_columns(&mut rows[idx], &prev, &cols);
+                copy_columns(&mut rows[u.idx], &prev, &u.cols);
             }
-            None => rest.push((idx, cols)),
+            None => rest.push(u),
         }
     }
     rest
 }
 
-/// Completes rows from the stored row of the same id with the greatest `_version` strictly below
-/// theirs (`stored` holds only rows at or above the truncate watermark); columns with no such row
-/// stay NULL.
-pub fn fill_from_stored(
-    rows: &mut [UserLoginRow],
-    rest: &[(usize, Vec<String>)],
-    stored: &[UserLoginRow],
-) {
-    for (idx, cols) in rest {
-        let row = &rows[*idx];
+/// Completes rows from the stored row of the id they take their values from with the greatest
+/// `_version` strictly below theirs (`stored` holds only rows at or above the truncate
+/// watermark); columns with no such row stay NULL.
+pub fn fill_from_stored(rows: &mut [UserLoginRow], rest: &[Unfilled], stored: &[UserLoginRow]) {
+    for u in rest {
+        let version = rows[u.idx]._version;
         if let Some(prev) = stored
             .iter()
-            .filter(|r| r.id == row.id && r._version < row._version)
+            .filter(|r| r.id == u.from && r._deleted == 0 && r._version < version)
             .max_by_key(|r| r._version)
         {
-            copy_columns(&mut rows[*idx], prev, cols);
+            copy_columns(&mut rows[u.idx], prev, &u.cols);
         }
     }
 }
@@ -257,9 +267,15 @@ mod tests {
             row(4, 9, Some("old"), "x"),
             row(4, 12, None, "y"), // 9 is at the watermark 9: still there
         ];
-        let unchanged = [2, 4, 5, 7].map(|i| (i, username())).to_vec();
+        let unchanged = [2, 4, 5, 7]
+            .map(|i| Unfilled {
+                idx: i,
+                cols: username(),
+                from: rows[i].id,
+            })
+            .to_vec();
         let rest = fill_from_batch(&mut rows[..6], unchanged[..3].to_vec(), 0);
-        assert_eq!(rest.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(rest.iter().map(|u| u.idx).collect::<Vec<_>>(), vec![5]);
         let rest = fill_from_batch(&mut rows, unchanged[3..].to_vec(), 9);
         assert!(rest.is_empty());
         assert_eq!(users(&rows)[2], Some("a"));
@@ -267,7 +283,12 @@ mod tests {
         assert_eq!(users(&rows)[7], Some("old"));
 
         let mut rows = vec![row(4, 9, Some("old"), "x"), row(4, 12, None, "y")];
-        let rest = fill_from_batch(&mut rows, vec![(1, username())], 10);
+        let one = Unfilled {
+            idx: 1,
+            cols: username(),
+            from: 4,
+        };
+        let rest = fill_from_batch(&mut rows, vec![one], 10);
         assert_eq!(rest.len(), 1, "a row below the watermark is not a source");
         assert_eq!(rows[1].username, None);
     }
@@ -281,7 +302,12 @@ mod tests {
             row(1, 20, None, "y"),
             row(1, 10, Some("a"), "x"),
         ];
-        let rest = fill_from_batch(&mut rows, vec![(0, username()), (1, username())], 0);
+        let unfilled = |idx| Unfilled {
+            idx,
+            cols: username(),
+            from: 1,
+        };
+        let rest = fill_from_batch(&mut rows, vec![unfilled(0), unfilled(1)], 0);
         assert!(rest.is_empty());
         assert_eq!(users(&rows), vec![Some("a"), Some("a"), Some("a")]);
     }
@@ -295,12 +321,35 @@ mod tests {
             row(2, 3, Some("b"), "x"),
         ];
         let mut rows = vec![row(1, 20, None, "y"), row(2, 1, None, "y")];
-        let rest = vec![
-            (0, vec!["username".to_string()]),
-            (1, vec!["username".to_string()]),
-        ];
-        fill_from_stored(&mut rows, &rest, &stored);
+        let unfilled = |idx, from| Unfilled {
+            idx,
+            cols: vec!["username".to_string()],
+            from,
+        };
+        fill_from_stored(&mut rows, &[unfilled(0, 1), unfilled(1, 2)], &stored);
         assert_eq!(users(&rows), vec![Some("a"), None]);
+    }
+
+    #[test]
+    fn a_moved_row_is_filled_from_the_id_it_moved_from_never_from_a_delete() {
+        let mut deleted = row(1, 40, None, "delete");
+        deleted._deleted = 1;
+        // Key update 1 -> 2 in one transaction (version 40): the delete of 1, then 2 with the
+        // username left out.
+        let mut rows = vec![row(1, 30, Some("big"), "x"), deleted, row(2, 40, None, "y")];
+        let u = Unfilled {
+            idx: 2,
+            cols: vec!["username".to_string()],
+            from: 1,
+        };
+        assert!(fill_from_batch(&mut rows, vec![u.clone()], 0).is_empty());
+        assert_eq!(rows[2].username.as_deref(), Some("big"));
+        let (stored, mut rows) = (
+            vec![row(1, 30, Some("big"), "x")],
+            vec![row(2, 40, None, "y")],
+        );
+        fill_from_stored(&mut rows, &[Unfilled { idx: 0, ..u }], &stored);
+        assert_eq!(rows[0].username.as_deref(), Some("big"));
     }
 
     #[test]

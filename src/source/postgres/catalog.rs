@@ -159,8 +159,10 @@ async fn publication(cfg: &SourceConfig, sql: &Client, alter: bool) -> Result<()
         .await
         .map_err(SourceError::sql("looking up the publication"))?;
     let stmt = match existing {
+        // A partitioned table is published through its root, so its changes carry its own name
+        // (check_publication refuses it otherwise); the option is harmless for a plain table.
         None => format!(
-            "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = {publish})",
+            "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = {publish}, publish_via_partition_root = true)",
             cfg.qualified_table()
         ),
         Some(row) => {
