@@ -14,6 +14,9 @@ use crate::source::postgres::{SourceConfig, SourceError};
 
 /// What the backfill task tells the main loop.
 pub(super) enum BackfillMsg {
+    /// How many rows are to do, for progress reports (counted in the task: on a large table the
+    /// count takes long, and the main loop must keep answering the server meanwhile).
+    Total(u64),
     /// Open the window now; the read starts once the reply arrives.
     Open(oneshot::Sender<()>),
     /// A chunk was read and its watermark written; the reply is sent when its rows were produced.
@@ -35,8 +38,7 @@ pub(super) struct BackfillRun {
 impl BackfillRun {
     pub async fn start(&mut self, cfg: &SourceConfig, chunk: i64) -> Result<(), SourceError> {
         let backfill = Backfill::new(cfg, chunk).await?;
-        let total = backfill.count_remaining().await.ok().map(|n| n as u64);
-        self.progress = Some(Progress::new("backfill", total));
+        self.window.start(backfill.run());
         let (tx, rx) = mpsc::channel(1);
         self.task = Some(tokio::spawn(read_chunks(backfill, tx)));
         self.rx = Some(rx);
@@ -78,9 +80,14 @@ impl BackfillRun {
     }
 
     /// The stream reached a watermark: the chunk's rows if it was this run's chunk's.
-    pub fn on_watermark(&mut self, chunk: u64, lsn: Lsn) -> Option<Vec<ChangeEvent>> {
-        let rows = self.window.on_watermark(chunk, lsn)?;
+    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<Vec<ChangeEvent>> {
+        let rows = self.window.on_watermark(tag, lsn)?;
         Some(self.released(rows))
+    }
+
+    /// The total to report progress against.
+    pub fn set_total(&mut self, total: u64) {
+        self.progress = Some(Progress::new("backfill", Some(total)));
     }
 
     fn released(&mut self, rows: Vec<ChangeEvent>) -> Vec<ChangeEvent> {
@@ -107,6 +114,11 @@ impl BackfillRun {
 }
 
 async fn read_chunks(mut backfill: Backfill, tx: mpsc::Sender<BackfillMsg>) {
+    if let Ok(total) = backfill.count_remaining().await {
+        if tx.send(BackfillMsg::Total(total as u64)).await.is_err() {
+            return;
+        }
+    }
     loop {
         let (open, opened) = oneshot::channel();
         if tx.send(BackfillMsg::Open(open)).await.is_err() || opened.await.is_err() {

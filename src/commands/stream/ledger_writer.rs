@@ -24,8 +24,12 @@ pub(super) struct LedgerWriter {
     task: JoinHandle<()>,
     /// The write in progress: (delivery, id) pairs and when it started.
     busy: Option<(Vec<(u64, i64)>, Instant)>,
-    /// After a lock or an error: no new write before this.
+    /// After an error: no new write before this.
     not_before: Option<Instant>,
+    /// Rows another transaction held locked, tried again apart from fresh rows (which then keep
+    /// the fast path) and at most every half second.
+    held: Vec<(u64, i64)>,
+    held_retry_at: Option<Instant>,
     backoff: Backoff,
     last_warning: Option<Instant>,
 }
@@ -49,6 +53,8 @@ impl LedgerWriter {
             task,
             busy: None,
             not_before: None,
+            held: Vec::new(),
+            held_retry_at: None,
             backoff: Backoff::new(),
             last_warning: None,
         }
@@ -61,16 +67,19 @@ impl LedgerWriter {
     /// Starts a write of acknowledged rows if none is running and there is enough to write (or
     /// `force`). Never waits.
     pub fn maybe_start(&mut self, t: &mut Tracker, batch: usize, force: bool) {
-        if self.busy.is_some() || t.to_ledger.is_empty() {
+        let now = Instant::now();
+        if self.busy.is_some() || self.not_before.is_some_and(|at| now < at) {
             return;
         }
-        if self.not_before.is_some_and(|at| Instant::now() < at) {
+        let held_due = !self.held.is_empty() && self.held_retry_at.is_none_or(|at| now >= at);
+        let rows = if !t.to_ledger.is_empty() && (force || t.to_ledger.len() >= batch) {
+            t.take_ledger_batch(batch)
+        } else if held_due {
+            self.held_retry_at = Some(now + Duration::from_millis(500));
+            std::mem::take(&mut self.held)
+        } else {
             return;
-        }
-        if !force && t.to_ledger.len() < batch {
-            return;
-        }
-        let rows = t.take_ledger_batch(batch);
+        };
         failpoints::hit(failpoints::STREAM_AFTER_KAFKA_ACK);
         let ids = rows.iter().map(|(_, id)| *id).collect();
         match self.requests.try_send(ids) {
@@ -114,18 +123,25 @@ impl LedgerWriter {
                 metrics.ledger_rows.add(done.len() as u64);
                 t.recorded(done.into_iter().map(|(seq, _)| seq));
                 failpoints::hit(failpoints::STREAM_AFTER_LEDGER_WRITE);
-                metrics.ledger_locked.set(held.len() as i64);
-                if held.is_empty() {
-                    self.backoff.reset();
-                    self.not_before = None;
-                } else {
+                self.backoff.reset();
+                self.not_before = None;
+                if !held.is_empty() {
                     self.warn_held(&held, o.table_locked);
-                    t.to_ledger.extend(held);
-                    self.not_before = Some(Instant::now() + Duration::from_millis(500));
+                    if o.table_locked {
+                        // DDL: everything waits alike; try again shortly.
+                        self.not_before = Some(Instant::now() + Duration::from_millis(500));
+                    }
+                    self.held.extend(held);
+                    self.held_retry_at
+                        .get_or_insert(Instant::now() + Duration::from_millis(500));
                 }
+                metrics.ledger_locked.set(self.held.len() as i64);
                 Ok(())
             }
-            Err(e) if e.is_transient() => {
+            // A lock, a deadlock, a timeout: try again, the stream goes on. A lost connection or
+            // a server going away ends the session instead: a stopping server waits for its
+            // walsenders, and ours must not keep it waiting for a ledger it refuses.
+            Err(e) if e.is_transient() && !e.is_connection_loss() => {
                 let pause = self.backoff.next_pause();
                 tracing::warn!(error = %e, retry_in = ?pause, rows = rows.len(), "ledger write failed; retrying (the stream goes on, the confirmed position waits)");
                 t.to_ledger.extend(rows);
@@ -182,7 +198,7 @@ impl LedgerWriter {
                 Err(_) => return false,
             }
             if Instant::now() >= deadline {
-                return t.to_ledger.is_empty() && !self.is_busy();
+                return t.to_ledger.is_empty() && self.held.is_empty() && !self.is_busy();
             }
         }
     }

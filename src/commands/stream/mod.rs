@@ -265,6 +265,7 @@ impl StreamCommand {
         let mut heartbeat_tick = tokio::time::interval(self.args.heartbeat_interval);
         heartbeat_tick.reset();
         let mut reported = *confirmed;
+        let mut read_upto = *confirmed;
         let mut retention_checks = 0u64;
 
         // Set on shutdown while a transaction is half read: reading goes on until its Commit (or
@@ -276,7 +277,9 @@ impl StreamCommand {
                     break SessionEnd::Shutdown;
                 }
             }
-            if catch_up_at.is_some_and(|at| t.confirmed >= at) && stopping.is_none() {
+            // Caught up once the stream has read past the marker: the rows it delivered are in the
+            // window's seed until the ledger has them, so none is read twice.
+            if catch_up_at.is_some_and(|at| read_upto >= at) && stopping.is_none() {
                 catch_up_at = None;
                 tracing::info!("stream caught up; backfilling rows still marked unsent");
                 if let Err(e) = backfill.start(&self.cfg, self.args.backfill_chunk).await {
@@ -307,34 +310,42 @@ impl StreamCommand {
                     t.on_ack(result);
                 }
                 outcome = ledger.outcome() => {
-                    ledger.finish(outcome, &mut t, &self.metrics)?;
+                    if let Err(e) = ledger.finish(outcome, &mut t, &self.metrics) {
+                        if e.is_transient() { break SessionEnd::Retry(e.to_string()) }
+                        return Err(e.into());
+                    }
                     self.metrics.ledger_waiting.set(t.unrecorded_acked() as i64);
                 }
                 msg = source.next(), if read_more => {
                     match msg {
                         Ok(Some(SourceMessage::Change(event))) => {
-                            backfill.window.note(event.op, event.id);
+                            backfill.window.note(event.op, event.id, !event.unchanged.is_empty(), event.version);
                             self.produce(&mut t, &event, false).await?;
                         }
                         Ok(Some(SourceMessage::DeadLetter(dead))) => {
-                            backfill.window.note(dead.op, dead.id);
+                            backfill.window.note(dead.op, dead.id, false, dead.version);
                             let ledger_id = ledger_id(dead.op, dead.id);
                             self.dead_letter(&mut t, &dead, ledger_id, false).await?;
                         }
-                        Ok(Some(SourceMessage::Watermark { chunk, lsn })) => {
-                            if let Some(rows) = backfill.on_watermark(chunk, lsn) {
+                        Ok(Some(SourceMessage::Watermark { tag, lsn })) => {
+                            if let Some(rows) = backfill.on_watermark(&tag, lsn) {
                                 self.produce_backfill(&mut t, rows).await?;
                             }
                             if !source.in_transaction() {
                                 t.push_position(lsn);
+                                read_upto = read_upto.max(lsn);
                             }
                         }
-                        Ok(Some(SourceMessage::Position { lsn })) => t.push_position(lsn),
+                        Ok(Some(SourceMessage::Position { lsn })) => {
+                            t.push_position(lsn);
+                            read_upto = read_upto.max(lsn);
+                        }
                         Ok(Some(SourceMessage::ReplyRequested { position })) => {
                             // Answer with the newest position that may be confirmed: a stopping
                             // server waits until the reply covers everything it sent.
                             if let Some(lsn) = position {
                                 t.push_position(lsn);
+                                read_upto = read_upto.max(lsn);
                             }
                             ledger.maybe_start(&mut t, ledger_batch, true);
                             if let Err(e) = source.send_status(t.confirmed, false).await {
@@ -349,6 +360,7 @@ impl StreamCommand {
                 }
                 msg = backfill.next(), if read_more => {
                     match msg {
+                        BackfillMsg::Total(total) => backfill.set_total(total),
                         BackfillMsg::Open(reply) => {
                             backfill.window.open(t.unrecorded_stream_ids());
                             let _ = reply.send(());

@@ -16,7 +16,7 @@
 //!    each versioned at the watermark's position: above every transaction the read could see, below
 //!    every one that commits later.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
@@ -28,7 +28,10 @@ use super::{SourceConfig, SourceError, WATERMARK_MESSAGE_PREFIX};
 /// Rows read by one chunk, waiting for their watermark.
 #[derive(Debug)]
 pub struct Chunk {
-    pub number: u64,
+    /// The watermark's content: this run's tag and the chunk's number, so a watermark written by
+    /// another relay on the same database (logical messages reach every slot) is never taken for
+    /// ours.
+    pub tag: String,
     pub rows: Vec<ChangeEvent>,
     /// Fewer rows than asked for: nothing is left after this one.
     pub last: bool,
@@ -40,6 +43,8 @@ pub struct Backfill {
     count_query: String,
     chunk: i64,
     after_id: i64,
+    /// Prefix of this run's watermarks: the slot and a random number.
+    run: String,
     next_chunk: u64,
     done: bool,
 }
@@ -58,25 +63,34 @@ impl Backfill {
             cfg.qualified_table()
         );
         let count_query = format!(
-            "SELECT count(*) FROM {} WHERE id > $1::int8 AND sent_to_kafka IS NOT TRUE",
+            "SELECT count(*) FROM {} WHERE sent_to_kafka IS NOT TRUE",
             cfg.qualified_table()
         );
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         Ok(Backfill {
             client,
             query,
             count_query,
             chunk: chunk.max(1),
             after_id: i64::MIN,
+            run: format!("{}/{:x}{:x}/", cfg.slot, std::process::id(), nanos),
             next_chunk: 1,
             done: false,
         })
+    }
+
+    /// The prefix of this run's watermarks.
+    pub fn run(&self) -> &str {
+        &self.run
     }
 
     /// Rows still to do, for progress reports.
     pub async fn count_remaining(&self) -> Result<i64, SourceError> {
         let row = self
             .client
-            .query_one(&self.count_query, &[&self.after_id])
+            .query_one(&self.count_query, &[])
             .await
             .map_err(SourceError::sql("counting rows to backfill"))?;
         Ok(row.get(0))
@@ -110,14 +124,14 @@ impl Backfill {
             }
             events.push(event);
         }
-        let number = self.next_chunk;
+        let tag = format!("{}{}", self.run, self.next_chunk);
         self.next_chunk += 1;
         // Written after the read finished, so it is later in the WAL than the commit of every
         // transaction the read saw.
         self.client
             .query_one(
                 "SELECT pg_logical_emit_message(false, $1, $2)::text",
-                &[&WATERMARK_MESSAGE_PREFIX, &number.to_string()],
+                &[&WATERMARK_MESSAGE_PREFIX, &tag],
             )
             .await
             .map_err(SourceError::sql("writing a backfill watermark"))?;
@@ -126,95 +140,137 @@ impl Backfill {
             return Ok(None);
         }
         Ok(Some(Chunk {
-            number,
+            tag,
             rows: events,
             last,
         }))
     }
 }
 
-/// What the stream did to the table while one chunk was read and until its watermark came by.
+/// What the stream did to a key while a chunk that may hold its row was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Noted {
+    /// The stream carries a whole state of the row at least as new as the chunk's: the chunk's
+    /// row is left out.
+    Superseded,
+    /// Only updates that left unchanged TOASTed columns out, the earliest at this version: the
+    /// chunk's row goes out just below it, as the base those columns are filled from.
+    Partial(u64),
+}
+
+/// What the stream does to the table while a backfill runs: from its start, between chunks and
+/// while each chunk is read, until the chunk's watermark comes by.
 #[derive(Debug, Default)]
 pub struct ChunkWindow {
-    open: bool,
-    /// Keys the stream carries a state of that is at least as new as the chunk's.
-    changed: HashSet<i64>,
+    /// Noting changes (a backfill runs).
+    active: bool,
+    /// Keys at or below this were read by earlier chunks: later chunks cannot hold them.
+    floor: Option<i64>,
+    noted: HashMap<i64, Noted>,
     truncated: bool,
     pending: Option<Chunk>,
-    /// A watermark that came by before its chunk arrived (the stream can be quicker than the
-    /// channel that brings the chunk).
-    seen: Option<(u64, Lsn)>,
+    /// A watermark of this run that came by before its chunk arrived (the stream can be quicker
+    /// than the channel that brings the chunk).
+    seen: Option<(String, Lsn)>,
+    run: String,
 }
 
 impl ChunkWindow {
-    /// Starts noting changes, before the chunk is read. `unrecorded` are keys of changes produced
-    /// but not yet in the ledger: the read may still see their rows as unsent.
-    pub fn open(&mut self, unrecorded: impl IntoIterator<Item = i64>) {
-        *self = ChunkWindow {
-            open: true,
-            ..Default::default()
-        };
-        self.changed.extend(unrecorded);
+    /// A backfill starts: note changes from now on. `run` prefixes its watermarks.
+    pub fn start(&mut self, run: &str) {
+        self.close();
+        self.active = true;
+        self.run = run.to_string();
     }
 
+    /// A chunk is about to be read. `unrecorded` are keys of changes produced but not yet in the
+    /// ledger: the read may still see their rows as unsent.
+    pub fn open(&mut self, unrecorded: impl IntoIterator<Item = i64>) {
+        for id in unrecorded {
+            self.note_key(id, Noted::Superseded);
+        }
+    }
+
+    /// The backfill ended (done, failed or stopped).
     pub fn close(&mut self) {
         *self = ChunkWindow::default();
     }
 
-    pub fn is_open(&self) -> bool {
-        self.open
-    }
-
-    /// The stream handed out a change of `id` (a truncate has none).
-    pub fn note(&mut self, op: Op, id: Option<i64>) {
-        if !self.open {
+    /// The stream handed out a change of `id` (a truncate has none). `partial`: an update that
+    /// left unchanged TOASTed columns out; `version`: the change's version.
+    pub fn note(&mut self, op: Op, id: Option<i64>, partial: bool, version: u64) {
+        if !self.active {
             return;
         }
         match (op, id) {
             (Op::Truncate, _) => self.truncated = true,
-            (_, Some(id)) => {
-                self.changed.insert(id);
-            }
+            (Op::Update, Some(id)) if partial => self.note_key(id, Noted::Partial(version)),
+            (_, Some(id)) => self.note_key(id, Noted::Superseded),
             _ => {}
         }
     }
 
+    fn note_key(&mut self, id: i64, what: Noted) {
+        if self.floor.is_some_and(|f| id <= f) {
+            return;
+        }
+        let entry = self.noted.entry(id).or_insert(what);
+        *entry = match (*entry, what) {
+            (Noted::Partial(a), Noted::Partial(b)) => Noted::Partial(a.min(b)),
+            _ => Noted::Superseded,
+        };
+    }
+
     /// The chunk was read; its rows if its watermark already came by.
     pub fn on_chunk(&mut self, chunk: Chunk) -> Option<Vec<ChangeEvent>> {
-        match self.seen {
-            Some((number, lsn)) if number == chunk.number => {
-                self.pending = Some(chunk);
-                self.on_watermark(number, lsn)
-            }
-            _ => {
-                self.pending = Some(chunk);
-                None
-            }
+        let seen = self.seen.take();
+        let tag = chunk.tag.clone();
+        self.pending = Some(chunk);
+        match seen {
+            Some((t, lsn)) if t == tag => self.on_watermark(&t, lsn),
+            _ => None,
         }
     }
 
-    /// The stream reached a watermark: the chunk's rows to produce now (and the window closes), if
-    /// it is this window's chunk.
-    pub fn on_watermark(&mut self, number: u64, lsn: Lsn) -> Option<Vec<ChangeEvent>> {
-        if !self.open {
+    /// The stream reached a watermark whose message LSN is `lsn`: the chunk's rows to produce now,
+    /// if it is this run's pending chunk's.
+    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<Vec<ChangeEvent>> {
+        if !self.active || !tag.starts_with(&self.run) {
             return None;
         }
-        let Some(chunk) = self.pending.take_if(|c| c.number == number) else {
-            self.seen = Some((number, lsn));
+        let Some(chunk) = self.pending.take_if(|c| c.tag == tag) else {
+            self.seen = Some((tag.to_string(), lsn));
             return None;
         };
+        let top = chunk_max(&chunk.rows);
         let mut rows = chunk.rows;
         if self.truncated {
             rows.clear();
         }
-        rows.retain(|r| r.id.is_some_and(|id| !self.changed.contains(&id)));
-        for r in &mut rows {
-            r.version = lsn.0;
+        // The message's position is the end of its record: every commit before it is at least a
+        // record (24 bytes) below, every one after at or above it.
+        let version = lsn.0.saturating_sub(1);
+        rows.retain_mut(|r| {
+            let Some(id) = r.id else { return false };
             r.lsn = lsn.to_string();
-        }
-        self.close();
+            match self.noted.get(&id) {
+                None => r.version = version,
+                Some(Noted::Superseded) => return false,
+                Some(Noted::Partial(v)) => r.version = v.saturating_sub(1).min(version),
+            }
+            true
+        });
+        // Later chunks start above this one's last key, so keys at or below it need no notes; the
+        // rest start afresh: the next window is opened at once and seeded again.
+        self.floor = top.or(self.floor);
+        self.noted.clear();
+        self.truncated = false;
         Some(rows)
     }
+}
+
+fn chunk_max(rows: &[ChangeEvent]) -> Option<i64> {
+    rows.iter().filter_map(|r| r.id).max()
 }
 
 #[cfg(test)]
@@ -238,43 +294,67 @@ mod tests {
 
     fn chunk(number: u64, ids: &[i64]) -> Chunk {
         Chunk {
-            number,
+            tag: format!("slot/run/{number}"),
             rows: ids.iter().map(|&i| row(i)).collect(),
             last: false,
         }
     }
 
+    fn ids(rows: &[ChangeEvent]) -> Vec<i64> {
+        rows.iter().map(|r| r.id.unwrap()).collect()
+    }
+
     #[test]
-    fn keys_the_stream_carries_are_left_out_and_the_rest_versioned_at_the_watermark() {
+    fn keys_the_stream_carries_are_left_out_and_the_rest_versioned_below_the_watermark() {
         let mut w = ChunkWindow::default();
+        w.start("slot/run/");
         w.open([2]);
-        let mut changed = row(3);
-        changed.op = Op::Update;
-        w.note(changed.op, changed.id);
-        assert!(w.on_chunk(chunk(7, &[1, 2, 3, 4])).is_none());
-        let mut later = row(4);
-        later.op = Op::Insert;
-        w.note(later.op, later.id);
-        assert!(w.on_watermark(6, Lsn(90)).is_none(), "another chunk's mark");
-        let rows = w.on_watermark(7, Lsn(100)).unwrap();
-        assert_eq!(rows.iter().map(|r| r.id.unwrap()).collect::<Vec<_>>(), [1]);
-        assert_eq!((rows[0].version, rows[0].lsn.as_str()), (100, "0/64"));
-        assert!(!w.is_open());
+        w.note(Op::Update, Some(3), false, 70);
+        w.note(Op::Delete, Some(5), false, 71);
+        assert!(w.on_chunk(chunk(7, &[1, 2, 3, 4, 5, 6])).is_none());
+        w.note(Op::Insert, Some(4), false, 80);
+        // An update that left a TOASTed column out: the chunk's row goes out just below it.
+        w.note(Op::Update, Some(6), true, 90);
+        assert!(
+            w.on_watermark("slot/run/6", Lsn(95)).is_none(),
+            "another chunk's mark"
+        );
+        assert!(
+            w.on_watermark("other/run/7", Lsn(96)).is_none(),
+            "another relay's mark"
+        );
+        let rows = w.on_watermark("slot/run/7", Lsn(100)).unwrap();
+        assert_eq!(ids(&rows), [1, 6]);
+        assert_eq!((rows[0].version, rows[0].lsn.as_str()), (99, "0/64"));
+        assert_eq!(rows[1].version, 89);
+        // Keys up to the chunk's last are never read again: no notes for them.
+        w.note(Op::Insert, Some(6), false, 110);
+        w.open([]);
+        assert_eq!(
+            ids(&w.on_chunk(chunk(8, &[7])).unwrap_or_default()),
+            Vec::<i64>::new()
+        );
+        assert_eq!(ids(&w.on_watermark("slot/run/8", Lsn(120)).unwrap()), [7]);
     }
 
     #[test]
     fn a_watermark_before_its_chunk_and_a_truncate() {
         let mut w = ChunkWindow::default();
+        w.start("slot/run/");
         w.open([]);
-        assert!(w.on_watermark(1, Lsn(50)).is_none());
-        assert_eq!(w.on_chunk(chunk(1, &[5])).unwrap()[0].version, 50);
+        assert!(w.on_watermark("slot/run/1", Lsn(50)).is_none());
+        assert_eq!(w.on_chunk(chunk(1, &[5])).unwrap()[0].version, 49);
 
         w.open([]);
-        let mut t = row(0);
-        t.op = Op::Truncate;
-        t.id = None;
-        w.note(t.op, t.id);
+        w.note(Op::Truncate, None, false, 55);
         w.on_chunk(chunk(2, &[8, 9]));
-        assert!(w.on_watermark(2, Lsn(60)).unwrap().is_empty());
+        assert!(w.on_watermark("slot/run/2", Lsn(60)).unwrap().is_empty());
+        w.open([]);
+        w.on_chunk(chunk(3, &[10]));
+        assert_eq!(
+            ids(&w.on_watermark("slot/run/3", Lsn(70)).unwrap()),
+            [10],
+            "a truncate counts for its chunk only"
+        );
     }
 }

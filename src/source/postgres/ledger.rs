@@ -6,7 +6,8 @@
 //! publishes, while a user's UPDATE of the same row still does.
 //!
 //! The ledger never waits long on anybody: its session has a short `lock_timeout`. A row another
-//! transaction holds locked is skipped (`FOR UPDATE SKIP LOCKED`) and reported back, to be tried
+//! transaction holds locked is skipped (`FOR NO KEY UPDATE SKIP LOCKED`, which a foreign key's check
+//! does not block) and reported back, to be tried
 //! again later; a table-level lock (a TRUNCATE or ALTER TABLE waiting or running) makes the whole
 //! batch wait for a later try. Either way only the slot's confirmed position waits, never the stream.
 
@@ -58,7 +59,7 @@ impl Ledger {
              FROM {marker}, \
                   (SELECT l.id FROM {table} AS l, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
                    WHERE l.id BETWEEN r.lo AND r.hi AND l.sent_to_kafka IS NOT TRUE \
-                   FOR UPDATE OF l SKIP LOCKED) AS s \
+                   FOR NO KEY UPDATE OF l SKIP LOCKED) AS s \
              WHERE t.id = s.id"
         );
         let unsent_statement = format!(

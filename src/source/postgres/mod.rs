@@ -72,6 +72,22 @@ impl SourceError {
         move |source| SourceError::Sql { context, source }
     }
 
+    /// Whether the connection itself is gone or the server is going away (as opposed to a
+    /// statement that met a lock): a session that depends on it should end.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            SourceError::Connect { .. } => true,
+            SourceError::Sql { source, .. } => match source.code() {
+                Some(c) => {
+                    let c = c.code();
+                    c.starts_with("08") || c.starts_with("57P")
+                }
+                None => source.is_closed() || source.as_db_error().is_none(),
+            },
+            _ => false,
+        }
+    }
+
     /// Whether the same operation may succeed after a pause (connection lost, server restarting).
     pub fn is_transient(&self) -> bool {
         match self {

@@ -41,8 +41,8 @@ pub enum SourceMessage {
     /// the position must not be dropped.
     ReplyRequested { position: Option<Lsn> },
     /// A backfill chunk's high watermark came by: every transaction that committed before the
-    /// chunk was read has been handed out.
-    Watermark { chunk: u64, lsn: Lsn },
+    /// chunk was read has been handed out. `tag` names the run and the chunk.
+    Watermark { tag: String, lsn: Lsn },
 }
 
 /// The transaction being read.
@@ -188,10 +188,8 @@ impl ReplicationSource {
                     tracing::trace!(lsn = %lsn, "heartbeat position");
                     Ok(Some(SourceMessage::Position { lsn }))
                 } else if !transactional && prefix == WATERMARK_MESSAGE_PREFIX {
-                    let chunk = std::str::from_utf8(&content)
-                        .ok()
-                        .and_then(|c| c.parse::<u64>().ok());
-                    Ok(chunk.map(|chunk| SourceMessage::Watermark { chunk, lsn }))
+                    let tag = String::from_utf8_lossy(&content).into_owned();
+                    Ok(Some(SourceMessage::Watermark { tag, lsn }))
                 } else {
                     Ok(None)
                 }
@@ -217,7 +215,7 @@ impl ReplicationSource {
                 let version = match self.tx.as_mut() {
                     Some(tx) => {
                         tx.bump = (tx.bump + 1).min(MAX_BUMP);
-                        tx.final_lsn.0 + tx.bump
+                        tx.final_lsn.0.saturating_add(tx.bump)
                     }
                     None => wal_start.0,
                 };
@@ -268,7 +266,7 @@ impl ReplicationSource {
 
     fn version(&self, wal_start: Lsn) -> u64 {
         match self.tx {
-            Some(tx) => tx.final_lsn.0 + tx.bump,
+            Some(tx) => tx.final_lsn.0.saturating_add(tx.bump),
             None => wal_start.0,
         }
     }
