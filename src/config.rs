@@ -249,6 +249,28 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_STREAM_DLQ_TOPIC")]
     pub stream_dlq_topic: Option<String>,
 
+    /// Exactly once into Kafka: produce inside Kafka transactions, each also committing a checkpoint
+    /// of how far it reaches; after any crash the replayed changes at or below the last checkpoint
+    /// are dropped, so a `read_committed` consumer sees every change once.
+    #[arg(long, env = "CDC_RELAY_EXACTLY_ONCE")]
+    pub exactly_once: bool,
+
+    /// With --exactly-once: most changes in one Kafka transaction.
+    #[arg(
+        long,
+        env = "CDC_RELAY_TRANSACTION_MAX_CHANGES",
+        default_value_t = 10_000
+    )]
+    pub transaction_max_changes: usize,
+
+    /// With --exactly-once: longest a Kafka transaction stays open, in milliseconds.
+    #[arg(long, env = "CDC_RELAY_TRANSACTION_MAX_MS", default_value = "100", value_parser = parse_millis)]
+    pub transaction_max_ms: Duration,
+
+    /// With --exactly-once: the compacted topic of checkpoints. Default: `<topic>.checkpoints`.
+    #[arg(long, env = "CDC_RELAY_CHECKPOINT_TOPIC")]
+    pub checkpoint_topic: Option<String>,
+
     /// Most messages produced but not yet acknowledged and recorded; bounds memory under any backlog.
     #[arg(long, env = "CDC_RELAY_MAX_IN_FLIGHT", default_value_t = 50_000)]
     pub max_in_flight: usize,

@@ -94,6 +94,72 @@ pub struct ChangeEvent {
     pub moved_from: Option<i64>,
 }
 
+/// Where a change stands in the stream's output, in the order the stream produces: its
+/// transaction's commit position (for a backfilled row, its chunk's watermark) and its index there.
+/// A restarted stream that replays changes drops those at or below the last committed checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChangeOrder {
+    pub lsn: Lsn,
+    pub index: u32,
+}
+
+/// The record `stream --exactly-once` commits with each Kafka transaction, in a compacted
+/// checkpoint topic keyed by its transactional id: how far the committed output reaches, and the
+/// backfilled rows it holds that the ledger may not have recorded yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamCheckpoint {
+    /// `X/Y` of [`ChangeOrder::lsn`].
+    pub lsn: String,
+    pub index: u32,
+    /// Ranges `[lo, hi]` of ids of backfilled rows in committed transactions, not yet in the
+    /// ledger when this checkpoint was written.
+    #[serde(default)]
+    pub backfill_unrecorded: Vec<[i64; 2]>,
+}
+
+impl StreamCheckpoint {
+    pub fn new(order: ChangeOrder, mut backfill_unrecorded: Vec<i64>) -> Self {
+        backfill_unrecorded.sort_unstable();
+        backfill_unrecorded.dedup();
+        let mut ranges: Vec<[i64; 2]> = Vec::new();
+        for id in backfill_unrecorded {
+            match ranges.last_mut() {
+                Some(r) if r[1].checked_add(1) == Some(id) => r[1] = id,
+                _ => ranges.push([id, id]),
+            }
+        }
+        StreamCheckpoint {
+            lsn: order.lsn.to_string(),
+            index: order.index,
+            backfill_unrecorded: ranges,
+        }
+    }
+
+    pub fn order(&self) -> Result<ChangeOrder, EventError> {
+        Ok(ChangeOrder {
+            lsn: self.lsn.parse()?,
+            index: self.index,
+        })
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, EventError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// The ids of [`Self::backfill_unrecorded`].
+    pub fn backfill_ids(&self) -> Vec<i64> {
+        self.backfill_unrecorded
+            .iter()
+            .filter(|[lo, hi]| lo <= hi && hi - lo < 10_000_000)
+            .flat_map(|[lo, hi]| *lo..=*hi)
+            .collect()
+    }
+}
+
 /// A change the stream could not relay (too large for the topic, a value it cannot encode). It goes
 /// to the stream's dead-letter topic so the rows behind it keep moving (docs/message-format.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -332,6 +398,33 @@ mod tests {
     fn bc_dates_parse() {
         let us = parse_event_time("0001-01-01 00:00:00 BC").unwrap().unwrap();
         assert_eq!(format_event_time(us), "0000-01-01T00:00:00");
+    }
+
+    #[test]
+    fn checkpoints_round_trip_with_id_ranges() {
+        let order = ChangeOrder {
+            lsn: Lsn(0x1_0000_0010),
+            index: 3,
+        };
+        let cp = StreamCheckpoint::new(order, vec![5, 1, 2, 3, 9, 2]);
+        assert_eq!(cp.backfill_unrecorded, vec![[1, 3], [5, 5], [9, 9]]);
+        let back = StreamCheckpoint::from_json(&cp.to_json()).unwrap();
+        assert_eq!(back.order().unwrap(), order);
+        assert_eq!(back.backfill_ids(), vec![1, 2, 3, 5, 9]);
+        assert!(
+            order
+                > ChangeOrder {
+                    lsn: Lsn(0x1_0000_0010),
+                    index: 2
+                }
+        );
+        assert!(
+            order
+                < ChangeOrder {
+                    lsn: Lsn(0x1_0000_0011),
+                    index: 0
+                }
+        );
     }
 
     #[test]

@@ -43,6 +43,10 @@ impl KafkaConsumer {
         let consumer: StreamConsumer = connection
             .client_config()
             .set("group.id", group)
+            // Only what committed transactions hold (`stream --exactly-once`): an aborted
+            // transaction's messages are never stored. (librdkafka's default; said here because
+            // the guarantee depends on it.)
+            .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

@@ -1,6 +1,7 @@
 //! Kafka: the producer `stream` ships events with, the consumer `sink` reads them with, and topic
 //! handling. Speaks [`crate::event::ChangeEvent`] and bytes; knows neither PostgreSQL nor ClickHouse.
 
+pub mod checkpoint;
 pub mod consumer;
 pub mod inspect;
 pub mod producer;
@@ -146,6 +147,9 @@ pub enum KafkaError {
     Topic { topic: String, reason: String },
     #[error("Kafka did not acknowledge a message: {0}")]
     Delivery(String),
+    /// The producer cannot go on (fenced by a newer producer with its transactional id).
+    #[error("Kafka producer stopped for good: {0}")]
+    Fatal(String),
     #[error("a message of {size} bytes is over topic {topic}'s limit of {limit} bytes (max.message.bytes)")]
     TooLarge {
         topic: String,

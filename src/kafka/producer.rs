@@ -11,7 +11,8 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
 
 use crate::event::{ChangeEvent, StreamDeadLetter};
 
@@ -37,7 +38,12 @@ pub struct ProducerConfig {
     pub dead_letter_topic: String,
     /// librdkafka's local queue; kept near the relay's own in-flight bound so memory stays bounded.
     pub queue_messages: usize,
+    /// Produce inside Kafka transactions with this `transactional.id` (exactly-once mode).
+    pub transactional_id: Option<String>,
 }
+
+/// How long a transaction call may take before it counts as failed.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What became of one message.
 pub type DeliveryResult = Result<(), KafkaError>;
@@ -50,9 +56,8 @@ impl KafkaProducer {
             .min(dlq_limit)
             .saturating_sub(BATCH_OVERHEAD)
             .max(1000);
-        let producer: FutureProducer = cfg
-            .connection
-            .client_config()
+        let mut producer = cfg.connection.client_config();
+        producer
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")
@@ -67,9 +72,17 @@ impl KafkaProducer {
                 "queue.buffering.max.messages",
                 cfg.queue_messages.max(1000).to_string(),
             )
-            .set("queue.buffering.max.kbytes", "65536")
-            .create()
-            .map_err(KafkaError::client("creating the producer"))?;
+            .set("queue.buffering.max.kbytes", "65536");
+        let producer: FutureProducer = match &cfg.transactional_id {
+            None => producer.create(),
+            Some(id) => producer
+                .clone()
+                .set("transactional.id", id)
+                // Longer than a stuck transaction of ours can last; the broker aborts it after.
+                .set("transaction.timeout.ms", "60000")
+                .create(),
+        }
+        .map_err(KafkaError::client("creating the producer"))?;
         tracing::debug!(topic = %cfg.topic, limit, "producer message size limit");
         Ok(KafkaProducer {
             producer,
@@ -77,6 +90,69 @@ impl KafkaProducer {
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             limit,
         })
+    }
+
+    /// Registers the transactional id with the cluster: fences any earlier producer with the same id
+    /// and aborts its open transaction, so none of it ever becomes visible.
+    pub async fn init_transactions(&self) -> Result<(), KafkaError> {
+        let p = self.producer.clone();
+        self.blocking("starting transactions", move || {
+            p.init_transactions(Timeout::After(TRANSACTION_TIMEOUT))
+        })
+        .await
+    }
+
+    pub fn begin_transaction(&self) -> Result<(), KafkaError> {
+        self.producer
+            .begin_transaction()
+            .map_err(|e| transaction_error("beginning a transaction", e))
+    }
+
+    /// Commits the open transaction (flushing what is still queued first).
+    pub async fn commit_transaction(&self) -> Result<(), KafkaError> {
+        let p = self.producer.clone();
+        self.blocking("committing a transaction", move || {
+            p.commit_transaction(Timeout::After(TRANSACTION_TIMEOUT))
+        })
+        .await
+    }
+
+    pub async fn abort_transaction(&self) -> Result<(), KafkaError> {
+        let p = self.producer.clone();
+        self.blocking("aborting a transaction", move || {
+            p.abort_transaction(Timeout::After(TRANSACTION_TIMEOUT))
+        })
+        .await
+    }
+
+    /// librdkafka's fatal error, if the producer has one (fenced by a newer producer with the same
+    /// transactional id): nothing it produces can succeed any more.
+    pub fn fatal_error(&self) -> Option<KafkaError> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| fatal(code, reason))
+    }
+
+    async fn blocking<F>(&self, what: &'static str, f: F) -> Result<(), KafkaError>
+    where
+        F: FnOnce() -> Result<(), RdKafkaError> + Send + 'static,
+    {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r.map_err(|e| transaction_error(what, e)),
+            Err(e) => Err(KafkaError::Delivery(format!("{what}: {e}"))),
+        }
+    }
+
+    /// Produces one record to `topic` and waits for its acknowledgement.
+    pub async fn send_and_wait(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), KafkaError> {
+        let (ack, _) = self.send_bytes(topic, Some(key), payload).await?;
+        ack.await
     }
 
     /// Largest message this producer sends.
@@ -162,6 +238,23 @@ impl KafkaProducer {
                 }
             }
         }
+    }
+}
+
+fn fatal(code: RDKafkaErrorCode, reason: String) -> KafkaError {
+    KafkaError::Fatal(format!(
+        "{reason} ({code}). If another `cdc-relay stream --exactly-once` with the same slot took over (it fences this one), this one must stop"
+    ))
+}
+
+/// A transaction call's error: fatal ones (fenced) end the stream, the others end the session,
+/// which aborts the transaction and replays from the last checkpoint.
+fn transaction_error(what: &str, e: RdKafkaError) -> KafkaError {
+    match &e {
+        RdKafkaError::Transaction(t) if t.is_fatal() => {
+            fatal(t.code(), format!("{what}: {}", t.string()))
+        }
+        _ => KafkaError::Delivery(format!("{what}: {e}")),
     }
 }
 

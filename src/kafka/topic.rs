@@ -25,6 +25,17 @@ pub async fn ensure_topic(
     partitions: i32,
     replication: Option<i32>,
 ) -> Result<usize, KafkaError> {
+    ensure_topic_with(base, topic, partitions, replication, &[]).await
+}
+
+/// [`ensure_topic`] with topic settings (e.g. `cleanup.policy=compact`) for a topic it creates.
+pub async fn ensure_topic_with(
+    base: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    replication: Option<i32>,
+    settings: &[(&str, &str)],
+) -> Result<usize, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base
         .create()
         .map_err(KafkaError::client("creating the admin client"))?;
@@ -32,7 +43,10 @@ pub async fn ensure_topic(
         Some(r) => r,
         None => auto_replication(broker_count(base, topic)?),
     };
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    for (k, v) in settings {
+        new = new.set(k, v);
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics([&new], &opts)

@@ -33,10 +33,18 @@ pub(super) struct BackfillRun {
     release: Option<oneshot::Sender<()>>,
     progress: Option<Progress>,
     released: u64,
+    /// Keep a released chunk's go-ahead until the main loop lets it go (exactly-once mode).
+    hold: bool,
 }
 
 impl BackfillRun {
-    pub async fn start(&mut self, cfg: &SourceConfig, chunk: i64) -> Result<(), SourceError> {
+    pub async fn start(
+        &mut self,
+        cfg: &SourceConfig,
+        chunk: i64,
+        hold: bool,
+    ) -> Result<(), SourceError> {
+        self.hold = hold;
         let backfill = Backfill::new(cfg, chunk).await?;
         self.window.start(backfill.run());
         let (tx, rx) = mpsc::channel(1);
@@ -70,19 +78,27 @@ impl BackfillRun {
         &mut self,
         chunk: Chunk,
         release: oneshot::Sender<()>,
-    ) -> Option<Vec<ChangeEvent>> {
+    ) -> Option<(Vec<ChangeEvent>, Lsn)> {
         if let Some(p) = self.progress.as_mut() {
             p.add(chunk.rows.len() as u64);
         }
         self.release = Some(release);
-        let rows = self.window.on_chunk(chunk)?;
-        Some(self.released(rows))
+        let (rows, lsn) = self.window.on_chunk(chunk)?;
+        Some((self.released(rows), lsn))
     }
 
-    /// The stream reached a watermark: the chunk's rows if it was this run's chunk's.
-    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<Vec<ChangeEvent>> {
-        let rows = self.window.on_watermark(tag, lsn)?;
-        Some(self.released(rows))
+    /// The stream reached a watermark: the chunk's rows (and the watermark's position) if it was
+    /// this run's chunk's.
+    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<(Vec<ChangeEvent>, Lsn)> {
+        let (rows, lsn) = self.window.on_watermark(tag, lsn)?;
+        Some((self.released(rows), lsn))
+    }
+
+    /// Lets the backfill read its next chunk, if it waits for that.
+    pub fn let_next_chunk_go(&mut self) {
+        if let Some(r) = self.release.take() {
+            let _ = r.send(());
+        }
     }
 
     /// The total to report progress against.
@@ -96,8 +112,8 @@ impl BackfillRun {
             failpoints::hit(failpoints::STREAM_MID_BACKFILL);
         }
         self.released += 1;
-        if let Some(r) = self.release.take() {
-            let _ = r.send(());
+        if !self.hold {
+            self.let_next_chunk_go();
         }
         rows
     }

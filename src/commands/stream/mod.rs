@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod backfill;
+mod exactly_once;
 mod ledger_writer;
 mod metrics;
 mod tracker;
 
 use backfill::{BackfillMsg, BackfillRun};
+use exactly_once::{ExactlyOnce, SessionStart};
 use ledger_writer::LedgerWriter;
 use metrics::StreamMetrics;
 use tracker::Tracker;
@@ -22,10 +24,10 @@ use tracker::Tracker;
 use crate::backoff::Backoff;
 use crate::config::{PublishOpsArg, StreamArgs};
 use crate::error::Error;
-use crate::event::{ChangeEvent, Lsn, Op, StreamDeadLetter};
+use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
-use crate::kafka::topic::ensure_topic;
+use crate::kafka::topic::{ensure_topic, ensure_topic_with};
 use crate::kafka::KafkaError;
 use crate::metrics::Registry;
 use crate::source::postgres::catalog;
@@ -56,6 +58,8 @@ struct StreamCommand {
     sql: Option<tokio_postgres::Client>,
     shutdown: watch::Receiver<bool>,
     dead_lettered: u64,
+    /// `--exactly-once`: Kafka transactions and checkpoints.
+    eo: Option<ExactlyOnce>,
 }
 
 pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -80,11 +84,37 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         .clone()
         .unwrap_or_else(|| format!("{}.stream-dlq", args.kafka.topic));
     ensure_topic(&kafka, &dead_letter_topic, 1, args.topic_replication).await?;
+    let eo = if args.exactly_once {
+        let topic = args
+            .checkpoint_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.checkpoints", args.kafka.topic));
+        ensure_topic_with(
+            &kafka,
+            &topic,
+            1,
+            args.topic_replication,
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
+        Some(ExactlyOnce::new(
+            &args.postgres.slot,
+            topic,
+            connection.clone(),
+            args.transaction_max_changes,
+            args.transaction_max_ms,
+        ))
+    } else {
+        None
+    };
     let producer = KafkaProducer::new(&ProducerConfig {
         connection: connection.clone(),
         topic: args.kafka.topic.clone(),
         dead_letter_topic,
         queue_messages: args.max_in_flight + args.backfill_chunk as usize + 1000,
+        transactional_id: args
+            .exactly_once
+            .then(|| exactly_once::transactional_id(&args.postgres.slot)),
     })
     .await?;
     tracing::info!(table = %cfg.qualified_table(), topic = %args.kafka.topic, partitions, slot = %cfg.slot, dead_letters = %producer.dead_letter_topic(), max_message_bytes = producer.limit(), "stream starting");
@@ -151,6 +181,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         sql: Some(sql),
         shutdown,
         dead_lettered: 0,
+        eo,
     };
     cmd.run_sessions(client, start).await
 }
@@ -244,7 +275,18 @@ impl StreamCommand {
             Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
             Err(e) => return Err(e.into()),
         };
-        let mut t = Tracker::new(*confirmed);
+        if let Some(eo) = self.eo.as_mut() {
+            match eo.start(&self.producer, &self.cfg).await {
+                Ok(()) => {}
+                Err(SessionStart::Kafka(e @ KafkaError::Fatal(_))) => return Err(e.into()),
+                Err(SessionStart::Kafka(e)) => return Ok(SessionEnd::Retry(e.to_string())),
+                Err(SessionStart::Source(e)) if e.is_transient() => {
+                    return Ok(SessionEnd::Retry(e.to_string()))
+                }
+                Err(SessionStart::Source(e)) => return Err(e.into()),
+            }
+        }
+        let mut t = Tracker::new(*confirmed, self.eo.is_some());
         let mut ledger = LedgerWriter::start(&self.cfg);
         let mut backfill = BackfillRun::default();
         // The backfill starts once the stream has passed this marker, written now: rows the stream
@@ -282,7 +324,11 @@ impl StreamCommand {
             if catch_up_at.is_some_and(|at| read_upto >= at) && stopping.is_none() {
                 catch_up_at = None;
                 tracing::info!("stream caught up; backfilling rows still marked unsent");
-                if let Err(e) = backfill.start(&self.cfg, self.args.backfill_chunk).await {
+                let hold = self.eo.is_some();
+                if let Err(e) = backfill
+                    .start(&self.cfg, self.args.backfill_chunk, hold)
+                    .await
+                {
                     if e.is_transient() {
                         break SessionEnd::Retry(e.to_string());
                     }
@@ -292,9 +338,28 @@ impl StreamCommand {
             if t.broken && t.in_flight == 0 {
                 break SessionEnd::Retry("a Kafka delivery failed".into());
             }
+            if let Some(eo) = self.eo.as_mut() {
+                if eo.committing && t.in_flight == 0 && !t.broken {
+                    if let Err(e) = eo.commit(&self.producer, &mut t).await {
+                        if matches!(e, KafkaError::Fatal(_)) {
+                            return Err(e.into());
+                        }
+                        eo.abort(&self.producer, &mut t).await;
+                        break SessionEnd::Retry(e.to_string());
+                    }
+                }
+                // Rows of a chunk go out only once the previous chunk's are in the ledger, so a
+                // checkpoint never has to name more than one chunk's rows.
+                if t.backfill_unrecorded() == 0 {
+                    backfill.let_next_chunk_go();
+                }
+            }
             ledger.maybe_start(&mut t, ledger_batch, false);
-            let read_more =
-                t.in_flight < max_in_flight && t.unrecorded_acked() < max_in_flight && !t.broken;
+            let read_more = t.in_flight < max_in_flight
+                && t.unrecorded_acked() < max_in_flight
+                && !t.broken
+                && !self.eo.as_ref().is_some_and(|eo| eo.committing);
+            let transaction_due = self.eo.as_ref().and_then(ExactlyOnce::due);
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed(), if stopping.is_none() => {
@@ -318,18 +383,26 @@ impl StreamCommand {
                 }
                 msg = source.next(), if read_more => {
                     match msg {
-                        Ok(Some(SourceMessage::Change(event))) => {
+                        Ok(Some(SourceMessage::Change(event, order))) => {
                             backfill.window.note(event.op, event.id, !event.unchanged.is_empty(), event.version);
-                            self.produce(&mut t, &event, false).await?;
+                            if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
+                                t.push_committed(ledger_id(event.op, event.id));
+                            } else {
+                                self.produce(&mut t, &event, false, order).await?;
+                            }
                         }
-                        Ok(Some(SourceMessage::DeadLetter(dead))) => {
+                        Ok(Some(SourceMessage::DeadLetter(dead, order))) => {
                             backfill.window.note(dead.op, dead.id, false, dead.version);
                             let ledger_id = ledger_id(dead.op, dead.id);
-                            self.dead_letter(&mut t, &dead, ledger_id, false).await?;
+                            if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
+                                t.push_committed(ledger_id);
+                            } else {
+                                self.dead_letter(&mut t, &dead, ledger_id, false, order).await?;
+                            }
                         }
                         Ok(Some(SourceMessage::Watermark { tag, lsn })) => {
-                            if let Some(rows) = backfill.on_watermark(&tag, lsn) {
-                                self.produce_backfill(&mut t, rows).await?;
+                            if let Some((rows, at)) = backfill.on_watermark(&tag, lsn) {
+                                self.produce_backfill(&mut t, rows, at).await?;
                             }
                             if !source.in_transaction() {
                                 t.push_position(lsn);
@@ -366,8 +439,8 @@ impl StreamCommand {
                             let _ = reply.send(());
                         }
                         BackfillMsg::Chunk(chunk, release) => {
-                            if let Some(rows) = backfill.on_chunk(chunk, release) {
-                                self.produce_backfill(&mut t, rows).await?;
+                            if let Some((rows, lsn)) = backfill.on_chunk(chunk, release) {
+                                self.produce_backfill(&mut t, rows, lsn).await?;
                             }
                         }
                         BackfillMsg::Done => {
@@ -377,6 +450,11 @@ impl StreamCommand {
                         }
                         BackfillMsg::Failed(e) if e.is_transient() => break SessionEnd::Retry(e.to_string()),
                         BackfillMsg::Failed(e) => return Err(e.into()),
+                    }
+                }
+                _ = sleep_until_opt(transaction_due) => {
+                    if let Some(eo) = self.eo.as_mut() {
+                        eo.committing = true;
                     }
                 }
                 _ = ledger_tick.tick() => {
@@ -432,10 +510,34 @@ impl StreamCommand {
             let r = t.next_ack().await;
             t.on_ack(r);
         }
+        if let Some(eo) = self.eo.as_mut() {
+            // A clean stop commits what it produced; anything else aborts it, and the next session
+            // replays it.
+            let clean = matches!(end, SessionEnd::Shutdown) && t.in_flight == 0 && !t.broken;
+            if eo.is_open() {
+                let committed = if clean {
+                    eo.commit(&self.producer, &mut t).await
+                } else {
+                    Err(KafkaError::Delivery("the session failed".into()))
+                };
+                if let Err(e) = committed {
+                    if clean {
+                        tracing::warn!(error = %e, "could not commit the last Kafka transaction; it is aborted and replayed on the next start");
+                    }
+                    eo.abort(&self.producer, &mut t).await;
+                }
+            }
+        }
         let ledger_deadline = Instant::now() + Duration::from_secs(15);
         let ledger_ok = ledger
             .drain(&mut t, ledger_batch, &self.metrics, ledger_deadline)
             .await;
+        if let Some(eo) = self.eo.as_mut() {
+            eo.remember_unrecorded(&t);
+            if let Some(e) = self.producer.fatal_error() {
+                return Err(e.into());
+            }
+        }
         *confirmed = t.confirmed;
         if t.backfill_failed {
             *backfill_state = BackfillState::Pending;
@@ -466,30 +568,50 @@ impl StreamCommand {
         t: &mut Tracker,
         event: &ChangeEvent,
         from_backfill: bool,
+        order: ChangeOrder,
     ) -> Result<(), Error> {
         let ledger_id = ledger_id(event.op, event.id);
+        self.before_produce()?;
         match self.producer.send(event).await {
             Ok((ack, bytes)) => {
                 t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
                 self.metrics.events.inc();
                 self.metrics.bytes.add(bytes as u64);
+                if let Some(eo) = self.eo.as_mut() {
+                    eo.produced(order);
+                }
                 Ok(())
             }
             Err(e @ KafkaError::TooLarge { .. }) => {
                 let dead = StreamDeadLetter::of_event(event, &self.table_name(), e.to_string());
-                self.dead_letter(t, &dead, ledger_id, from_backfill).await
+                self.dead_letter(t, &dead, ledger_id, from_backfill, order)
+                    .await
             }
             Err(e) => Err(e.into()),
         }
     }
 
+    /// In exactly-once mode, opens a Kafka transaction if none is open.
+    fn before_produce(&mut self) -> Result<(), Error> {
+        if let Some(eo) = self.eo.as_mut() {
+            eo.before_produce(&self.producer)?;
+        }
+        Ok(())
+    }
+
+    /// A chunk's rows, in the stream's order at its watermark `lsn`.
     async fn produce_backfill(
         &mut self,
         t: &mut Tracker,
         rows: Vec<ChangeEvent>,
+        lsn: Lsn,
     ) -> Result<(), Error> {
-        for event in &rows {
-            self.produce(t, event, true).await?;
+        for (index, event) in rows.iter().enumerate() {
+            let order = ChangeOrder {
+                lsn,
+                index: index as u32,
+            };
+            self.produce(t, event, true, order).await?;
         }
         self.metrics.backfill_rows.add(rows.len() as u64);
         Ok(())
@@ -503,7 +625,9 @@ impl StreamCommand {
         dead: &StreamDeadLetter,
         ledger_id: Option<i64>,
         from_backfill: bool,
+        order: ChangeOrder,
     ) -> Result<(), Error> {
+        self.before_produce()?;
         self.dead_lettered += 1;
         self.metrics.dead_lettered.inc();
         let n = self.dead_lettered;
@@ -512,6 +636,9 @@ impl StreamCommand {
         }
         let (ack, _) = self.producer.send_dead_letter(dead).await?;
         t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
+        if let Some(eo) = self.eo.as_mut() {
+            eo.produced(order);
+        }
         Ok(())
     }
 
@@ -536,6 +663,13 @@ impl StreamCommand {
                     "the slot retains a lot of WAL: is the relay keeping up? See docs/operations.md (max_slot_wal_keep_size)");
             }
         }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -21,6 +21,8 @@ pub(super) enum Item {
         seq: u64,
         ledger_id: Option<i64>,
         from_backfill: bool,
+        /// Already in a committed Kafka transaction (a replayed change the stream skipped).
+        committed: bool,
         ack: Delivery,
     },
     /// `boundary`: how many deliveries were queued before it.
@@ -34,6 +36,14 @@ pub(super) struct Tracker {
     pub in_flight: usize,
     /// Acknowledged rows to write to the ledger: (delivery, id).
     pub to_ledger: Vec<(u64, i64)>,
+    /// Exactly-once mode: acknowledged rows of the open Kafka transaction, for the ledger once it
+    /// commits.
+    exactly_once: bool,
+    uncommitted: Vec<(u64, i64)>,
+    /// Exactly-once mode: every delivery below this is in a committed transaction.
+    committed_below: u64,
+    /// How many of `unrecorded` the backfill produced.
+    backfill_unrecorded: usize,
     /// Every delivery that carries a row not yet in the ledger (in flight, acknowledged, or being
     /// written): delivery → (id, whether the change stream produced it).
     unrecorded: BTreeMap<u64, (i64, bool)>,
@@ -50,12 +60,16 @@ pub(super) struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(confirmed: Lsn) -> Self {
+    pub fn new(confirmed: Lsn, exactly_once: bool) -> Self {
         Tracker {
             queue: VecDeque::new(),
             next_seq: 0,
             in_flight: 0,
             to_ledger: Vec::new(),
+            exactly_once,
+            uncommitted: Vec::new(),
+            committed_below: 0,
+            backfill_unrecorded: 0,
             unrecorded: BTreeMap::new(),
             positions: VecDeque::new(),
             confirmed,
@@ -68,15 +82,33 @@ impl Tracker {
 
     /// Queues a delivery; `ledger_id` is the row to record once Kafka acknowledged it.
     pub fn push_delivery(&mut self, ledger_id: Option<i64>, ack: Delivery, from_backfill: bool) {
+        self.push(ledger_id, ack, from_backfill, false);
+    }
+
+    /// A replayed change that a committed transaction already holds: nothing is produced, its row
+    /// goes to the ledger in turn.
+    pub fn push_committed(&mut self, ledger_id: Option<i64>) {
+        self.push(ledger_id, Box::pin(std::future::ready(Ok(()))), false, true);
+    }
+
+    fn push(
+        &mut self,
+        ledger_id: Option<i64>,
+        ack: Delivery,
+        from_backfill: bool,
+        committed: bool,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(id) = ledger_id {
             self.unrecorded.insert(seq, (id, !from_backfill));
+            self.backfill_unrecorded += usize::from(from_backfill);
         }
         self.queue.push_back(Item::Delivery {
             seq,
             ledger_id,
             from_backfill,
+            committed,
             ack,
         });
         self.in_flight += 1;
@@ -135,6 +167,7 @@ impl Tracker {
             seq,
             ledger_id,
             from_backfill,
+            committed,
             ..
         }) = self.queue.pop_front()
         else {
@@ -145,7 +178,12 @@ impl Tracker {
             Ok(()) => {
                 self.acked += 1;
                 if let Some(id) = ledger_id {
-                    self.to_ledger.push((seq, id));
+                    // In a transaction, Kafka holds it only once the transaction commits.
+                    if self.exactly_once && !committed {
+                        self.uncommitted.push((seq, id));
+                    } else {
+                        self.to_ledger.push((seq, id));
+                    }
                 }
             }
             Err(e) => {
@@ -173,9 +211,48 @@ impl Tracker {
     /// The ledger recorded these deliveries' rows.
     pub fn recorded(&mut self, seqs: impl IntoIterator<Item = u64>) {
         for seq in seqs {
-            self.unrecorded.remove(&seq);
+            if let Some((_, from_stream)) = self.unrecorded.remove(&seq) {
+                self.backfill_unrecorded -= usize::from(!from_stream);
+            }
         }
         self.update_confirmed();
+    }
+
+    /// The open Kafka transaction committed (every delivery so far is acknowledged): its rows go
+    /// to the ledger.
+    pub fn transaction_committed(&mut self) {
+        self.committed_below = self.next_seq;
+        self.to_ledger.append(&mut self.uncommitted);
+    }
+
+    /// The open Kafka transaction was aborted: its rows are not in Kafka, and the positions after
+    /// them stay unconfirmed until the session restarts and replays them.
+    pub fn transaction_aborted(&mut self) {
+        self.uncommitted.clear();
+        self.broken = true;
+    }
+
+    /// Ids of backfilled rows in committed transactions that the ledger has not recorded.
+    pub fn committed_backfill_unrecorded(&self) -> Vec<i64> {
+        self.unrecorded
+            .range(..self.committed_below)
+            .filter(|(_, (_, from_stream))| !from_stream)
+            .map(|(_, (id, _))| *id)
+            .collect()
+    }
+
+    /// Ids of every backfilled row not yet recorded.
+    pub fn backfill_unrecorded_ids(&self) -> Vec<i64> {
+        self.unrecorded
+            .values()
+            .filter(|(_, from_stream)| !from_stream)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Backfilled rows not yet recorded (in flight, waiting for a commit or for the ledger).
+    pub fn backfill_unrecorded(&self) -> usize {
+        self.backfill_unrecorded
     }
 
     /// Rows acknowledged but not recorded (waiting for the ledger, or locked by someone else).
@@ -203,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_position_waits_for_every_earlier_delivery_and_its_ledger_write() {
-        let mut t = Tracker::new(Lsn(5));
+        let mut t = Tracker::new(Lsn(5), false);
         t.push_delivery(Some(1), ok(), false);
         t.push_delivery(None, ok(), false); // a delete: nothing to record
         t.push_position(Lsn(10));
@@ -229,7 +306,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_row_the_ledger_cannot_record_holds_back_only_what_follows_it() {
-        let mut t = Tracker::new(Lsn(0));
+        let mut t = Tracker::new(Lsn(0), false);
         t.push_delivery(Some(1), ok(), false);
         t.push_position(Lsn(10));
         t.push_delivery(Some(2), ok(), false);
@@ -252,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_delivery_stops_the_positions() {
-        let mut t = Tracker::new(Lsn(0));
+        let mut t = Tracker::new(Lsn(0), false);
         t.push_delivery(
             Some(1),
             Box::pin(std::future::ready(Err(KafkaError::Delivery("down".into())))),

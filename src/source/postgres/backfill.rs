@@ -221,8 +221,9 @@ impl ChunkWindow {
         };
     }
 
-    /// The chunk was read; its rows if its watermark already came by.
-    pub fn on_chunk(&mut self, chunk: Chunk) -> Option<Vec<ChangeEvent>> {
+    /// The chunk was read; its rows (and the watermark's position) if its watermark already came
+    /// by.
+    pub fn on_chunk(&mut self, chunk: Chunk) -> Option<(Vec<ChangeEvent>, Lsn)> {
         let seen = self.seen.take();
         let tag = chunk.tag.clone();
         self.pending = Some(chunk);
@@ -234,7 +235,7 @@ impl ChunkWindow {
 
     /// The stream reached a watermark whose message LSN is `lsn`: the chunk's rows to produce now,
     /// if it is this run's pending chunk's.
-    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<Vec<ChangeEvent>> {
+    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<(Vec<ChangeEvent>, Lsn)> {
         if !self.active || !tag.starts_with(&self.run) {
             return None;
         }
@@ -265,7 +266,7 @@ impl ChunkWindow {
         self.floor = top.or(self.floor);
         self.noted.clear();
         self.truncated = false;
-        Some(rows)
+        Some((rows, lsn))
     }
 }
 
@@ -323,18 +324,15 @@ mod tests {
             w.on_watermark("other/run/7", Lsn(96)).is_none(),
             "another relay's mark"
         );
-        let rows = w.on_watermark("slot/run/7", Lsn(100)).unwrap();
+        let (rows, _) = w.on_watermark("slot/run/7", Lsn(100)).unwrap();
         assert_eq!(ids(&rows), [1, 6]);
         assert_eq!((rows[0].version, rows[0].lsn.as_str()), (99, "0/64"));
         assert_eq!(rows[1].version, 89);
         // Keys up to the chunk's last are never read again: no notes for them.
         w.note(Op::Insert, Some(6), false, 110);
         w.open([]);
-        assert_eq!(
-            ids(&w.on_chunk(chunk(8, &[7])).unwrap_or_default()),
-            Vec::<i64>::new()
-        );
-        assert_eq!(ids(&w.on_watermark("slot/run/8", Lsn(120)).unwrap()), [7]);
+        assert!(w.on_chunk(chunk(8, &[7])).is_none());
+        assert_eq!(ids(&w.on_watermark("slot/run/8", Lsn(120)).unwrap().0), [7]);
     }
 
     #[test]
@@ -343,16 +341,16 @@ mod tests {
         w.start("slot/run/");
         w.open([]);
         assert!(w.on_watermark("slot/run/1", Lsn(50)).is_none());
-        assert_eq!(w.on_chunk(chunk(1, &[5])).unwrap()[0].version, 49);
+        assert_eq!(w.on_chunk(chunk(1, &[5])).unwrap().0[0].version, 49);
 
         w.open([]);
         w.note(Op::Truncate, None, false, 55);
         w.on_chunk(chunk(2, &[8, 9]));
-        assert!(w.on_watermark("slot/run/2", Lsn(60)).unwrap().is_empty());
+        assert!(w.on_watermark("slot/run/2", Lsn(60)).unwrap().0.is_empty());
         w.open([]);
         w.on_chunk(chunk(3, &[10]));
         assert_eq!(
-            ids(&w.on_watermark("slot/run/3", Lsn(70)).unwrap()),
+            ids(&w.on_watermark("slot/run/3", Lsn(70)).unwrap().0),
             [10],
             "a truncate counts for its chunk only"
         );

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::event::{ChangeEvent, Lsn, Op, StreamDeadLetter};
+use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
 
 use super::change::{change_event, TableShape};
 use super::client::ReplicationClient;
@@ -27,11 +27,11 @@ const MAX_BUMP: u64 = 15;
 /// What the stream hands to the command.
 #[derive(Debug)]
 pub enum SourceMessage {
-    /// A change of a row of the table (or a truncate of the table).
-    Change(ChangeEvent),
+    /// A change of a row of the table (or a truncate of the table), and its place in the stream.
+    Change(ChangeEvent, ChangeOrder),
     /// A change that cannot become an event (a value that cannot be encoded): it goes to the
     /// stream's dead-letter topic instead of stopping everything behind it.
-    DeadLetter(StreamDeadLetter),
+    DeadLetter(StreamDeadLetter, ChangeOrder),
     /// Every change before `lsn` has been handed out: once those are handled, `lsn` may be confirmed.
     /// Comes at each commit, between transactions on keepalives, and with heartbeats.
     Position { lsn: Lsn },
@@ -51,6 +51,8 @@ struct Transaction {
     final_lsn: Lsn,
     /// TRUNCATEs seen so far in it (capped at [`MAX_BUMP`]).
     bump: u64,
+    /// Changes handed out so far in it.
+    index: u32,
 }
 
 pub struct ReplicationSource {
@@ -155,7 +157,11 @@ impl ReplicationSource {
     ) -> Result<Option<SourceMessage>, SourceError> {
         match msg {
             PgOutput::Begin { final_lsn, .. } => {
-                self.tx = Some(Transaction { final_lsn, bump: 0 });
+                self.tx = Some(Transaction {
+                    final_lsn,
+                    bump: 0,
+                    index: 0,
+                });
                 self.skipping_ledger_tx = false;
                 Ok(None)
             }
@@ -219,19 +225,41 @@ impl ReplicationSource {
                     }
                     None => wal_start.0,
                 };
-                Ok(Some(SourceMessage::Change(ChangeEvent {
-                    id: None,
-                    op: Op::Truncate,
-                    user: None,
-                    event: None,
-                    timestamp: None,
-                    event_time: None,
-                    lsn: wal_start.to_string(),
-                    version,
-                    unchanged: Vec::new(),
-                    moved_from: None,
-                })))
+                let order = self.next_order(wal_start);
+                Ok(Some(SourceMessage::Change(
+                    ChangeEvent {
+                        id: None,
+                        op: Op::Truncate,
+                        user: None,
+                        event: None,
+                        timestamp: None,
+                        event_time: None,
+                        lsn: wal_start.to_string(),
+                        version,
+                        unchanged: Vec::new(),
+                        moved_from: None,
+                    },
+                    order,
+                )))
             }
+        }
+    }
+
+    /// The place of the next change handed out.
+    fn next_order(&mut self, wal_start: Lsn) -> ChangeOrder {
+        match self.tx.as_mut() {
+            Some(tx) => {
+                let order = ChangeOrder {
+                    lsn: tx.final_lsn,
+                    index: tx.index,
+                };
+                tx.index = tx.index.saturating_add(1);
+                order
+            }
+            None => ChangeOrder {
+                lsn: wal_start,
+                index: 0,
+            },
         }
     }
 
@@ -298,17 +326,21 @@ impl ReplicationSource {
             Some(OldTuple::Full(o)) => fill_unchanged_toast(new, Some(o)),
             _ => new,
         };
-        let mut update = self.row(Op::Update, relation, &new, wal_start)?;
         if !key_changed {
-            return Ok(update);
+            return self.row(Op::Update, relation, &new, wal_start);
         }
+        // The delete first, also in the stream's order of changes.
         let old = old.map(OldTuple::values).unwrap_or_default();
         let delete = self.row(Op::Delete, relation, old, wal_start)?;
+        let mut update = self.row(Op::Update, relation, &new, wal_start)?;
         if let (
-            Some(SourceMessage::Change(ChangeEvent {
-                id: Some(old_id), ..
-            })),
-            Some(SourceMessage::Change(event)),
+            Some(SourceMessage::Change(
+                ChangeEvent {
+                    id: Some(old_id), ..
+                },
+                _,
+            )),
+            Some(SourceMessage::Change(event, _)),
         ) = (&delete, &mut update)
         {
             event.moved_from = Some(*old_id);
@@ -332,22 +364,26 @@ impl ReplicationSource {
             return Ok(None);
         }
         let version = self.version(lsn);
+        let order = self.next_order(lsn);
         let shape = &self.shapes[&relation];
         let converted = shape
             .row(values)
             .and_then(|row| change_event(op, &row, lsn, version));
         match converted {
-            Ok(event) => Ok(Some(SourceMessage::Change(event))),
-            Err(e) => Ok(Some(SourceMessage::DeadLetter(StreamDeadLetter {
-                table: format!("{}.{}", self.schema, self.table),
-                op,
-                id: shape.key_text(values).and_then(|k| k.parse().ok()),
-                lsn: lsn.to_string(),
-                version,
-                error: e.to_string(),
-                row: Some(shape.describe(values)),
-                row_truncated: false,
-            }))),
+            Ok(event) => Ok(Some(SourceMessage::Change(event, order))),
+            Err(e) => Ok(Some(SourceMessage::DeadLetter(
+                StreamDeadLetter {
+                    table: format!("{}.{}", self.schema, self.table),
+                    op,
+                    id: shape.key_text(values).and_then(|k| k.parse().ok()),
+                    lsn: lsn.to_string(),
+                    version,
+                    error: e.to_string(),
+                    row: Some(shape.describe(values)),
+                    row_truncated: false,
+                },
+                order,
+            ))),
         }
     }
 
