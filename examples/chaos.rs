@@ -2,10 +2,12 @@
 //! moments and PostgreSQL, Kafka and ClickHouse are each stopped and started once; then waits for the
 //! pipeline to catch up and compares every committed PostgreSQL row with the ClickHouse current view.
 //!
-//!   cargo run --release --example chaos -- --rows N --kills K --seed S
+//!   cargo run --release --example chaos -- --rows N --kills K --seed S [--exactly-once]
 //!
 //! Reads the settings of `.local/services.env` from the environment. Exits non-zero on any missing,
-//! mismatched or extra row, or if the pipeline does not converge.
+//! mismatched or extra row, or if the pipeline does not converge. With `--exactly-once` the stream
+//! runs in that mode, and a `read_committed` reader of the topic must see every row exactly once
+//! (`duplicates: 0`).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -52,6 +54,46 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.parse().expect("a number"))
         .unwrap_or(default)
+}
+
+/// Messages per id of `topic` as a `read_committed` consumer sees them, read to the end.
+fn committed_counts(topic: &str) -> HashMap<u64, u64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", env("CDC_RELAY_KAFKA_BROKERS"))
+        .set("group.id", format!("chaos-reader-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("a Kafka consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let partitions = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
+        .unwrap_or(0);
+    let mut at_end = std::collections::HashSet::new();
+    let mut counts = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while at_end.len() < partitions && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(m.payload().unwrap_or(b"null")).unwrap_or_default();
+                if let Some(id) = v["id"].as_u64() {
+                    *counts.entry(id).or_insert(0) += 1;
+                }
+                at_end.remove(&m.partition());
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            _ => {}
+        }
+    }
+    counts
 }
 
 struct Proc {
@@ -147,6 +189,7 @@ async fn main() {
     let rows = arg("--rows", 1_000_000);
     let kills = arg("--kills", 20);
     let seed = arg("--seed", 1);
+    let exactly_once = std::env::args().any(|a| a == "--exactly-once");
     let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let started = Instant::now();
     let name = format!("chaos_{}_{}", std::process::id(), seed);
@@ -199,6 +242,9 @@ async fn main() {
         log: dir.join(format!("{name}.sink.log")),
         child: None,
     };
+    if exactly_once {
+        stream.args.push("--exactly-once".into());
+    }
     stream.start();
     sink.start();
 
@@ -375,6 +421,17 @@ async fn main() {
     .unwrap_or(-1);
     stream.stop();
     sink.stop();
+    let (topic, expected) = (name.clone(), pg_rows);
+    let (duplicates, unseen) = tokio::task::spawn_blocking(move || {
+        let counts = committed_counts(&topic);
+        let total: u64 = counts.values().sum();
+        (
+            total - counts.len() as u64,
+            expected as u64 - counts.len().min(expected as usize) as u64,
+        )
+    })
+    .await
+    .unwrap();
 
     println!();
     println!("{:<28} {}", "seed", seed);
@@ -385,7 +442,18 @@ async fn main() {
     println!("{:<28} {}", "missing in ClickHouse", missing);
     println!("{:<28} {}", "mismatched values", mismatched);
     println!("{:<28} {}", "extra rows", extra + doubled);
-    println!("{:<28} {}", "Kafka duplicates", messages - pg_rows);
+    println!("{:<28} {}", "Kafka offsets - rows", messages - pg_rows);
+    println!(
+        "{:<28} {}",
+        "mode",
+        if exactly_once {
+            "exactly-once"
+        } else {
+            "at-least-once"
+        }
+    );
+    println!("duplicates: {duplicates}");
+    println!("{:<28} {}", "rows not on the topic", unseen);
     println!("{:<28} {}", "slot caught up", slot_ok);
     println!(
         "{:<28} {:.1}s (total {:.0}s)",
@@ -393,7 +461,14 @@ async fn main() {
         converge_secs,
         started.elapsed().as_secs_f64()
     );
-    let ok = converged && missing == 0 && mismatched == 0 && extra == 0 && doubled == 0 && slot_ok;
+    let ok = converged
+        && missing == 0
+        && mismatched == 0
+        && extra == 0
+        && doubled == 0
+        && slot_ok
+        && unseen == 0
+        && (!exactly_once || duplicates == 0);
     println!("{:<28} {}", "result", if ok { "PASS" } else { "FAIL" });
     if ok {
         println!("chaos: 1 passed, 0 failed");

@@ -78,8 +78,9 @@ impl KafkaProducer {
             Some(id) => producer
                 .clone()
                 .set("transactional.id", id)
-                // Longer than a stuck transaction of ours can last; the broker aborts it after.
-                .set("transaction.timeout.ms", "60000")
+                // At least the delivery timeout (librdkafka requires it); a transaction still
+                // open after it is aborted by the broker.
+                .set("transaction.timeout.ms", "120000")
                 .create(),
         }
         .map_err(KafkaError::client("creating the producer"))?;

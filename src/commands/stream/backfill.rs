@@ -30,7 +30,10 @@ pub(super) struct BackfillRun {
     rx: Option<mpsc::Receiver<BackfillMsg>>,
     task: Option<JoinHandle<()>>,
     pub window: ChunkWindow,
+    /// The go-ahead of the chunk waiting for its watermark.
     release: Option<oneshot::Sender<()>>,
+    /// The go-ahead of a released chunk, kept until the main loop lets it go.
+    held: Option<oneshot::Sender<()>>,
     progress: Option<Progress>,
     released: u64,
     /// Keep a released chunk's go-ahead until the main loop lets it go (exactly-once mode).
@@ -94,9 +97,9 @@ impl BackfillRun {
         Some((self.released(rows), lsn))
     }
 
-    /// Lets the backfill read its next chunk, if it waits for that.
+    /// Lets the backfill read its next chunk, if a released chunk holds it back.
     pub fn let_next_chunk_go(&mut self) {
-        if let Some(r) = self.release.take() {
+        if let Some(r) = self.held.take() {
             let _ = r.send(());
         }
     }
@@ -112,6 +115,7 @@ impl BackfillRun {
             failpoints::hit(failpoints::STREAM_MID_BACKFILL);
         }
         self.released += 1;
+        self.held = self.release.take();
         if !self.hold {
             self.let_next_chunk_go();
         }
@@ -125,6 +129,7 @@ impl BackfillRun {
         }
         self.rx = None;
         self.release = None;
+        self.held = None;
         self.window.close();
     }
 }

@@ -1,0 +1,226 @@
+//! `stream --exactly-once` on the real PostgreSQL and Kafka: whatever is killed when, a
+//! `read_committed` reader of the topic sees every change exactly once.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+
+/// Every message of `topic` as a `read_committed` consumer sees it: id → how many times.
+fn committed_ids(topic: &str, expected: usize, timeout: Duration) -> BTreeMap<i64, usize> {
+    let consumer: BaseConsumer = kafka_config()
+        .set("group.id", unique("eo_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut seen = BTreeMap::new();
+    let mut total = 0usize;
+    let deadline = Instant::now() + timeout;
+    let mut settle: Option<Instant> = None;
+    while Instant::now() < deadline && settle.is_none_or(|s| Instant::now() < s) {
+        if total >= expected && settle.is_none() {
+            settle = Some(Instant::now() + Duration::from_secs(3));
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let v: serde_json::Value =
+                serde_json::from_slice(m.payload().unwrap_or(b"null")).unwrap_or_default();
+            if let Some(id) = v["id"].as_i64() {
+                *seen.entry(id).or_insert(0) += 1;
+                total += 1;
+            }
+        }
+    }
+    seen
+}
+
+struct Table {
+    name: String,
+    pg: tokio_postgres::Client,
+}
+
+impl Table {
+    async fn new(prefix: &str) -> Table {
+        let name = unique(prefix);
+        let pg = pg().await;
+        create_table(&pg, &name).await;
+        Table { name, pg }
+    }
+
+    fn stream(&self, tag: &str, extra: &[&str]) -> Relay {
+        let mut args = vec![
+            "stream",
+            "--exactly-once",
+            "--table",
+            &self.name,
+            "--slot",
+            &self.name,
+            "--publication",
+            &self.name,
+            "--topic",
+            &self.name,
+            "--heartbeat-interval",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        Relay::start(&format!("{}_{tag}", self.name), &args, &[])
+    }
+
+    async fn insert(&self, rows: i64) {
+        self.pg
+            .batch_execute(&format!(
+                "INSERT INTO {} (username, event_type, event_time) \
+                 SELECT 'u' || g, 'login', now() FROM generate_series(1, {rows}) g",
+                self.name
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn ids(&self) -> BTreeSet<i64> {
+        self.pg
+            .query(&format!("SELECT id::int8 FROM {}", self.name), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    async fn wait_all_sent(&self, timeout: Duration) {
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE sent_to_kafka IS NOT TRUE",
+            self.name
+        );
+        eventually("every row marked sent_to_kafka", timeout, || async {
+            (self.pg.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// The topic holds each row exactly once, as a read_committed reader sees it.
+    async fn assert_exactly_once(&self) {
+        let want = self.ids().await;
+        let got = committed_ids(&self.name, want.len(), Duration::from_secs(120));
+        let twice: Vec<_> = got.iter().filter(|(_, n)| **n > 1).take(10).collect();
+        assert!(twice.is_empty(), "seen more than once: {twice:?}");
+        let have: BTreeSet<i64> = got.keys().copied().collect();
+        let missing: Vec<_> = want.difference(&have).take(10).collect();
+        assert!(missing.is_empty(), "missing: {missing:?}");
+        assert_eq!(have, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_at_five_points_of_a_200k_load_and_the_backfill_leaves_every_id_once() {
+    let t = Table::new("eo_kill").await;
+    // Half the rows before the first start (the backfill), half written while the stream runs.
+    t.insert(100_000).await;
+    let mut stream = t.stream("stream", &["--backfill-chunk", "5000"]);
+    let writer = {
+        let name = t.name.clone();
+        tokio::spawn(async move {
+            let pg = pg().await;
+            for _ in 0..100 {
+                pg.batch_execute(&format!(
+                    "INSERT INTO {name} (username, event_type, event_time) \
+                     SELECT 'w' || g, 'login', now() FROM generate_series(1, 1000) g"
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        })
+    };
+    let mut seed = std::process::id() as u64 | 1;
+    for _ in 0..5 {
+        // xorshift: another point of the run each time.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(400 + seed % 1600)).await;
+        stream.kill9();
+        stream = t.stream("stream", &["--backfill-chunk", "5000"]);
+    }
+    writer.await.unwrap();
+    t.wait_all_sent(Duration::from_secs(180)).await;
+    t.assert_exactly_once().await;
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&t.pg, &t.name).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fenced_stream_stops_and_its_open_transaction_never_becomes_visible() {
+    let t = Table::new("eo_fence").await;
+    // A keeps its transaction open (it would commit after 10 minutes or a million changes).
+    let mut a = t.stream(
+        "a",
+        &[
+            "--transaction-max-ms",
+            "600000",
+            "--transaction-max-changes",
+            "1000000",
+        ],
+    );
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    t.insert(500).await;
+    let admin = pg_url(&env("CDC_RELAY_PG_ADMIN_URL")).await;
+    let walsender = |name: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_opt(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .and_then(|r| r.get::<_, Option<i32>>(0))
+        }
+    };
+    // Produced, not committed: a read_committed reader sees nothing of it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(committed_ids(&t.name, 1, Duration::from_secs(5)).is_empty());
+
+    // A hangs; the server drops its replication connection; B takes the slot over.
+    unsafe_kill(a.child.id(), "STOP");
+    let pid = walsender(t.name.clone()).await.expect("A streams the slot");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let b = t.stream("b", &[]);
+    t.insert(500).await;
+    t.wait_all_sent(Duration::from_secs(60)).await;
+
+    // A wakes up fenced: it must stop, not produce.
+    unsafe_kill(a.child.id(), "CONT");
+    let status = a.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "A went on: {}", a.log_text());
+    assert!(a.log_text().contains("fenced"), "{}", a.log_text());
+    t.assert_exactly_once().await;
+    assert_eq!(b.stop(), 0);
+    drop_pipeline(&t.pg, &t.name).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_stop_commits_and_the_next_start_sends_nothing_again() {
+    let t = Table::new("eo_clean").await;
+    let stream = t.stream("one", &[]);
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    t.insert(2_000).await;
+    t.wait_all_sent(Duration::from_secs(60)).await;
+    assert_eq!(stream.stop(), 0);
+    t.insert(1_000).await;
+    let stream = t.stream("two", &[]);
+    t.wait_all_sent(Duration::from_secs(60)).await;
+    t.assert_exactly_once().await;
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&t.pg, &t.name).await;
+}
