@@ -40,17 +40,18 @@ fn committed_ids(topic: &str, expected: usize, timeout: Duration) -> BTreeMap<i6
     seen
 }
 
-struct Table {
-    name: String,
-    pg: tokio_postgres::Client,
+struct Eo(Table);
+
+impl std::ops::Deref for Eo {
+    type Target = Table;
+    fn deref(&self) -> &Table {
+        &self.0
+    }
 }
 
-impl Table {
-    async fn new(prefix: &str) -> Table {
-        let name = unique(prefix);
-        let pg = pg().await;
-        create_table(&pg, &name).await;
-        Table { name, pg }
+impl Eo {
+    async fn new(prefix: &str) -> Eo {
+        Eo(Table::new(prefix).await)
     }
 
     fn stream(&self, tag: &str, extra: &[&str]) -> Relay {
@@ -83,27 +84,6 @@ impl Table {
             .unwrap();
     }
 
-    async fn ids(&self) -> BTreeSet<i64> {
-        self.pg
-            .query(&format!("SELECT id::int8 FROM {}", self.name), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    }
-
-    async fn wait_all_sent(&self, timeout: Duration) {
-        let sql = format!(
-            "SELECT count(*) FROM {} WHERE sent_to_kafka IS NOT TRUE",
-            self.name
-        );
-        eventually("every row marked sent_to_kafka", timeout, || async {
-            (self.pg.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) == 0).then_some(())
-        })
-        .await;
-    }
-
     /// The topic holds each row exactly once, as a read_committed reader sees it.
     async fn assert_exactly_once(&self) {
         let want = self.ids().await;
@@ -119,7 +99,7 @@ impl Table {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_at_five_points_of_a_200k_load_and_the_backfill_leaves_every_id_once() {
-    let t = Table::new("eo_kill").await;
+    let t = Eo::new("eo_kill").await;
     // Half the rows before the first start (the backfill), half written while the stream runs.
     t.insert(100_000).await;
     let mut stream = t.stream("stream", &["--backfill-chunk", "5000"]);
@@ -152,12 +132,12 @@ async fn kill_9_at_five_points_of_a_200k_load_and_the_backfill_leaves_every_id_o
     t.wait_all_sent(Duration::from_secs(180)).await;
     t.assert_exactly_once().await;
     assert_eq!(stream.stop(), 0);
-    drop_pipeline(&t.pg, &t.name).await;
+    t.0.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fenced_stream_stops_and_its_open_transaction_never_becomes_visible() {
-    let t = Table::new("eo_fence").await;
+    let t = Eo::new("eo_fence").await;
     // A keeps its transaction open (it would commit after 10 minutes or a million changes).
     let mut a = t.stream(
         "a",
@@ -206,12 +186,12 @@ async fn a_fenced_stream_stops_and_its_open_transaction_never_becomes_visible() 
     assert!(a.log_text().contains("fenced"), "{}", a.log_text());
     t.assert_exactly_once().await;
     assert_eq!(b.stop(), 0);
-    drop_pipeline(&t.pg, &t.name).await;
+    t.0.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clean_stop_commits_and_the_next_start_sends_nothing_again() {
-    let t = Table::new("eo_clean").await;
+    let t = Eo::new("eo_clean").await;
     let stream = t.stream("one", &[]);
     wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
     t.insert(2_000).await;
@@ -222,5 +202,5 @@ async fn a_clean_stop_commits_and_the_next_start_sends_nothing_again() {
     t.wait_all_sent(Duration::from_secs(60)).await;
     t.assert_exactly_once().await;
     assert_eq!(stream.stop(), 0);
-    drop_pipeline(&t.pg, &t.name).await;
+    t.0.drop().await;
 }

@@ -21,18 +21,20 @@ struct Current {
 }
 
 /// One test's table, slot, publication, topic, group and ClickHouse table (all named alike).
-struct E2e {
-    name: String,
-    pg: tokio_postgres::Client,
+struct E2e(Table);
+
+impl std::ops::Deref for E2e {
+    type Target = Table;
+    fn deref(&self) -> &Table {
+        &self.0
+    }
 }
 
 impl E2e {
     async fn new(prefix: &str, ops: &str) -> E2e {
-        let name = unique(prefix);
-        let pg = pg().await;
-        create_table(&pg, &name).await;
-        publish(&pg, &name, &ops.replace(',', ", ")).await;
-        E2e { name, pg }
+        let t = Table::new(prefix).await;
+        publish(&t.pg, &t.name, &ops.replace(',', ", ")).await;
+        E2e(t)
     }
 
     fn stream(&self, ops: &str, extra: &[&str]) -> Relay {
@@ -72,41 +74,6 @@ impl E2e {
             ],
             &[],
         )
-    }
-
-    async fn exec(&self, sql: &str) {
-        self.pg
-            .batch_execute(&sql.replace("{t}", &self.name))
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    async fn count(&self, where_: &str) -> i64 {
-        self.pg
-            .query_one(
-                &format!("SELECT count(*) FROM {} WHERE {where_}", self.name),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    }
-
-    async fn ids(&self) -> BTreeSet<i64> {
-        self.pg
-            .query(&format!("SELECT id::int8 FROM {}", self.name), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    }
-
-    async fn wait_all_sent(&self, timeout: Duration) {
-        eventually("every row marked sent_to_kafka", timeout, || async {
-            (self.count("sent_to_kafka IS NOT TRUE").await == 0).then_some(())
-        })
-        .await;
     }
 
     async fn current(&self) -> BTreeMap<i64, Current> {
@@ -177,7 +144,7 @@ impl E2e {
     }
 
     async fn drop(self) {
-        drop_pipeline(&self.pg, &self.name).await;
+        self.0.drop().await;
     }
 }
 
@@ -605,10 +572,10 @@ async fn a_partitioned_table_is_backfilled_and_streamed_through_its_root() {
     ))
     .await
     .unwrap();
-    let p = E2e {
+    let p = E2e(Table {
         name: name.clone(),
         pg,
-    };
+    });
     // Published per partition, the changes would carry the partitions' names: refused up front.
     p.exec("CREATE PUBLICATION {t} FOR TABLE {t} WITH (publish = 'insert')")
         .await;

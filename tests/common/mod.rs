@@ -304,3 +304,60 @@ pub fn by_key(msgs: &[Received]) -> HashMap<String, usize> {
     }
     m
 }
+
+/// One test's private copy of the seed's table (see [`create_table`]), also naming its slot,
+/// publication and topic.
+pub struct Table {
+    pub name: String,
+    pub pg: tokio_postgres::Client,
+}
+
+impl Table {
+    pub async fn new(prefix: &str) -> Table {
+        let name = unique(prefix);
+        let pg = pg().await;
+        create_table(&pg, &name).await;
+        Table { name, pg }
+    }
+
+    /// Runs SQL with `{t}` standing for the table's name.
+    pub async fn exec(&self, sql: &str) {
+        self.pg
+            .batch_execute(&sql.replace("{t}", &self.name))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn count(&self, where_: &str) -> i64 {
+        self.pg
+            .query_one(
+                &format!("SELECT count(*) FROM {} WHERE {where_}", self.name),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn ids(&self) -> std::collections::BTreeSet<i64> {
+        self.pg
+            .query(&format!("SELECT id::int8 FROM {}", self.name), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    pub async fn wait_all_sent(&self, timeout: Duration) {
+        eventually("every row marked sent_to_kafka", timeout, || async {
+            (self.count("sent_to_kafka IS NOT TRUE").await == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Drops the slot, the publication and the table.
+    pub async fn drop(self) {
+        drop_pipeline(&self.pg, &self.name).await;
+    }
+}
