@@ -11,20 +11,23 @@ use tokio::sync::watch;
 
 mod backfill;
 mod exactly_once;
+mod housekeeping;
 mod ledger_writer;
 mod metrics;
+mod produce;
 mod tracker;
 
 use backfill::{BackfillMsg, BackfillRun};
 use exactly_once::{ExactlyOnce, SessionStart};
 use ledger_writer::LedgerWriter;
 use metrics::StreamMetrics;
+use produce::ledger_id;
 use tracker::Tracker;
 
 use crate::backoff::Backoff;
 use crate::config::{PublishOpsArg, StreamArgs};
 use crate::error::Error;
-use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
+use crate::event::Lsn;
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
 use crate::kafka::topic::{ensure_topic, ensure_topic_with};
@@ -230,36 +233,6 @@ impl StreamCommand {
             _ = tokio::time::sleep(pause) => false,
             _ = self.shutdown.changed() => true,
         }
-    }
-
-    /// The heartbeat and retention session, reopened when lost; bounded so a hung server never
-    /// holds the main loop.
-    async fn heartbeat(&mut self) -> Result<Lsn, SourceError> {
-        let sql = self.sql_session().await?;
-        match tokio::time::timeout(Duration::from_secs(10), catalog::emit_heartbeat(sql)).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.sql = None;
-                Err(SourceError::Config(
-                    "a heartbeat took over 10 s; reconnecting".into(),
-                ))
-            }
-        }
-    }
-
-    async fn sql_session(&mut self) -> Result<&tokio_postgres::Client, SourceError> {
-        if self.sql.as_ref().is_none_or(|c| c.is_closed()) {
-            let connect = tokio::time::timeout(Duration::from_secs(15), self.cfg.connect_sql());
-            match connect.await {
-                Ok(client) => self.sql = Some(client?),
-                Err(_) => {
-                    return Err(SourceError::Config(
-                        "connecting to PostgreSQL took over 15 s".into(),
-                    ))
-                }
-            }
-        }
-        Ok(self.sql.as_ref().expect("connected above"))
     }
 
     /// One replication connection's life. Transient trouble ends it with `Retry` after everything
@@ -561,123 +534,11 @@ impl StreamCommand {
             retry => Ok(retry),
         }
     }
-
-    /// Produces one change; one too large for the topic goes to the dead-letter topic instead.
-    async fn produce(
-        &mut self,
-        t: &mut Tracker,
-        event: &ChangeEvent,
-        from_backfill: bool,
-        order: ChangeOrder,
-    ) -> Result<(), Error> {
-        let ledger_id = ledger_id(event.op, event.id);
-        self.before_produce()?;
-        match self.producer.send(event).await {
-            Ok((ack, bytes)) => {
-                t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
-                self.metrics.events.inc();
-                self.metrics.bytes.add(bytes as u64);
-                if let Some(eo) = self.eo.as_mut() {
-                    eo.produced(order);
-                }
-                Ok(())
-            }
-            Err(e @ KafkaError::TooLarge { .. }) => {
-                let dead = StreamDeadLetter::of_event(event, &self.table_name(), e.to_string());
-                self.dead_letter(t, &dead, ledger_id, from_backfill, order)
-                    .await
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// In exactly-once mode, opens a Kafka transaction if none is open.
-    fn before_produce(&mut self) -> Result<(), Error> {
-        if let Some(eo) = self.eo.as_mut() {
-            eo.before_produce(&self.producer)?;
-        }
-        Ok(())
-    }
-
-    /// A chunk's rows, in the stream's order at its watermark `lsn`.
-    async fn produce_backfill(
-        &mut self,
-        t: &mut Tracker,
-        rows: Vec<ChangeEvent>,
-        lsn: Lsn,
-    ) -> Result<(), Error> {
-        for (index, event) in rows.iter().enumerate() {
-            let order = ChangeOrder {
-                lsn,
-                index: index as u32,
-            };
-            self.produce(t, event, true, order).await?;
-        }
-        self.metrics.backfill_rows.add(rows.len() as u64);
-        Ok(())
-    }
-
-    /// Sends a change the topic cannot take to the stream's dead-letter topic. Its row is then
-    /// recorded in the ledger like any delivered row: the dead-letter topic holds it.
-    async fn dead_letter(
-        &mut self,
-        t: &mut Tracker,
-        dead: &StreamDeadLetter,
-        ledger_id: Option<i64>,
-        from_backfill: bool,
-        order: ChangeOrder,
-    ) -> Result<(), Error> {
-        self.before_produce()?;
-        self.dead_lettered += 1;
-        self.metrics.dead_lettered.inc();
-        let n = self.dead_lettered;
-        if n <= 10 || n.is_power_of_two() {
-            tracing::warn!(id = ?dead.id, lsn = %dead.lsn, error = %dead.error, topic = %self.producer.dead_letter_topic(), dead_lettered_total = n, "change sent to the stream's dead-letter topic");
-        }
-        let (ack, _) = self.producer.send_dead_letter(dead).await?;
-        t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
-        if let Some(eo) = self.eo.as_mut() {
-            eo.produced(order);
-        }
-        Ok(())
-    }
-
-    fn table_name(&self) -> String {
-        format!("{}.{}", self.cfg.schema, self.cfg.table)
-    }
-
-    /// Warns when the slot holds more WAL than allowed; every 30 s, best effort.
-    async fn check_retention(&mut self) {
-        let cfg = self.cfg.clone();
-        let Ok(sql) = self.sql_session().await else {
-            return;
-        };
-        let check = catalog::slot_retention(&cfg, sql);
-        if let Ok(Ok(Some((bytes, status)))) =
-            tokio::time::timeout(Duration::from_secs(10), check).await
-        {
-            self.metrics.retained_wal.set(bytes);
-            let limit = self.args.max_retained_wal_mb.saturating_mul(1 << 20);
-            if bytes as u64 > limit || status.as_deref() == Some("unreserved") {
-                tracing::warn!(slot = %self.cfg.slot, retained_mb = bytes >> 20, limit_mb = self.args.max_retained_wal_mb, wal_status = ?status,
-                    "the slot retains a lot of WAL: is the relay keeping up? See docs/operations.md (max_slot_wal_keep_size)");
-            }
-        }
-    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The row a delivery records in the ledger once Kafka has it: the row's id, for changes that
-/// leave a row behind.
-fn ledger_id(op: Op, id: Option<i64>) -> Option<i64> {
-    match op {
-        Op::Snapshot | Op::Insert | Op::Update => id,
-        Op::Delete | Op::Truncate => None,
     }
 }

@@ -1,0 +1,103 @@
+//! Producing what the session hands over: changes, backfilled rows and dead letters, each inside
+//! a Kafka transaction in exactly-once mode.
+
+use super::tracker::Tracker;
+use super::StreamCommand;
+use crate::error::Error;
+use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
+use crate::kafka::KafkaError;
+
+impl StreamCommand {
+    /// Produces one change; one too large for the topic goes to the dead-letter topic instead.
+    pub(super) async fn produce(
+        &mut self,
+        t: &mut Tracker,
+        event: &ChangeEvent,
+        from_backfill: bool,
+        order: ChangeOrder,
+    ) -> Result<(), Error> {
+        let ledger_id = ledger_id(event.op, event.id);
+        self.before_produce()?;
+        match self.producer.send(event).await {
+            Ok((ack, bytes)) => {
+                t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
+                self.metrics.events.inc();
+                self.metrics.bytes.add(bytes as u64);
+                if let Some(eo) = self.eo.as_mut() {
+                    eo.produced(order);
+                }
+                Ok(())
+            }
+            Err(e @ KafkaError::TooLarge { .. }) => {
+                let dead = StreamDeadLetter::of_event(event, &self.table_name(), e.to_string());
+                self.dead_letter(t, &dead, ledger_id, from_backfill, order)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// In exactly-once mode, opens a Kafka transaction if none is open.
+    pub(super) fn before_produce(&mut self) -> Result<(), Error> {
+        if let Some(eo) = self.eo.as_mut() {
+            eo.before_produce(&self.producer)?;
+        }
+        Ok(())
+    }
+
+    /// A chunk's rows, in the stream's order at its watermark `lsn`.
+    pub(super) async fn produce_backfill(
+        &mut self,
+        t: &mut Tracker,
+        rows: Vec<ChangeEvent>,
+        lsn: Lsn,
+    ) -> Result<(), Error> {
+        for (index, event) in rows.iter().enumerate() {
+            let order = ChangeOrder {
+                lsn,
+                index: index as u32,
+            };
+            self.produce(t, event, true, order).await?;
+        }
+        self.metrics.backfill_rows.add(rows.len() as u64);
+        Ok(())
+    }
+
+    /// Sends a change the topic cannot take to the stream's dead-letter topic. Its row is then
+    /// recorded in the ledger like any delivered row: the dead-letter topic holds it.
+    pub(super) async fn dead_letter(
+        &mut self,
+        t: &mut Tracker,
+        dead: &StreamDeadLetter,
+        ledger_id: Option<i64>,
+        from_backfill: bool,
+        order: ChangeOrder,
+    ) -> Result<(), Error> {
+        self.before_produce()?;
+        self.dead_lettered += 1;
+        self.metrics.dead_lettered.inc();
+        let n = self.dead_lettered;
+        if n <= 10 || n.is_power_of_two() {
+            tracing::warn!(id = ?dead.id, lsn = %dead.lsn, error = %dead.error, topic = %self.producer.dead_letter_topic(), dead_lettered_total = n, "change sent to the stream's dead-letter topic");
+        }
+        let (ack, _) = self.producer.send_dead_letter(dead).await?;
+        t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
+        if let Some(eo) = self.eo.as_mut() {
+            eo.produced(order);
+        }
+        Ok(())
+    }
+
+    fn table_name(&self) -> String {
+        format!("{}.{}", self.cfg.schema, self.cfg.table)
+    }
+}
+
+/// The row a delivery records in the ledger once Kafka has it: the row's id, for changes that
+/// leave a row behind.
+pub(super) fn ledger_id(op: Op, id: Option<i64>) -> Option<i64> {
+    match op {
+        Op::Snapshot | Op::Insert | Op::Update => id,
+        Op::Delete | Op::Truncate => None,
+    }
+}
