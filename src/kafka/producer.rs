@@ -42,8 +42,8 @@ pub struct ProducerConfig {
     pub transactional_id: Option<String>,
 }
 
-/// How long a transaction call may take before it counts as failed.
-const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one transaction call may take; a retriable failure is tried once more.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What became of one message.
 pub type DeliveryResult = Result<(), KafkaError>;
@@ -78,9 +78,9 @@ impl KafkaProducer {
             Some(id) => producer
                 .clone()
                 .set("transactional.id", id)
-                // At least the delivery timeout (librdkafka requires it); a transaction still
-                // open after it is aborted by the broker.
-                .set("transaction.timeout.ms", "120000")
+                // Above the delivery timeout (librdkafka requires it) plus a checkpoint and a
+                // commit: the broker aborts a transaction open longer, which fences us.
+                .set("transaction.timeout.ms", "300000")
                 .create(),
         }
         .map_err(KafkaError::client("creating the producer"))?;
@@ -109,21 +109,47 @@ impl KafkaProducer {
             .map_err(|e| transaction_error("beginning a transaction", e))
     }
 
-    /// Commits the open transaction (flushing what is still queued first).
+    /// Commits the open transaction (flushing what is still queued first). A retriable failure
+    /// (a timeout) is resumed once; if its outcome stays unknown the producer cannot go on safely,
+    /// and the error is fatal: a restart resolves it (`init_transactions`) and reads the real
+    /// checkpoint. An abortable failure is `Delivery`: abort, and replay.
     pub async fn commit_transaction(&self) -> Result<(), KafkaError> {
-        let p = self.producer.clone();
-        self.blocking("committing a transaction", move || {
+        self.resumable("committing a transaction", |p| {
             p.commit_transaction(Timeout::After(TRANSACTION_TIMEOUT))
         })
         .await
     }
 
     pub async fn abort_transaction(&self) -> Result<(), KafkaError> {
-        let p = self.producer.clone();
-        self.blocking("aborting a transaction", move || {
+        self.resumable("aborting a transaction", |p| {
             p.abort_transaction(Timeout::After(TRANSACTION_TIMEOUT))
         })
         .await
+    }
+
+    async fn resumable(
+        &self,
+        what: &'static str,
+        call: fn(&FutureProducer) -> Result<(), RdKafkaError>,
+    ) -> Result<(), KafkaError> {
+        let mut last = None;
+        for _ in 0..2 {
+            let p = self.producer.clone();
+            let r = tokio::task::spawn_blocking(move || call(&p))
+                .await
+                .map_err(|e| KafkaError::Delivery(format!("{what}: {e}")))?;
+            match r {
+                Ok(()) => return Ok(()),
+                Err(RdKafkaError::Transaction(t)) if t.is_retriable() => {
+                    last = Some(t.to_string());
+                }
+                Err(e) => return Err(transaction_error(what, e)),
+            }
+        }
+        Err(KafkaError::Fatal(format!(
+            "{what}: its outcome is unknown ({}); restart the stream, which settles it and resumes from the last committed checkpoint",
+            last.unwrap_or_default()
+        )))
     }
 
     /// librdkafka's fatal error, if the producer has one (fenced by a newer producer with the same

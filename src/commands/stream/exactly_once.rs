@@ -20,12 +20,19 @@ use crate::kafka::{checkpoint, KafkaConnection, KafkaError};
 use crate::source::postgres::ledger::Ledger;
 use crate::source::postgres::{SourceConfig, SourceError};
 
+/// Longest wait for the checkpoint's acknowledgement: the main loop waits meanwhile, and the
+/// server drops a replication connection that stays silent for `wal_sender_timeout` (60 s).
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(20);
+
 pub(super) struct ExactlyOnce {
     /// The transactional id, also the checkpoints' key.
     key: String,
     topic: String,
     connection: KafkaConnection,
-    initialized: bool,
+    /// `init_transactions` done (it must not run twice).
+    transactions_ready: bool,
+    /// The last checkpoint was read back.
+    checkpoint_read: bool,
     /// The committed output reaches this far: replayed changes at or below it are dropped.
     committed: Option<ChangeOrder>,
     /// Backfilled rows in committed transactions to record in the ledger before anything else.
@@ -46,6 +53,7 @@ pub(super) type TxResult = Result<(), KafkaError>;
 
 impl ExactlyOnce {
     pub fn new(
+        database: &str,
         slot: &str,
         topic: String,
         connection: KafkaConnection,
@@ -53,10 +61,11 @@ impl ExactlyOnce {
         max_age: Duration,
     ) -> Self {
         ExactlyOnce {
-            key: transactional_id(slot),
+            key: transactional_id(database, slot),
             topic,
             connection,
-            initialized: false,
+            transactions_ready: false,
+            checkpoint_read: false,
             committed: None,
             repair: Vec::new(),
             open: false,
@@ -77,11 +86,14 @@ impl ExactlyOnce {
         producer: &KafkaProducer,
         cfg: &SourceConfig,
     ) -> Result<(), SessionStart> {
-        if !self.initialized {
+        if !self.transactions_ready {
             producer
                 .init_transactions()
                 .await
                 .map_err(SessionStart::Kafka)?;
+            self.transactions_ready = true;
+        }
+        if !self.checkpoint_read {
             let (connection, topic, key) = (
                 self.connection.clone(),
                 self.topic.clone(),
@@ -104,7 +116,7 @@ impl ExactlyOnce {
                 self.committed = Some(order);
                 self.repair.extend(cp.backfill_ids());
             }
-            self.initialized = true;
+            self.checkpoint_read = true;
         }
         if !self.repair.is_empty() {
             let mut ledger = Ledger::new(cfg);
@@ -163,11 +175,18 @@ impl ExactlyOnce {
         if !self.open {
             return Ok(());
         }
-        if let Some(last) = self.last {
+        // Never behind an earlier checkpoint: a chunk's rows can go out after later transactions.
+        if let Some(last) = self.committed.max(self.last) {
             let cp = StreamCheckpoint::new(last, t.backfill_unrecorded_ids());
-            producer
-                .send_and_wait(&self.topic, &self.key, cp.to_json())
-                .await?;
+            let send = producer.send_and_wait(&self.topic, &self.key, cp.to_json());
+            match tokio::time::timeout(CHECKPOINT_TIMEOUT, send).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(KafkaError::Delivery(format!(
+                        "the checkpoint was not acknowledged within {CHECKPOINT_TIMEOUT:?}"
+                    )))
+                }
+            }
         }
         producer.commit_transaction().await?;
         t.transaction_committed();
@@ -202,8 +221,8 @@ pub(super) enum SessionStart {
     Source(SourceError),
 }
 
-/// The transactional id of the stream on `slot`: one per slot, so a second stream on it fences
-/// the first.
-pub fn transactional_id(slot: &str) -> String {
-    format!("cdc-relay.{slot}")
+/// The transactional id of the stream on `slot` of `database`: one per slot, so a second stream on
+/// it fences the first, while relays of other databases with the default slot name do not.
+pub fn transactional_id(database: &str, slot: &str) -> String {
+    format!("cdc-relay.{database}.{slot}")
 }

@@ -92,7 +92,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
             .checkpoint_topic
             .clone()
             .unwrap_or_else(|| format!("{}.checkpoints", args.kafka.topic));
-        ensure_topic_with(
+        let partitions = ensure_topic_with(
             &kafka,
             &topic,
             1,
@@ -100,7 +100,13 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
             &[("cleanup.policy", "compact")],
         )
         .await?;
+        if partitions != 1 {
+            return Err(Error::Config(format!(
+                "checkpoint topic {topic} has {partitions} partitions; it needs exactly one (delete it, or name another with --checkpoint-topic)"
+            )));
+        }
         Some(ExactlyOnce::new(
+            &cfg.database(),
             &args.postgres.slot,
             topic,
             connection.clone(),
@@ -117,7 +123,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         queue_messages: args.max_in_flight + args.backfill_chunk as usize + 1000,
         transactional_id: args
             .exactly_once
-            .then(|| exactly_once::transactional_id(&args.postgres.slot)),
+            .then(|| exactly_once::transactional_id(&cfg.database(), &args.postgres.slot)),
     })
     .await?;
     tracing::info!(table = %cfg.qualified_table(), topic = %args.kafka.topic, partitions, slot = %cfg.slot, dead_letters = %producer.dead_letter_topic(), max_message_bytes = producer.limit(), "stream starting");

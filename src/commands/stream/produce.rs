@@ -52,9 +52,12 @@ impl StreamCommand {
         rows: Vec<ChangeEvent>,
         lsn: Lsn,
     ) -> Result<(), Error> {
+        // The watermark's position is the end of its record, where the next transaction's commit
+        // record may start: one below is ours alone (records start 8-aligned).
+        let at = Lsn(lsn.0.saturating_sub(1));
         for (index, event) in rows.iter().enumerate() {
             let order = ChangeOrder {
-                lsn,
+                lsn: at,
                 index: index as u32,
             };
             self.produce(t, event, true, order).await?;

@@ -42,6 +42,9 @@ pub(super) struct Tracker {
     uncommitted: Vec<(u64, i64)>,
     /// Exactly-once mode: every delivery below this is in a committed transaction.
     committed_below: u64,
+    /// Exactly-once mode: the first delivery of the open transaction. Nothing at or after it is in
+    /// Kafka yet (a delete has no row for the ledger to wait on), so no position past it is confirmed.
+    open_from: Option<u64>,
     /// How many of `unrecorded` the backfill produced.
     backfill_unrecorded: usize,
     /// Every delivery that carries a row not yet in the ledger (in flight, acknowledged, or being
@@ -69,6 +72,7 @@ impl Tracker {
             exactly_once,
             uncommitted: Vec::new(),
             committed_below: 0,
+            open_from: None,
             backfill_unrecorded: 0,
             unrecorded: BTreeMap::new(),
             positions: VecDeque::new(),
@@ -100,6 +104,9 @@ impl Tracker {
     ) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if self.exactly_once && !committed && self.open_from.is_none() {
+            self.open_from = Some(seq);
+        }
         if let Some(id) = ledger_id {
             self.unrecorded.insert(seq, (id, !from_backfill));
             self.backfill_unrecorded += usize::from(from_backfill);
@@ -144,7 +151,13 @@ impl Tracker {
     }
 
     fn update_confirmed(&mut self) {
-        let lowest = self.unrecorded.keys().next().copied().unwrap_or(u64::MAX);
+        let lowest = self
+            .unrecorded
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(u64::MAX)
+            .min(self.open_from.unwrap_or(u64::MAX));
         while let Some(&(boundary, lsn)) = self.positions.front() {
             if boundary > lowest {
                 break;
@@ -222,7 +235,9 @@ impl Tracker {
     /// to the ledger.
     pub fn transaction_committed(&mut self) {
         self.committed_below = self.next_seq;
+        self.open_from = None;
         self.to_ledger.append(&mut self.uncommitted);
+        self.update_confirmed();
     }
 
     /// The open Kafka transaction was aborted: its rows are not in Kafka, and the positions after
@@ -325,6 +340,28 @@ mod tests {
         t.to_ledger.push(batch[1]);
         t.recorded([1]);
         assert_eq!(t.confirmed, Lsn(30));
+    }
+
+    #[tokio::test]
+    async fn in_a_transaction_nothing_is_confirmed_before_it_commits_not_even_a_delete() {
+        let mut t = Tracker::new(Lsn(0), true);
+        t.push_delivery(None, ok(), false); // a delete: no row for the ledger
+        t.push_position(Lsn(10));
+        let r = t.next_ack().await;
+        t.on_ack(r);
+        assert_eq!(
+            t.confirmed,
+            Lsn(0),
+            "acknowledged inside an open transaction"
+        );
+        t.transaction_committed();
+        assert_eq!(t.confirmed, Lsn(10));
+        // A replayed change already in a committed transaction holds nothing back.
+        t.push_committed(None);
+        t.push_position(Lsn(20));
+        let r = t.next_ack().await;
+        t.on_ack(r);
+        assert_eq!(t.confirmed, Lsn(20));
     }
 
     #[tokio::test]

@@ -250,6 +250,15 @@ impl SourceConfig {
         endpoint(&self.pg)
     }
 
+    /// The database's name (the user's name when the URL names none, as libpq does).
+    pub fn database(&self) -> String {
+        self.pg
+            .get_dbname()
+            .or(self.pg.get_user())
+            .unwrap_or("postgres")
+            .to_string()
+    }
+
     /// Opens an ordinary SQL session; its connection task runs in the background.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
         let err = |source| SourceError::Connect {
