@@ -286,7 +286,6 @@ impl StreamCommand {
         let mut heartbeat_tick = tokio::time::interval(self.args.heartbeat_interval);
         heartbeat_tick.reset();
         let mut reported = *confirmed;
-        let mut read_upto = *confirmed;
         let mut retention_checks = 0u64;
 
         // Set on shutdown while a transaction is half read: reading goes on until its Commit (or
@@ -300,7 +299,7 @@ impl StreamCommand {
             }
             // Caught up once the stream has read past the marker: the rows it delivered are in the
             // window's seed until the ledger has them, so none is read twice.
-            if catch_up_at.is_some_and(|at| read_upto >= at) && stopping.is_none() {
+            if catch_up_at.is_some_and(|at| t.read_upto >= at) && stopping.is_none() {
                 catch_up_at = None;
                 tracing::info!("stream caught up; backfilling rows still marked unsent");
                 let hold = self.eo.is_some();
@@ -385,19 +384,14 @@ impl StreamCommand {
                             }
                             if !source.in_transaction() {
                                 t.push_position(lsn);
-                                read_upto = read_upto.max(lsn);
                             }
                         }
-                        Ok(Some(SourceMessage::Position { lsn })) => {
-                            t.push_position(lsn);
-                            read_upto = read_upto.max(lsn);
-                        }
+                        Ok(Some(SourceMessage::Position { lsn })) => t.push_position(lsn),
                         Ok(Some(SourceMessage::ReplyRequested { position })) => {
                             // Answer with the newest position that may be confirmed: a stopping
                             // server waits until the reply covers everything it sent.
                             if let Some(lsn) = position {
                                 t.push_position(lsn);
-                                read_upto = read_upto.max(lsn);
                             }
                             ledger.maybe_start(&mut t, ledger_batch, true);
                             if let Err(e) = source.send_status(t.confirmed, false).await {

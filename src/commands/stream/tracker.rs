@@ -55,6 +55,8 @@ pub(super) struct Tracker {
     positions: VecDeque<(u64, Lsn)>,
     /// Every change before this is acknowledged and in the ledger: what the slot is told.
     pub confirmed: Lsn,
+    /// The newest position the stream has read past (confirmed or not).
+    pub read_upto: Lsn,
     /// A delivery failed in this session: positions stop advancing until the stream restarts.
     pub broken: bool,
     pub backfill_failed: bool,
@@ -77,6 +79,7 @@ impl Tracker {
             unrecorded: BTreeMap::new(),
             positions: VecDeque::new(),
             confirmed,
+            read_upto: confirmed,
             broken: false,
             backfill_failed: false,
             produced: 0,
@@ -123,6 +126,7 @@ impl Tracker {
     }
 
     pub fn push_position(&mut self, lsn: Lsn) {
+        self.read_upto = self.read_upto.max(lsn);
         if let Some(Item::Position { lsn: last, .. }) = self.queue.back_mut() {
             *last = (*last).max(lsn);
         } else {
