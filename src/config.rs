@@ -283,6 +283,17 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_LEDGER_INTERVAL_MS", default_value = "200", value_parser = parse_millis)]
     pub ledger_interval: Duration,
 
+    /// PostgreSQL 16+: run the ledger's UPDATEs under a replication origin and stream with
+    /// `origin = none`, so the server drops them before decoding (`auto`, when the database has no
+    /// other replication origins, whose changes that would drop too), or never (`off`).
+    #[arg(
+        long,
+        env = "CDC_RELAY_LEDGER_ORIGIN",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub ledger_origin: LedgerOrigin,
+
     /// Rows read per backfill chunk.
     #[arg(long, env = "CDC_RELAY_BACKFILL_CHUNK", default_value_t = 10_000)]
     pub backfill_chunk: i64,
@@ -303,6 +314,13 @@ pub struct StreamArgs {
     /// Seconds between heartbeats that keep the slot's confirmed position moving on a quiet table.
     #[arg(long, env = "CDC_RELAY_HEARTBEAT_SECS", default_value = "10", value_parser = parse_secs)]
     pub heartbeat_interval: Duration,
+}
+
+/// Whether the ledger's own writes are filtered by origin (`--ledger-origin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LedgerOrigin {
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -5,6 +5,8 @@
 --   REPLICATION                      open a replication connection, create and use its slot
 --   SELECT on the table              backfill rows with sent_to_kafka = FALSE
 --   UPDATE (sent_to_kafka) only      the confirmation ledger; no other column can be written
+--   EXECUTE on two replication-origin functions (optional, PostgreSQL 16+): the ledger writes under
+--                                    an origin the stream filters out before decoding (--ledger-origin)
 --   a publication made by the owner  CREATE PUBLICATION requires owning the table, so the owner
 --                                    creates it here; the relay finds it and does not need ownership
 DO $$
@@ -23,6 +25,17 @@ $$;
 GRANT USAGE ON SCHEMA public TO cdc_relay;
 GRANT SELECT ON user_logins TO cdc_relay;
 GRANT UPDATE (sent_to_kafka) ON user_logins TO cdc_relay;
+-- Superuser only; every overload, so it reads the same on PostgreSQL 14 to 18.
+DO $$
+DECLARE f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.proname IN ('pg_replication_origin_create', 'pg_replication_origin_session_setup')
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO cdc_relay', f);
+    END LOOP;
+END
+$$;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'cdc_relay') THEN

@@ -19,6 +19,8 @@ pub(super) struct StreamMetrics {
     pub retained_wal: Gauge,
     pub ledger_locked: Gauge,
     pub ledger_waiting: Gauge,
+    pub ledger_decoded: Counter,
+    pub ledger_origin: Gauge,
     pub dead_lettered: Counter,
 }
 
@@ -75,6 +77,14 @@ impl StreamMetrics {
             ledger_waiting: r.gauge(
                 "stream_ledger_waiting_rows",
                 "Acknowledged rows not yet recorded in the ledger (the confirmed position waits for them).",
+            ),
+            ledger_decoded: r.counter(
+                "stream_ledger_transactions_decoded_total",
+                "The ledger's own transactions the server decoded and sent (and the stream dropped); none when they are filtered by origin.",
+            ),
+            ledger_origin: r.gauge(
+                "stream_ledger_origin_filter",
+                "1 when the server filters the ledger's writes out before decoding (PostgreSQL 16+, --ledger-origin).",
             ),
             dead_lettered: r.counter(
                 "stream_dead_lettered_total",

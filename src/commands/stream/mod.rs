@@ -25,7 +25,7 @@ use produce::ledger_id;
 use tracker::Tracker;
 
 use crate::backoff::Backoff;
-use crate::config::{PublishOpsArg, StreamArgs};
+use crate::config::{LedgerOrigin, PublishOpsArg, StreamArgs};
 use crate::error::Error;
 use crate::event::Lsn;
 use crate::kafka::inspect;
@@ -33,9 +33,9 @@ use crate::kafka::producer::{KafkaProducer, ProducerConfig};
 use crate::kafka::topic::{ensure_topic, ensure_topic_with};
 use crate::kafka::KafkaError;
 use crate::metrics::Registry;
-use crate::source::postgres::catalog;
 use crate::source::postgres::client::ReplicationClient;
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
+use crate::source::postgres::{catalog, origin};
 use crate::source::postgres::{SourceConfig, SourceError};
 
 /// Why a streaming session ended.
@@ -67,11 +67,14 @@ struct StreamCommand {
 
 pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
     let ops = PublishOpsArg::ops(&args.ops);
-    let cfg = super::source_config(&args.postgres, ops)?;
+    let mut cfg = super::source_config(&args.postgres, ops)?;
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;
     catalog::ensure_publication(&cfg, &sql).await?;
     catalog::check_publication(&cfg, &sql).await?;
+    if args.ledger_origin == LedgerOrigin::Auto {
+        cfg.ledger_origin = origin::ledger_origin(&cfg, &sql).await?;
+    }
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
     let kafka = connection.client_config();
@@ -181,6 +184,9 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
 
     let registry = Registry::default();
     let metrics = StreamMetrics::new(&registry);
+    metrics
+        .ledger_origin
+        .set(i64::from(cfg.ledger_origin.is_some()));
     super::serve_metrics(&registry, args.metrics_addr).await?;
     let mut cmd = StreamCommand {
         metrics,
@@ -445,6 +451,7 @@ impl StreamCommand {
                         self.check_retention().await;
                     }
                     self.metrics.in_flight.set(t.in_flight as i64);
+                    self.metrics.ledger_decoded.add(source.take_ledger_transactions());
                     self.metrics.ledger_waiting.set(t.unrecorded_acked() as i64);
                     self.metrics.confirmed_lsn.set(t.confirmed.0 as i64);
                     self.metrics.lag_bytes.set(source.server_wal_end().0.saturating_sub(t.confirmed.0) as i64);
@@ -470,6 +477,9 @@ impl StreamCommand {
         // Unless stopping cleanly, the replication connection goes first: a server shutting down
         // waits for its walsenders, and ours would wait with it for a ledger it cannot write.
         let skipped_ledger_changes = source.skipped_ledger_changes;
+        self.metrics
+            .ledger_decoded
+            .add(source.take_ledger_transactions());
         let source = match end {
             SessionEnd::Shutdown => Some(source),
             _ => {

@@ -538,9 +538,13 @@ impl ReplicationClient {
         slot: &str,
         start: Lsn,
         publication: &str,
+        origin_none: bool,
     ) -> Result<ReplicationStream, ReplicationError> {
+        // `origin 'none'` (PostgreSQL 16+): transactions written under a replication origin (the
+        // ledger's, see origin.rs) are skipped by the server before decoding.
+        let origin = if origin_none { ", origin 'none'" } else { "" };
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true'{origin})",
             quote_ident(slot),
             quote_literal(&quote_ident(publication)),
         );

@@ -85,6 +85,9 @@ impl Ledger {
                 ))
                 .await
                 .map_err(SourceError::sql("setting up the ledger session"))?;
+            if let Some(origin) = &self.cfg.ledger_origin {
+                super::origin::set_up_session(&client, origin).await;
+            }
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("connected above"))

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod change;
 pub mod client;
 pub mod ledger;
+pub mod origin;
 pub mod pgoutput;
 pub mod replication;
 pub mod stream;
@@ -134,6 +135,9 @@ pub struct SourceConfig {
     pub slot: String,
     pub publication: String,
     pub ops: PublishOps,
+    /// PostgreSQL 16+: the replication origin the ledger writes under, which the stream then asks
+    /// the server to filter out (`origin = none`); see [`catalog::ledger_origin`].
+    pub ledger_origin: Option<String>,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -222,6 +226,7 @@ impl SourceConfig {
             slot: slot.to_string(),
             publication: publication.to_string(),
             ops,
+            ledger_origin: None,
         };
         cfg.set_tls(tls);
         Ok(cfg)

@@ -67,6 +67,9 @@ pub struct ReplicationSource {
     /// The current transaction is the relay's own ledger write: its row changes are dropped.
     skipping_ledger_tx: bool,
     pub skipped_ledger_changes: u64,
+    /// Ledger transactions decoded (by their marker) since [`Self::take_ledger_transactions`]:
+    /// zero when the server filters them by origin.
+    ledger_transactions: u64,
     /// The server's WAL end as last reported: how far behind the stream is.
     server_wal_end: Lsn,
     /// The second half of a change that became two events (a key update: delete, then the row).
@@ -86,7 +89,12 @@ impl ReplicationSource {
             None => ReplicationClient::connect(&cfg.replication_params()?).await?,
         };
         let stream = client
-            .start_replication(&cfg.slot, start, &cfg.publication)
+            .start_replication(
+                &cfg.slot,
+                start,
+                &cfg.publication,
+                cfg.ledger_origin.is_some(),
+            )
             .await
             .map_err(|e| match e.code() {
                 // undefined_object: dropped; object_not_in_prerequisite_state: invalidated.
@@ -106,9 +114,15 @@ impl ReplicationSource {
             tx: None,
             skipping_ledger_tx: false,
             skipped_ledger_changes: 0,
+            ledger_transactions: 0,
             server_wal_end: start,
             queued: None,
         })
+    }
+
+    /// The ledger transactions decoded since the last call.
+    pub fn take_ledger_transactions(&mut self) -> u64 {
+        std::mem::take(&mut self.ledger_transactions)
     }
 
     /// The next message; `None` when the server ended the stream. Cancel-safe.
@@ -188,6 +202,7 @@ impl ReplicationSource {
             } => {
                 if transactional && prefix == LEDGER_MESSAGE_PREFIX {
                     self.skipping_ledger_tx = true;
+                    self.ledger_transactions += 1;
                     Ok(None)
                 } else if !transactional && self.tx.is_none() && prefix == HEARTBEAT_MESSAGE_PREFIX
                 {

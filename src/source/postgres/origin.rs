@@ -1,0 +1,101 @@
+//! PostgreSQL 16+: the ledger's own UPDATEs filtered out before decoding.
+//!
+//! Every ledger statement writes WAL that the walsender would otherwise decode (and, with a
+//! publication that publishes UPDATE, send), only for the stream to drop it by its marker message.
+//! From PostgreSQL 16 on, a session can write under a named replication origin and a stream can ask
+//! for `origin = none`: the server then skips those transactions before it assembles them. The
+//! marker stays, so a ledger session that could not take the origin is still dropped correctly.
+//!
+//! `origin = none` drops every transaction that carries an origin, also those a subscription
+//! (logical replication into this database) applies. So the filter is used only while the
+//! database has no replication origin other than ours; `--ledger-origin off` turns it off.
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+use super::{SourceConfig, SourceError};
+
+/// The first server major whose pgoutput takes the `origin` option.
+const FIRST_VERSION: i32 = 160000;
+
+/// The origin the ledger of this slot writes under.
+pub fn origin_name(cfg: &SourceConfig) -> String {
+    format!("cdc_relay_ledger_{}", cfg.slot)
+}
+
+/// Decides whether the ledger writes under a replication origin that the stream filters out, and
+/// creates the origin if so. `None` (no filter) on servers before 16, when the database has
+/// origins other than relays' ledgers, or when the role may not create one (the reason is logged with the fix).
+pub async fn ledger_origin(
+    cfg: &SourceConfig,
+    sql: &Client,
+) -> Result<Option<String>, SourceError> {
+    let version: i32 = sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(SourceError::sql("reading the server version"))?
+        .get(0);
+    if version < FIRST_VERSION {
+        tracing::info!(
+            server_version_num = version,
+            "ledger writes are decoded and dropped by the stream (filtering them by origin needs PostgreSQL 16)"
+        );
+        return Ok(None);
+    }
+    let name = origin_name(cfg);
+    let others: Vec<String> = sql
+        .query(
+            "SELECT roname FROM pg_replication_origin \
+             WHERE roname NOT LIKE 'cdc\\_relay\\_ledger\\_%' ORDER BY roname",
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql("reading the replication origins"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !others.is_empty() {
+        tracing::info!(
+            origins = ?others,
+            "not filtering the ledger's writes by origin: the database has other replication origins (subscriptions), whose changes `origin = none` would drop too"
+        );
+        return Ok(None);
+    }
+    let created = sql
+        .execute(
+            "SELECT pg_replication_origin_create($1) \
+             WHERE NOT EXISTS (SELECT FROM pg_replication_origin WHERE roname = $1)",
+            &[&name],
+        )
+        .await;
+    match created {
+        Ok(_) => {
+            tracing::info!(origin = %name, "the ledger writes under a replication origin the stream filters out (origin = none)");
+            Ok(Some(name))
+        }
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            tracing::info!(
+                "ledger writes are decoded and dropped by the stream; to have the server skip them, a superuser runs: \
+                 GRANT EXECUTE ON FUNCTION pg_replication_origin_create, pg_replication_origin_session_setup TO <relay role> \
+                 (sql/postgres/roles.sql)"
+            );
+            Ok(None)
+        }
+        // Two relays of one slot racing to create it: the other one did.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(Some(name)),
+        Err(e) => Err(SourceError::sql("creating the ledger's replication origin")(e)),
+    }
+}
+
+/// Puts a session under the origin. A failure is not fatal: the ledger's marker message still has
+/// the stream drop its writes, they only cost decoding again. One origin can be set up in one
+/// session at a time, so a ledger session whose predecessor's backend has not yet gone away
+/// (55006, object_in_use) simply writes without it.
+pub async fn set_up_session(sql: &Client, origin: &str) {
+    if let Err(e) = sql
+        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+        .await
+    {
+        tracing::warn!(origin, error = %super::pg_text(&e), "the ledger session writes without its replication origin: the stream drops its writes by their marker instead");
+    }
+}
