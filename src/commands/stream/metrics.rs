@@ -80,7 +80,7 @@ impl StreamMetrics {
             ),
             ledger_decoded: r.counter(
                 "stream_ledger_transactions_decoded_total",
-                "The ledger's own transactions the server decoded and sent (and the stream dropped); none when they are filtered by origin.",
+                "This slot's ledger transactions the server decoded and sent (and the stream dropped); none when they are filtered by origin.",
             ),
             ledger_origin: r.gauge(
                 "stream_ledger_origin_filter",

@@ -14,6 +14,7 @@
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use super::client::quote_literal;
 use super::{SourceConfig, SourceError, LEDGER_MESSAGE_PREFIX};
 
 /// How long a ledger statement waits for a lock before it steps back.
@@ -41,12 +42,15 @@ pub struct Ledger {
 impl Ledger {
     pub fn new(cfg: &SourceConfig) -> Self {
         let table = cfg.qualified_table();
-        // The marker sits in a one-row subquery joined to the update, so it is evaluated before the
-        // first row reaches the update, and its WAL record comes first in the transaction.
+        // The marker names the slot, so a stream can tell its own ledger from another relay's
+        // (each is dropped; only its own counts in the metrics). It sits in a one-row subquery
+        // joined to the update, so it is evaluated before the first row reaches the update, and
+        // its WAL record comes first in the transaction.
         // Ids go in as ranges of consecutive ids: acknowledged ids are mostly runs, and a range is
         // one index range scan where a list is one probe per id (about twice as fast measured).
         let marker = format!(
-            "(SELECT pg_logical_emit_message(true, '{LEDGER_MESSAGE_PREFIX}', '') AS lsn) AS marker"
+            "(SELECT pg_logical_emit_message(true, '{LEDGER_MESSAGE_PREFIX}', {}) AS lsn) AS marker",
+            quote_literal(&cfg.slot)
         );
         let statement = format!(
             "UPDATE {table} AS t SET sent_to_kafka = TRUE \

@@ -67,7 +67,8 @@ pub struct ReplicationSource {
     /// The current transaction is the relay's own ledger write: its row changes are dropped.
     skipping_ledger_tx: bool,
     pub skipped_ledger_changes: u64,
-    /// Ledger transactions decoded (by their marker) since [`Self::take_ledger_transactions`]:
+    slot: String,
+    /// This slot's ledger transactions decoded (by their marker) since [`Self::take_ledger_transactions`]:
     /// zero when the server filters them by origin.
     ledger_transactions: u64,
     /// The server's WAL end as last reported: how far behind the stream is.
@@ -115,6 +116,7 @@ impl ReplicationSource {
             skipping_ledger_tx: false,
             skipped_ledger_changes: 0,
             ledger_transactions: 0,
+            slot: cfg.slot.clone(),
             server_wal_end: start,
             queued: None,
         })
@@ -202,7 +204,9 @@ impl ReplicationSource {
             } => {
                 if transactional && prefix == LEDGER_MESSAGE_PREFIX {
                     self.skipping_ledger_tx = true;
-                    self.ledger_transactions += 1;
+                    if content.as_ref() == self.slot.as_bytes() {
+                        self.ledger_transactions += 1;
+                    }
                     Ok(None)
                 } else if !transactional && self.tx.is_none() && prefix == HEARTBEAT_MESSAGE_PREFIX
                 {
