@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::sink::clickhouse::ServerVersion;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cdc-relay",
@@ -64,6 +66,30 @@ pub enum ConfigCommand {
         #[arg(long = "for", value_parser = ["stream", "sink", "status"])]
         for_command: Option<String>,
     },
+    /// Print the statements the sink (and setup) send to create and check the ClickHouse table,
+    /// its truncates table and its current-rows view on a server of the given version, each ending
+    /// with `;`, without connecting anywhere.
+    ClickhouseSchema {
+        /// Server version, major.minor (e.g. 18.16 or 26.9): the engine differs from 23.2 on.
+        #[arg(long, value_parser = parse_server_version)]
+        clickhouse_version: ServerVersion,
+
+        /// ClickHouse database.
+        #[arg(long, env = "CDC_RELAY_CLICKHOUSE_DATABASE", default_value = "default")]
+        clickhouse_database: String,
+
+        /// ClickHouse table the sink writes into.
+        #[arg(
+            long,
+            env = "CDC_RELAY_CLICKHOUSE_TABLE",
+            default_value = "user_logins"
+        )]
+        clickhouse_table: String,
+    },
+}
+
+fn parse_server_version(text: &str) -> Result<ServerVersion, String> {
+    ServerVersion::parse(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,8 +19,26 @@ fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse();
-    if let Command::Config(ConfigCommand::Check { for_command }) = &cli.command {
-        return ExitCode::from(commands::config::check(for_command.as_deref()) as u8);
+    match &cli.command {
+        Command::Config(ConfigCommand::Check { for_command }) => {
+            return ExitCode::from(commands::config::check(for_command.as_deref()) as u8);
+        }
+        Command::Config(ConfigCommand::ClickhouseSchema {
+            clickhouse_version,
+            clickhouse_database,
+            clickhouse_table,
+        }) => {
+            print!(
+                "{}",
+                commands::config::clickhouse_schema(
+                    *clickhouse_version,
+                    clickhouse_database,
+                    clickhouse_table
+                )
+            );
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let filter = EnvFilter::try_from_env("CDC_RELAY_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));

@@ -1,9 +1,12 @@
 //! `cdc-relay config check`: what the relay would run with, secrets masked, and whether each
-//! command's settings are complete and valid.
+//! command's settings are complete and valid. `cdc-relay config clickhouse-schema`: the statements
+//! the sink sends to create and check its ClickHouse schema.
 
 use clap::Parser;
 
 use crate::config::{known_settings, mask, Cli, Command, PublishOpsArg};
+use crate::sink::clickhouse::schema::{schema_statements, ServerVersion};
+use crate::sink::clickhouse::ClickHouseConfig;
 use crate::source::postgres::PublishOps;
 
 /// Prints the report; returns the exit code (0 valid, 2 invalid).
@@ -62,4 +65,24 @@ fn validate(name: &str) -> Result<(), String> {
         super::source_config(pg, ops).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The statements [`crate::sink::clickhouse::schema::ensure_schema`] sends to a server of
+/// `version`, in order, each after a comment saying when and ending with `;`.
+pub fn clickhouse_schema(version: ServerVersion, database: &str, table: &str) -> String {
+    let cfg = ClickHouseConfig {
+        url: String::new(),
+        user: String::new(),
+        password: String::new(),
+        database: database.to_string(),
+        table: table.to_string(),
+        tls: None,
+    };
+    let mut out = format!(
+        "-- The statements cdc-relay's sink and setup send to ClickHouse {version} to create and check the schema, in order.\n"
+    );
+    for s in schema_statements(&cfg, version) {
+        out.push_str(&format!("\n-- {}\n{};\n", s.when, s.sql));
+    }
+    out
 }

@@ -144,7 +144,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let writer = ClickHouseWriter::new(&ch);
     let watermark = writer.truncate_watermark().await?;
-    tracing::info!(version = %format!("{}.{}", version.major, version.minor), table = %ch.qualified_table(), view = %ch.qualified_view(), truncated_below = watermark, "ClickHouse ready");
+    tracing::info!(%version, table = %ch.qualified_table(), view = %ch.qualified_view(), truncated_below = watermark, "ClickHouse ready");
 
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;

@@ -121,3 +121,20 @@ pub fn tls_for_url(
 pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
 }
+
+/// Quotes a ClickHouse string literal, escaping as the `clickhouse` crate escapes bound strings.
+pub fn quote_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        match c {
+            '\\' | '\'' | '`' | '\t' | '\n' => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}

@@ -9,7 +9,7 @@
 //! was applied (from other partitions) with lower versions. Views of earlier releases lack that
 //! filter and are re-created; tables of earlier releases (`id UInt64`) keep working.
 
-use super::config::quote_ident;
+use super::config::{quote_ident, quote_string};
 use super::{ClickHouseConfig, SinkError};
 
 /// `major.minor` of the server.
@@ -17,6 +17,12 @@ use super::{ClickHouseConfig, SinkError};
 pub struct ServerVersion {
     pub major: u32,
     pub minor: u32,
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
 }
 
 impl ServerVersion {
@@ -50,6 +56,13 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("_version", "UInt64"),
     ("_deleted", "UInt8"),
 ];
+
+pub fn create_database_sql(cfg: &ClickHouseConfig) -> String {
+    format!(
+        "CREATE DATABASE IF NOT EXISTS {}",
+        quote_ident(&cfg.database)
+    )
+}
 
 pub fn create_table_sql(cfg: &ClickHouseConfig, version: ServerVersion) -> String {
     let cols: Vec<String> = COLUMNS
@@ -99,6 +112,63 @@ pub fn create_view_sql(cfg: &ClickHouseConfig) -> String {
     )
 }
 
+/// The table's columns and their types, as [`check_table`] compares them with [`COLUMNS`].
+pub fn columns_sql(cfg: &ClickHouseConfig) -> String {
+    format!(
+        "SELECT name, type FROM system.columns WHERE database = {} AND table = {}",
+        quote_string(&cfg.database),
+        quote_string(&cfg.table)
+    )
+}
+
+/// The current-rows view's DDL (no row when there is no view yet).
+pub fn view_ddl_sql(cfg: &ClickHouseConfig) -> String {
+    format!(
+        "SELECT create_table_query FROM system.tables WHERE database = {} AND name = {}",
+        quote_string(&cfg.database),
+        quote_string(&cfg.view_name())
+    )
+}
+
+/// Drops a view of an earlier release, which lacks the truncate filter.
+pub fn drop_view_sql(cfg: &ClickHouseConfig) -> String {
+    format!("DROP TABLE IF EXISTS {}", cfg.qualified_view())
+}
+
+/// One statement [`ensure_schema`] sends, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub when: &'static str,
+    pub sql: String,
+}
+
+/// Every statement [`ensure_schema`] sends to a server of `version`, in order (`cdc-relay config
+/// clickhouse-schema` prints them without connecting anywhere).
+pub fn schema_statements(cfg: &ClickHouseConfig, version: ServerVersion) -> Vec<Statement> {
+    let always = |sql| Statement {
+        when: "always",
+        sql,
+    };
+    vec![
+        always(create_database_sql(cfg)),
+        always(create_table_sql(cfg, version)),
+        Statement {
+            when: "always: the sink checks that every column has the type it writes",
+            sql: columns_sql(cfg),
+        },
+        always(create_truncates_sql(cfg)),
+        Statement {
+            when: "always: a view whose DDL lacks the truncates table is of an earlier release",
+            sql: view_ddl_sql(cfg),
+        },
+        Statement {
+            when: "only when the view is of an earlier release",
+            sql: drop_view_sql(cfg),
+        },
+        always(create_view_sql(cfg)),
+    ]
+}
+
 /// What the sink must know about the table it writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableInfo {
@@ -141,10 +211,7 @@ pub async fn ensure_schema(
         }
     };
     client
-        .query(&format!(
-            "CREATE DATABASE IF NOT EXISTS {}",
-            quote_ident(&cfg.database)
-        ))
+        .query(&create_database_sql(cfg))
         .execute()
         .await
         .map_err(err("creating the database"))?;
@@ -160,9 +227,7 @@ pub async fn ensure_schema(
         .await
         .map_err(err("creating the truncates table"))?;
     let view: Vec<String> = client
-        .query("SELECT create_table_query FROM system.tables WHERE database = ? AND name = ?")
-        .bind(&cfg.database)
-        .bind(cfg.view_name())
+        .query(&view_ddl_sql(cfg))
         .fetch_all()
         .await
         .map_err(err("reading the current-rows view"))?;
@@ -173,7 +238,7 @@ pub async fn ensure_schema(
         // Another sink may do the same at the same moment: both statements are idempotent.
         tracing::info!(view = %cfg.qualified_view(), "re-creating the current-rows view of an earlier release with the truncate filter");
         client
-            .query(&format!("DROP TABLE IF EXISTS {}", cfg.qualified_view()))
+            .query(&drop_view_sql(cfg))
             .execute()
             .await
             .map_err(err("dropping the current-rows view of an earlier release"))?;
@@ -196,9 +261,7 @@ async fn check_table(
         r#type: String,
     }
     let cols: Vec<Col> = client
-        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
-        .bind(&cfg.database)
-        .bind(&cfg.table)
+        .query(&columns_sql(cfg))
         .fetch_all()
         .await
         .map_err(|source| SinkError::Client {
@@ -271,6 +334,25 @@ mod tests {
                 "sql/clickhouse/schema.sql lacks {ddl}"
             );
         }
+    }
+
+    #[test]
+    fn checks_quote_names_as_strings() {
+        let mut c = cfg();
+        c.database = "it's".into();
+        c.table = "a\\b`c".into();
+        assert_eq!(
+            columns_sql(&c),
+            r"SELECT name, type FROM system.columns WHERE database = 'it\'s' AND table = 'a\\b\`c'"
+        );
+        let statements = schema_statements(&cfg(), ServerVersion::parse("26.9").unwrap());
+        assert_eq!(statements.len(), 7);
+        assert_eq!(statements[0].sql, "CREATE DATABASE IF NOT EXISTS `default`");
+        assert_eq!(statements[6].sql, create_view_sql(&cfg()));
+        assert_eq!(
+            ServerVersion::parse("26.9.2.1").unwrap().to_string(),
+            "26.9"
+        );
     }
 
     #[test]
