@@ -94,7 +94,7 @@ fn parse_server_version(text: &str) -> Result<ServerVersion, String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct PostgresArgs {
-    /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db (password may come from the URL or PGPASSWORD).
+    /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db (password may come from the URL or PGPASSWORD); several hosts, e.g. postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write, are tried in order.
     #[arg(long, env = "CDC_RELAY_PG_URL", hide_env_values = true)]
     pub pg_url: String,
 

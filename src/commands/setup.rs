@@ -6,7 +6,6 @@ use crate::error::Error;
 use crate::kafka::topic::ensure_topic;
 use crate::sink::clickhouse::schema;
 use crate::source::postgres::catalog;
-use crate::source::postgres::client::ReplicationClient;
 use crate::source::postgres::{PublishOps, SourceError};
 
 pub async fn setup(args: SetupArgs) -> Result<(), Error> {
@@ -18,19 +17,22 @@ pub async fn setup(args: SetupArgs) -> Result<(), Error> {
     match catalog::slot_info(&cfg, &sql).await? {
         Some(info) => {
             catalog::check_slot(&cfg, &info)?;
+            catalog::ensure_failover(&cfg, &info).await;
             println!("slot {}: exists", cfg.slot);
         }
         None => {
             // No snapshot: the first `stream` finds the slot and backfills unsent rows after it
             // caught up, which covers everything committed before this moment.
-            let mut client = ReplicationClient::connect(&cfg.replication_params()?)
-                .await
-                .map_err(SourceError::from)?;
-            let created = client
-                .create_logical_slot(&cfg.slot, false)
-                .await
-                .map_err(SourceError::from)?;
-            println!("slot {}: created at {}", cfg.slot, created.consistent_point);
+            let (client, created) = catalog::create_slot(&cfg).await?;
+            let failover = if client.supports_failover_slots() {
+                " (failover slot)"
+            } else {
+                ""
+            };
+            println!(
+                "slot {}: created at {}{failover}",
+                cfg.slot, created.consistent_point
+            );
         }
     }
     println!(

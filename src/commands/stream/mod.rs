@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 mod backfill;
 mod exactly_once;
+mod failover;
 mod housekeeping;
 mod ledger_writer;
 mod metrics;
@@ -33,7 +34,7 @@ use crate::kafka::producer::{KafkaProducer, ProducerConfig};
 use crate::kafka::topic::{ensure_topic, ensure_topic_with};
 use crate::kafka::KafkaError;
 use crate::metrics::Registry;
-use crate::source::postgres::client::ReplicationClient;
+use crate::source::postgres::client::{ReplicationClient, SystemIdentity};
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
 use crate::source::postgres::{catalog, origin};
 use crate::source::postgres::{SourceConfig, SourceError};
@@ -63,6 +64,8 @@ struct StreamCommand {
     dead_lettered: u64,
     /// `--exactly-once`: Kafka transactions and checkpoints.
     eo: Option<ExactlyOnce>,
+    /// The server and timeline the last replication connection reached (a change: a failover).
+    server: Option<SystemIdentity>,
 }
 
 pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -167,17 +170,11 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         Some(info) => {
             catalog::check_slot(&cfg, &info)?;
             tracing::info!(slot = %cfg.slot, confirmed = ?info.confirmed_flush.map(|l| l.to_string()), "resuming from existing slot");
+            catalog::ensure_failover(&cfg, &info).await;
             (None, Lsn::ZERO)
         }
         None => {
-            let mut client = ReplicationClient::connect(&cfg.replication_params()?)
-                .await
-                .map_err(SourceError::from)?;
-            let created = client
-                .create_logical_slot(&cfg.slot, false)
-                .await
-                .map_err(SourceError::from)?;
-            tracing::info!(slot = %cfg.slot, consistent_point = %created.consistent_point, "created replication slot");
+            let (client, created) = catalog::create_slot(&cfg).await?;
             (Some(client), created.consistent_point)
         }
     };
@@ -197,6 +194,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         shutdown,
         dead_lettered: 0,
         eo,
+        server: None,
     };
     cmd.run_sessions(client, start).await
 }
@@ -255,7 +253,15 @@ impl StreamCommand {
         confirmed: &mut Lsn,
         backfill_state: &mut BackfillState,
     ) -> Result<SessionEnd, Error> {
-        let mut source = match ReplicationSource::start(&self.cfg, client, *confirmed).await {
+        let client = match self
+            .replication_client(client, confirmed, backfill_state)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        let mut source = match ReplicationSource::start(&self.cfg, Some(client), *confirmed).await {
             Ok(s) => s,
             Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
             Err(e) => return Err(e.into()),

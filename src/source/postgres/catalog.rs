@@ -5,7 +5,7 @@ use tokio_postgres::Client;
 
 use crate::event::Lsn;
 
-use super::client::{quote_ident, quote_literal};
+use super::client::{quote_ident, quote_literal, CreatedSlot, ReplicationClient};
 use super::{parse_lsn, SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX};
 
 /// Checks the server, the table and the role. Run once at start, before anything is created.
@@ -76,11 +76,7 @@ pub async fn preflight(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceErr
 /// would hide rows or columns from the stream while the backfill still reads them, so both are
 /// refused with the statement that fixes them.
 pub async fn check_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
-    let version: i32 = sql
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(SourceError::sql("reading the server version"))?
-        .get(0);
+    let version = server_version(sql).await?;
     // Row filters and column lists exist from PostgreSQL 15 on.
     let filters = if version >= 150000 {
         "r.prqual IS NOT NULL, r.prattrs IS NOT NULL"
@@ -223,6 +219,15 @@ async fn publication(cfg: &SourceConfig, sql: &Client, alter: bool) -> Result<()
     Ok(())
 }
 
+/// `server_version_num`, e.g. 170002.
+pub async fn server_version(sql: &Client) -> Result<i32, SourceError> {
+    Ok(sql
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(SourceError::sql("reading the server version"))?
+        .get(0))
+}
+
 /// The slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone)]
 pub struct SlotInfo {
@@ -230,13 +235,22 @@ pub struct SlotInfo {
     pub active: bool,
     pub confirmed_flush: Option<Lsn>,
     pub wal_status: Option<String>,
+    /// Whether a standby may keep a copy of it (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
 }
 
 pub async fn slot_info(cfg: &SourceConfig, sql: &Client) -> Result<Option<SlotInfo>, SourceError> {
+    let failover = if server_version(sql).await? >= 170000 {
+        "failover"
+    } else {
+        "NULL::bool"
+    };
     let row = sql
         .query_opt(
-            "SELECT plugin::text, active, confirmed_flush_lsn::text, wal_status \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin::text, active, confirmed_flush_lsn::text, wal_status, {failover} \
+                 FROM pg_replication_slots WHERE slot_name = $1"
+            ),
             &[&cfg.slot],
         )
         .await
@@ -248,7 +262,53 @@ pub async fn slot_info(cfg: &SourceConfig, sql: &Client) -> Result<Option<SlotIn
         active: row.get(1),
         confirmed_flush: confirmed.as_deref().map(parse_lsn).transpose()?,
         wal_status: row.get(3),
+        failover: row.get(4),
     }))
+}
+
+/// Creates the slot (no snapshot), as a failover slot on PostgreSQL 17+ so that a standby with
+/// `sync_replication_slots = on` keeps a copy the stream can go on from once it is promoted.
+/// Returns the connection that created it, to stream on.
+pub async fn create_slot(
+    cfg: &SourceConfig,
+) -> Result<(ReplicationClient, CreatedSlot), SourceError> {
+    let mut client = ReplicationClient::connect(&cfg.replication_params()?).await?;
+    let failover = client.supports_failover_slots();
+    let created = client
+        .create_logical_slot(&cfg.slot, false, failover)
+        .await?;
+    tracing::info!(slot = %cfg.slot, consistent_point = %created.consistent_point, failover,
+        "created replication slot{}",
+        if failover { " as a failover slot (PostgreSQL 17+: a standby with sync_replication_slots keeps a copy)" } else { " (failover slots need PostgreSQL 17+)" });
+    Ok((client, created))
+}
+
+/// On PostgreSQL 17+, makes an existing slot created without `failover` (by an older relay, or
+/// by hand) a failover slot. Best effort: a slot that stays without failover streams as before,
+/// it only does not survive a promotion, so a refusal (the slot still held by a walsender that
+/// is going away) is logged and the next start tries again.
+pub async fn ensure_failover(cfg: &SourceConfig, slot: &SlotInfo) {
+    match slot.failover {
+        None => {
+            tracing::info!(slot = %cfg.slot, "failover slots need PostgreSQL 17+; the slot will not survive a switch to a standby")
+        }
+        Some(true) => tracing::info!(slot = %cfg.slot, "the slot is a failover slot"),
+        Some(false) => {
+            let altered = async {
+                let mut client = ReplicationClient::connect(&cfg.replication_params()?).await?;
+                client.enable_failover(&cfg.slot).await?;
+                Ok::<(), SourceError>(())
+            };
+            match altered.await {
+                Ok(()) => {
+                    tracing::info!(slot = %cfg.slot, "the slot was created without failover; enabled it (ALTER_REPLICATION_SLOT … (FAILOVER true))")
+                }
+                Err(e) => {
+                    tracing::warn!(slot = %cfg.slot, error = %e, "the slot has no failover and enabling it failed; it streams as before but will not survive a switch to a standby (the next start tries again)")
+                }
+            }
+        }
+    }
 }
 
 /// Checks that an existing slot can serve this stream.

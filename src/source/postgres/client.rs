@@ -16,6 +16,7 @@ use postgres_protocol::message::backend::{ErrorResponseBody, Message, NoticeResp
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_postgres::config::{Host, LoadBalanceHosts, TargetSessionAttrs};
 
 use crate::event::Lsn;
 
@@ -52,6 +53,13 @@ pub enum ReplicationError {
     Config(String),
     #[error("TLS to PostgreSQL: {0}")]
     Tls(String),
+    /// The server answered but is not the kind `target_session_attrs` asks for (a standby when a
+    /// primary is wanted): during a failover, until the standby is promoted.
+    #[error("PostgreSQL at {endpoint}: {reason}")]
+    WrongSessionKind { endpoint: String, reason: String },
+    /// Every server of a multi-host URL failed; each with its own error, in the order tried.
+    #[error("no server of the PostgreSQL URL could be used: {}", .0.iter().map(|(server, e)| format!("{server}: {e}")).collect::<Vec<_>>().join("; "))]
+    NoServer(Vec<(String, ReplicationError)>),
 }
 
 impl ReplicationError {
@@ -67,7 +75,9 @@ impl ReplicationError {
     /// walsender terminated, slot still held by a dying walsender).
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplicationError::Io { .. } => true,
+            ReplicationError::Io { .. } | ReplicationError::WrongSessionKind { .. } => true,
+            // One server that may come back (down, restarting, not yet promoted) is worth waiting for.
+            ReplicationError::NoServer(errors) => errors.iter().any(|(_, e)| e.is_transient()),
             ReplicationError::Server { code, .. } => {
                 // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
                 // 55006 object_in_use (slot active for another pid), 08* connection exceptions.
@@ -85,13 +95,14 @@ impl ReplicationError {
 async fn negotiate_tls(
     mut tcp: TcpStream,
     params: &ConnectParams,
+    server: &Server,
 ) -> Result<Box<dyn Socket>, ReplicationError> {
     use super::tls::SslMode;
     let Some(config) = params.tls.client_config() else {
         return Ok(Box::new(tcp));
     };
     let io = |source| ReplicationError::Io {
-        endpoint: params.endpoint(),
+        endpoint: server.endpoint(),
         source,
     };
     let mut buf = BytesMut::new();
@@ -101,7 +112,7 @@ async fn negotiate_tls(
     tcp.read_exact(&mut answer).await.map_err(io)?;
     match answer[0] {
         b'S' => {
-            let name = super::tls::server_name(&params.host).map_err(ReplicationError::Tls)?;
+            let name = super::tls::server_name(&server.host).map_err(ReplicationError::Tls)?;
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
@@ -111,7 +122,7 @@ async fn negotiate_tls(
         b'N' if params.tls.mode == SslMode::Prefer => Ok(Box::new(tcp)),
         b'N' => Err(ReplicationError::Tls(format!(
             "the server at {} does not accept TLS, and sslmode {:?} requires it",
-            params.endpoint(),
+            server.endpoint(),
             params.tls.mode
         ))),
         other => Err(ReplicationError::Protocol(format!(
@@ -179,12 +190,32 @@ pub(super) fn log_notice(body: &NoticeResponseBody) {
     }
 }
 
+/// One server of the URL's host list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// The name TLS verifies and messages show (a directory for a Unix socket).
+    pub host: String,
+    /// Where to connect: the URL's `hostaddr` when it gives one, else `host`.
+    pub addr: String,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
 /// Where and how to connect, taken from the same URL the ordinary SQL connection uses.
 #[derive(Clone)]
 pub struct ConnectParams {
     pub tls: super::tls::PgTls,
-    pub host: String,
-    pub port: u16,
+    /// The servers to try, in order (libpq's multi-host URL: `postgres://u@h1:5432,h2:5432/db`).
+    pub servers: Vec<Server>,
+    /// `target_session_attrs`: which kind of server is acceptable (as for the SQL sessions).
+    pub target: TargetSessionAttrs,
+    /// `load_balance_hosts=random`: try the servers in a random order.
+    pub random_order: bool,
     pub user: String,
     pub password: Option<Vec<u8>>,
     pub dbname: String,
@@ -200,11 +231,7 @@ pub struct ConnectParams {
 impl std::fmt::Debug for ConnectParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the password.
-        write!(
-            f,
-            "{}@{}:{}/{}",
-            self.user, self.host, self.port, self.dbname
-        )
+        write!(f, "{}@{}/{}", self.user, self.endpoint(), self.dbname)
     }
 }
 
@@ -213,19 +240,16 @@ impl ConnectParams {
         cfg: &tokio_postgres::Config,
         tls: super::tls::PgTls,
     ) -> Result<Self, ReplicationError> {
-        let host = match cfg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".to_string(),
-        };
+        let servers = servers(cfg)?;
         let user = cfg
             .get_user()
             .ok_or_else(|| ReplicationError::Config("the PostgreSQL URL names no user".into()))?
             .to_string();
         Ok(ConnectParams {
             tls,
-            host,
-            port: cfg.get_ports().first().copied().unwrap_or(5432),
+            servers,
+            target: cfg.get_target_session_attrs(),
+            random_order: cfg.get_load_balance_hosts() == LoadBalanceHosts::Random,
             dbname: cfg.get_dbname().unwrap_or(&user).to_string(),
             user,
             password: cfg.get_password().map(<[u8]>::to_vec),
@@ -241,9 +265,80 @@ impl ConnectParams {
         })
     }
 
-    fn endpoint(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+    /// Every server, `host:port` joined by commas.
+    pub fn endpoint(&self) -> String {
+        self.servers
+            .iter()
+            .map(Server::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
     }
+
+    /// These settings for one server only, and any kind of session: to reach again the server a
+    /// connection went to.
+    fn pinned(&self, server: &Server) -> ConnectParams {
+        ConnectParams {
+            servers: vec![server.clone()],
+            target: TargetSessionAttrs::Any,
+            random_order: false,
+            ..self.clone()
+        }
+    }
+
+    /// The servers in the order to try them.
+    fn attempt_order(&self) -> Vec<&Server> {
+        let mut order: Vec<&Server> = self.servers.iter().collect();
+        if self.random_order && order.len() > 1 {
+            // Any spread will do (libpq shuffles); the clock's nanoseconds pick where to begin.
+            let start = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as usize)
+                .unwrap_or(0)
+                % order.len();
+            order.rotate_left(start);
+        }
+        order
+    }
+}
+
+/// The URL's servers as libpq pairs them: `host` and `hostaddr` one to one, and either one `port`
+/// for all or one per server.
+fn servers(cfg: &tokio_postgres::Config) -> Result<Vec<Server>, ReplicationError> {
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let addrs: Vec<String> = cfg.get_hostaddrs().iter().map(|a| a.to_string()).collect();
+    if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
+        return Err(ReplicationError::Config(format!(
+            "the URL names {} hosts but {} hostaddrs",
+            hosts.len(),
+            addrs.len()
+        )));
+    }
+    let n = hosts.len().max(addrs.len()).max(1);
+    let ports = cfg.get_ports();
+    if ports.len() > 1 && ports.len() != n {
+        return Err(ReplicationError::Config(format!(
+            "the URL names {n} hosts but {} ports (give one port for all, or one per host)",
+            ports.len()
+        )));
+    }
+    Ok((0..n)
+        .map(|i| {
+            let addr = addrs.get(i).or(hosts.get(i)).cloned();
+            let addr = addr.unwrap_or_else(|| "localhost".to_string());
+            Server {
+                host: hosts.get(i).cloned().unwrap_or_else(|| addr.clone()),
+                addr,
+                port: ports.get(i).or(ports.first()).copied().unwrap_or(5432),
+            }
+        })
+        .collect())
 }
 
 /// A walsender connection in `replication=database` mode, before streaming starts.
@@ -257,6 +352,8 @@ pub struct ReplicationClient {
     params: Option<ConnectParams>,
     /// The walsender's process id (BackendKeyData).
     pub(super) backend_pid: Option<i32>,
+    /// `server_version` as the server reported it at startup.
+    server_version: Option<String>,
 }
 
 /// Longest a write to the server may take: a server that reads nothing for this long is gone.
@@ -282,6 +379,14 @@ fn tune_tcp(tcp: &TcpStream, params: &ConnectParams) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Which server and which history a connection reached (`IDENTIFY_SYSTEM`): a promoted standby
+/// has the same system identifier as its old primary but a new timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+}
+
 /// What `CREATE_REPLICATION_SLOT` returns.
 #[derive(Debug, Clone)]
 pub struct CreatedSlot {
@@ -290,40 +395,168 @@ pub struct CreatedSlot {
 }
 
 impl ReplicationClient {
+    /// Connects to the first server of the URL that answers and is the kind of server
+    /// `target_session_attrs` asks for, as libpq does.
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
-        let endpoint = params.endpoint();
+        let mut errors = Vec::new();
+        for server in params.attempt_order() {
+            match Self::connect_to(params, server).await {
+                Ok(client) => {
+                    if params.servers.len() > 1 {
+                        tracing::debug!(server = %server.endpoint(), skipped = errors.len(), "replication connection: server chosen");
+                    }
+                    return Ok(client);
+                }
+                Err(e) => {
+                    if params.servers.len() > 1 {
+                        tracing::debug!(server = %server.endpoint(), error = %e, "replication connection: trying the next server");
+                    }
+                    errors.push((server.endpoint(), e));
+                }
+            }
+        }
+        // One server: its own error, as before multi-host URLs.
+        if errors.len() == 1 {
+            if let Some((_, e)) = errors.pop() {
+                return Err(e);
+            }
+        }
+        Err(ReplicationError::NoServer(errors))
+    }
+
+    async fn connect_to(params: &ConnectParams, server: &Server) -> Result<Self, ReplicationError> {
+        let endpoint = server.endpoint();
         let io = |source| ReplicationError::Io {
             endpoint: endpoint.clone(),
             source,
         };
-        let socket: Box<dyn Socket> = if params.host.starts_with('/') {
-            let path = format!("{}/.s.PGSQL.{}", params.host, params.port);
+        let socket: Box<dyn Socket> = if server.addr.starts_with('/') {
+            let path = format!("{}/.s.PGSQL.{}", server.addr, server.port);
             Box::new(tokio::net::UnixStream::connect(path).await.map_err(io)?)
         } else {
             let tcp = tokio::time::timeout(
                 Duration::from_secs(10),
-                TcpStream::connect((params.host.as_str(), params.port)),
+                TcpStream::connect((server.addr.as_str(), server.port)),
             )
             .await
             .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
             .map_err(io)?;
             tcp.set_nodelay(true).map_err(io)?;
             tune_tcp(&tcp, params).map_err(io)?;
-            negotiate_tls(tcp, params).await?
+            negotiate_tls(tcp, params, server).await?
         };
+        let pinned = params.pinned(server);
         let mut client = ReplicationClient {
             socket,
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
             endpoint,
-            params: Some(params.clone()),
+            params: Some(pinned.clone()),
             backend_pid: None,
+            server_version: None,
         };
-        client.startup(params).await?;
+        client.startup(&pinned).await?;
+        client.check_session_kind(params.target).await?;
         Ok(client)
     }
 
-    pub(super) fn endpoint_name(&self) -> &str {
+    /// `target_session_attrs`, checked as tokio-postgres checks it for the SQL sessions (a
+    /// walsender in `replication=database` mode answers SHOW): a standby is read-only.
+    async fn check_session_kind(
+        &mut self,
+        target: TargetSessionAttrs,
+    ) -> Result<(), ReplicationError> {
+        let want_read_only = match target {
+            TargetSessionAttrs::ReadWrite => false,
+            TargetSessionAttrs::ReadOnly => true,
+            _ => return Ok(()),
+        };
+        let rows = self.simple_query("SHOW transaction_read_only").await?;
+        let read_only = rows.first().and_then(|r| r.first().cloned().flatten());
+        let read_only = match read_only.as_deref() {
+            Some("on") => true,
+            Some("off") => false,
+            other => {
+                return Err(ReplicationError::Protocol(format!(
+                    "SHOW transaction_read_only answered {other:?}"
+                )))
+            }
+        };
+        if read_only == want_read_only {
+            return Ok(());
+        }
+        let reason = if read_only {
+            "the server accepts no writes (a standby?) and target_session_attrs=read-write asks for a primary"
+        } else {
+            "the server accepts writes and target_session_attrs=read-only asks for a standby"
+        };
+        Err(ReplicationError::WrongSessionKind {
+            endpoint: self.endpoint.clone(),
+            reason: reason.into(),
+        })
+    }
+
+    /// The server's major version, from what it reported at startup.
+    pub fn server_major(&self) -> Option<u32> {
+        let v = self.server_version.as_deref()?;
+        let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
+
+    /// Whether the server has failover slots (PostgreSQL 17+): slots a standby with
+    /// `sync_replication_slots` keeps a copy of, usable once it is promoted.
+    pub fn supports_failover_slots(&self) -> bool {
+        self.server_major().is_some_and(|m| m >= 17)
+    }
+
+    /// `IDENTIFY_SYSTEM`: the server's system identifier and current timeline.
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |i: usize| row.get(i).cloned().flatten();
+        let system_id = field(0).ok_or_else(|| {
+            ReplicationError::Protocol("IDENTIFY_SYSTEM without a system identifier".into())
+        })?;
+        let timeline = field(1).and_then(|t| t.parse().ok()).ok_or_else(|| {
+            ReplicationError::Protocol("IDENTIFY_SYSTEM without a timeline".into())
+        })?;
+        Ok(SystemIdentity {
+            system_id,
+            timeline,
+        })
+    }
+
+    /// The slot's confirmed position on this server (`None`: no such slot, or none yet).
+    pub async fn slot_confirmed(&mut self, slot: &str) -> Result<Option<Lsn>, ReplicationError> {
+        let rows = self
+            .simple_query(&format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = {}",
+                quote_literal(slot)
+            ))
+            .await?;
+        rows.first()
+            .and_then(|r| r.first().cloned().flatten())
+            .map(|v| {
+                v.parse::<Lsn>()
+                    .map_err(|e| ReplicationError::Protocol(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// `ALTER_REPLICATION_SLOT … (FAILOVER true)` (PostgreSQL 17+), for a slot created without
+    /// it. The server refuses while another session streams the slot.
+    pub async fn enable_failover(&mut self, slot: &str) -> Result<(), ReplicationError> {
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+            quote_ident(slot)
+        ))
+        .await?;
+        Ok(())
+    }
+
+    pub fn endpoint_name(&self) -> &str {
         &self.endpoint
     }
 
@@ -337,6 +570,7 @@ impl ReplicationClient {
             endpoint: "test".into(),
             params: None,
             backend_pid: None,
+            server_version: None,
         }
     }
 
@@ -448,7 +682,11 @@ impl ReplicationClient {
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
                 Message::NoticeResponse(body) => log_notice(&body),
                 Message::BackendKeyData(body) => self.backend_pid = Some(body.process_id()),
-                Message::ParameterStatus(_) => {}
+                Message::ParameterStatus(body) => {
+                    if body.name().map_err(proto)? == "server_version" {
+                        self.server_version = Some(body.value().map_err(proto)?.to_string());
+                    }
+                }
                 _ => {
                     return Err(ReplicationError::Protocol(
                         "unexpected message during startup".into(),
@@ -498,23 +736,17 @@ impl ReplicationClient {
         }
     }
 
-    /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput`, exporting a snapshot when asked. The snapshot
-    /// stays importable only until this connection runs its next command.
+    /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput`, exporting a snapshot when asked, and with
+    /// `FAILOVER` when asked (PostgreSQL 17+). The snapshot stays importable only until this
+    /// connection runs its next command.
     pub async fn create_logical_slot(
         &mut self,
         slot: &str,
         export_snapshot: bool,
+        failover: bool,
     ) -> Result<CreatedSlot, ReplicationError> {
-        let snapshot = if export_snapshot {
-            "EXPORT_SNAPSHOT"
-        } else {
-            "NOEXPORT_SNAPSHOT"
-        };
         let rows = self
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
-                quote_ident(slot)
-            ))
+            .simple_query(&create_slot_command(slot, export_snapshot, failover))
             .await?;
         let row = rows.first().ok_or_else(|| {
             ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
@@ -676,6 +908,23 @@ pub(super) fn proto(e: std::io::Error) -> ReplicationError {
     ReplicationError::Protocol(e.to_string())
 }
 
+/// The slot's creation command. The option list exists from PostgreSQL 15 on and is the only way to
+/// ask for FAILOVER; without it the old keyword form keeps 14 working.
+fn create_slot_command(slot: &str, export_snapshot: bool, failover: bool) -> String {
+    let slot = quote_ident(slot);
+    if failover {
+        let snapshot = if export_snapshot { "export" } else { "nothing" };
+        format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT '{snapshot}', FAILOVER true)")
+    } else {
+        let snapshot = if export_snapshot {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        };
+        format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput {snapshot}")
+    }
+}
+
 /// Quotes an SQL identifier: embedded double quotes are doubled, so no name can break out.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -689,6 +938,69 @@ pub fn quote_literal(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn params(url: &str) -> ConnectParams {
+        let cfg: tokio_postgres::Config = url.parse().unwrap();
+        ConnectParams::from_config(
+            &cfg,
+            super::super::tls::PgTls::new(super::super::tls::SslMode::Disable, None).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_multi_host_url_lists_every_server_in_order() {
+        let p = params("postgres://u:p@h1:5001,h2:5002/db?target_session_attrs=read-write");
+        assert_eq!(p.endpoint(), "h1:5001,h2:5002");
+        assert_eq!(p.target, TargetSessionAttrs::ReadWrite);
+        let order: Vec<String> = p.attempt_order().iter().map(|s| s.endpoint()).collect();
+        assert_eq!(order, ["h1:5001", "h2:5002"]);
+        // One port for all servers, and hostaddr pairs with host (TLS still checks the name).
+        let p = params("host=a,b hostaddr=127.0.0.1,127.0.0.2 port=7000 user=u");
+        assert_eq!(p.servers[1].host, "b");
+        assert_eq!(p.servers[1].addr, "127.0.0.2");
+        assert_eq!(p.servers[1].port, 7000);
+        assert_eq!(params("postgres://u@h/db").target, TargetSessionAttrs::Any);
+        // A connection remembers the one server it reached, for any session kind.
+        let p = params("postgres://u@h1,h2/db?target_session_attrs=read-write");
+        let pinned = p.pinned(&p.servers[1]);
+        assert_eq!(pinned.endpoint(), "h2:5432");
+        assert_eq!(pinned.target, TargetSessionAttrs::Any);
+        let cfg: tokio_postgres::Config = "host=a,b,c port=1,2 user=u".parse().unwrap();
+        assert!(servers(&cfg).is_err());
+    }
+
+    #[test]
+    fn the_slot_asks_for_failover_only_when_told() {
+        assert_eq!(
+            create_slot_command("s", false, true),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
+        );
+        assert_eq!(
+            create_slot_command("s", false, false),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"
+        );
+    }
+
+    #[test]
+    fn a_failed_server_among_several_is_worth_a_retry_if_any_may_come_back() {
+        let down = ReplicationError::Io {
+            endpoint: "h1:1".into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        let standby = ReplicationError::WrongSessionKind {
+            endpoint: "h2:2".into(),
+            reason: "standby".into(),
+        };
+        let e = ReplicationError::NoServer(vec![("h1:1".into(), down), ("h2:2".into(), standby)]);
+        assert!(e.is_transient());
+        assert!(e.to_string().contains("h1:1: ") && e.to_string().contains("; h2:2: "));
+        let e = ReplicationError::NoServer(vec![(
+            "h:1".into(),
+            ReplicationError::Auth("wrong password".into()),
+        )]);
+        assert!(!e.is_transient());
+    }
 
     #[test]
     fn identifiers_are_quoted() {

@@ -303,13 +303,27 @@ impl SourceConfig {
     }
 }
 
+/// Every server of the URL as `host:port`, joined by commas (a multi-host URL names several).
 fn endpoint(pg: &tokio_postgres::Config) -> String {
-    let host = match pg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    format!("{host}:{}", pg.get_ports().first().copied().unwrap_or(5432))
+    let ports = pg.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    if hosts.is_empty() {
+        return format!("localhost:{}", port(0));
+    }
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| format!("{h}:{}", port(i)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A tokio-postgres error with the server's own words: its Display alone says only "db error".
