@@ -5,7 +5,7 @@
 --   REPLICATION                      open a replication connection, create and use its slot
 --   SELECT on the table              backfill rows with sent_to_kafka = FALSE
 --   UPDATE (sent_to_kafka) only      the confirmation ledger; no other column can be written
---   EXECUTE on two replication-origin functions (optional, PostgreSQL 16+): the ledger writes under
+--   EXECUTE on three replication-origin functions (optional, PostgreSQL 16+): the ledger writes under
 --                                    an origin the stream filters out before decoding (--ledger-origin)
 --   a publication made by the owner  CREATE PUBLICATION requires owning the table, so the owner
 --                                    creates it here; the relay finds it and does not need ownership
@@ -30,7 +30,8 @@ DO $$
 DECLARE f regprocedure;
 BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-             WHERE p.proname IN ('pg_replication_origin_create', 'pg_replication_origin_session_setup')
+             WHERE p.proname IN ('pg_replication_origin_create', 'pg_replication_origin_session_setup',
+                                 'pg_replication_origin_drop')
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO cdc_relay', f);
     END LOOP;

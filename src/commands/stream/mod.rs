@@ -75,9 +75,6 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     catalog::preflight(&cfg, &sql).await?;
     catalog::ensure_publication(&cfg, &sql).await?;
     catalog::check_publication(&cfg, &sql).await?;
-    if args.ledger_origin == LedgerOrigin::Auto {
-        cfg.ledger_origin = origin::ledger_origin(&cfg, &sql).await?;
-    }
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
     let kafka = connection.client_config();
@@ -179,6 +176,10 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         }
     };
 
+    // After the slot: the origin goes with it, and is dropped when found without one.
+    if args.ledger_origin == LedgerOrigin::Auto {
+        cfg.ledger_origin = origin::ledger_origin(&cfg, &sql).await?;
+    }
     let registry = Registry::default();
     let metrics = StreamMetrics::new(&registry);
     metrics

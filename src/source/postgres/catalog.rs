@@ -350,6 +350,7 @@ pub async fn drop_slot(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceErr
     sql.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
         .await
         .map_err(SourceError::sql("dropping the lost replication slot"))?;
+    super::origin::drop_origin(cfg, sql).await;
     Ok(())
 }
 

@@ -6,6 +6,11 @@
 //! for `origin = none`: the server then skips those transactions before it assembles them. The
 //! marker stays, so a ledger session that could not take the origin is still dropped correctly.
 //!
+//! An origin that has written holds one of the server's replication states
+//! (`max_active_replication_origins` on 18, `max_replication_slots` before) until it is dropped, so
+//! it goes with its slot: `teardown` and `--recreate-slot` drop it, and a stream drops the origins
+//! of relay slots that no longer exist. When none is free the ledger writes without its origin.
+//!
 //! `origin = none` drops every transaction that carries an origin, also those a subscription
 //! (logical replication into this database) applies. So the filter is used only while the
 //! database has no replication origin other than ours; `--ledger-origin off` turns it off.
@@ -61,6 +66,7 @@ pub async fn ledger_origin(
         );
         return Ok(None);
     }
+    drop_orphans(sql).await;
     let created = sql
         .execute(
             "SELECT pg_replication_origin_create($1) \
@@ -76,7 +82,7 @@ pub async fn ledger_origin(
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
             tracing::info!(
                 "ledger writes are decoded and dropped by the stream; to have the server skip them, a superuser runs: \
-                 GRANT EXECUTE ON FUNCTION pg_replication_origin_create, pg_replication_origin_session_setup TO <relay role> \
+                 GRANT EXECUTE ON FUNCTION pg_replication_origin_create, pg_replication_origin_session_setup, pg_replication_origin_drop TO <relay role> \
                  (sql/postgres/roles.sql)"
             );
             Ok(None)
@@ -84,6 +90,44 @@ pub async fn ledger_origin(
         // Two relays of one slot racing to create it: the other one did.
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(Some(name)),
         Err(e) => Err(SourceError::sql("creating the ledger's replication origin")(e)),
+    }
+}
+
+/// Drops the ledger origins whose slot is gone (a relay's slot dropped by hand, or by an earlier
+/// release that did not drop the origin with it), so they do not hold replication states. A relay
+/// creates its origin only after its slot, so a live relay's origin always has its slot.
+async fn drop_orphans(sql: &Client) {
+    let dropped = sql
+        .query(
+            "SELECT o.roname, pg_replication_origin_drop(o.roname) FROM pg_replication_origin o \
+             WHERE o.roname LIKE 'cdc\\_relay\\_ledger\\_%' AND NOT EXISTS \
+             (SELECT FROM pg_replication_slots s WHERE 'cdc_relay_ledger_' || s.slot_name = o.roname)",
+            &[],
+        )
+        .await;
+    match dropped {
+        Ok(rows) if !rows.is_empty() => {
+            let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            tracing::info!(origins = ?names, "dropped the ledger origins of slots that no longer exist");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %super::pg_text(&e), "could not drop the origins of dropped slots")
+        }
+    }
+}
+
+/// Drops the slot's ledger origin, if it has one; run after its slot was dropped. A failure (no
+/// privilege) only leaves it to the next stream's clean-up.
+pub async fn drop_origin(cfg: &SourceConfig, sql: &Client) {
+    if let Err(e) = sql
+        .execute(
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+            &[&origin_name(cfg)],
+        )
+        .await
+    {
+        tracing::debug!(error = %super::pg_text(&e), "could not drop the slot's ledger origin");
     }
 }
 
