@@ -16,3 +16,4 @@ pub mod progress;
 pub mod sink;
 pub mod source;
 pub mod tls;
+pub mod types;
