@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::types::datetime::{civil_from_days, days_from_civil};
+
 /// A PostgreSQL WAL position. Printed as PostgreSQL prints it (`16/B374D848`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
@@ -310,7 +312,7 @@ pub fn parse_event_time(text: &str) -> Result<Option<i64>, EventError> {
     } else {
         frac.parse::<i64>().map_err(|_| bad())? * 10i64.pow(6 - frac.len() as u32)
     };
-    let days = days_from_civil(year, month, day);
+    let days = days_from_civil(year, i64::from(month), i64::from(day));
     Ok(Some(
         ((days * 86_400 + h * 3_600 + m * 60 + s) * 1_000_000) + micros,
     ))
@@ -322,7 +324,7 @@ pub fn format_event_time(micros: i64) -> String {
     let frac = micros.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
-    let (y, mo, d) = civil_from_days(days);
+    let (y, mo, d) = civil_from_days(i128::from(days));
     let base = format!(
         "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
         sod / 3600,
@@ -334,30 +336,6 @@ pub fn format_event_time(micros: i64) -> String {
     } else {
         format!("{base}.{frac:06}")
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]

@@ -58,19 +58,7 @@ async fn a_failover_slot_survives_the_promotion_of_the_standby() {
     let relay_url = env("CDC_RELAY_PG_FAILOVER_RELAY_URL");
     let relay = Relay::start(
         &name,
-        &[
-            "stream",
-            "--table",
-            &name,
-            "--slot",
-            &name,
-            "--publication",
-            &name,
-            "--topic",
-            &name,
-            "--heartbeat-interval",
-            "1",
-        ],
+        &stream_args(&name, &["--heartbeat-interval", "1"]),
         &[("CDC_RELAY_PG_URL", relay_url.as_str())],
     );
     wait_slot_streaming(&table.pg, &name, Duration::from_secs(30)).await;

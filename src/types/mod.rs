@@ -14,7 +14,7 @@
 mod array;
 mod bytea;
 mod clickhouse;
-mod datetime;
+pub(crate) mod datetime;
 mod json;
 mod kind;
 #[cfg(test)]

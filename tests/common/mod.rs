@@ -179,6 +179,23 @@ pub fn read_topic(
 }
 
 /// The `cdc-relay` binary with the services' settings in its environment.
+/// `stream` for a test pipeline whose table, slot, publication and topic share `name`, then `extra`.
+pub fn stream_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "stream",
+        "--table",
+        name,
+        "--slot",
+        name,
+        "--publication",
+        name,
+        "--topic",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 pub fn relay(args: &[&str], extra_env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-relay"));
     cmd.args(args);
