@@ -13,21 +13,10 @@ async fn count(pg: &tokio_postgres::Client, sql: &str) -> i64 {
 }
 
 fn stream_args(name: &str) -> Vec<&str> {
-    vec![
-        "stream",
-        "--table",
+    common::stream_args(
         name,
-        "--slot",
-        name,
-        "--publication",
-        name,
-        "--topic",
-        name,
-        "--backfill-chunk",
-        "1000",
-        "--ledger-batch",
-        "1000",
-    ]
+        &["--backfill-chunk", "1000", "--ledger-batch", "1000"],
+    )
 }
 
 fn assert_crashed(status: std::process::ExitStatus, log: &str, point: &str) {

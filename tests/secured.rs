@@ -29,23 +29,10 @@ fn kafka_sasl_args(mechanism: &str, password_file: &str, ca_file: &str) -> Vec<S
 }
 
 fn stream_args(name: &str, kafka: &[String]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "stream",
-        "--table",
-        name,
-        "--slot",
-        name,
-        "--publication",
-        name,
-    ]
-    .map(String::from)
-    .to_vec();
-    a.extend([
-        "--topic".into(),
-        name.into(),
-        "--heartbeat-interval".into(),
-        "1".into(),
-    ]);
+    let mut a: Vec<String> = common::stream_args(name, &["--heartbeat-interval", "1"])
+        .into_iter()
+        .map(String::from)
+        .collect();
     a.extend_from_slice(kafka);
     a
 }
