@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use super::tracker::Tracker;
-use crate::event::{ChangeOrder, StreamCheckpoint};
+use crate::event::{ChangeOrder, Lsn, StreamCheckpoint};
 use crate::kafka::producer::KafkaProducer;
 use crate::kafka::{checkpoint, KafkaConnection, KafkaError};
 use crate::source::postgres::ledger::Ledger;
@@ -134,6 +134,16 @@ impl ExactlyOnce {
             self.repair.clear();
         }
         Ok(())
+    }
+
+    /// After a switch to another server or timeline: changes after `to` (the slot's position
+    /// there) are produced again even if an earlier checkpoint covers their position. Without
+    /// `synchronized_standby_slots` the new timeline may reuse positions the old one committed
+    /// for other transactions, and dropping those as replays would lose them; with it they are
+    /// the same changes, sent twice (at-least-once across a failover, docs/operations.md).
+    pub fn rewind(&mut self, to: Lsn) {
+        let floor = ChangeOrder { lsn: to, index: 0 };
+        self.committed = self.committed.map(|c| c.min(floor));
     }
 
     /// Whether a replayed change is already in a committed transaction.

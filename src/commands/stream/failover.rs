@@ -40,6 +40,12 @@ impl StreamCommand {
             // Lsn::ZERO: START_REPLICATION resumes from the slot's confirmed position.
             *confirmed = slot_at.unwrap_or(Lsn::ZERO);
             *backfill_state = BackfillState::Pending;
+            // The SQL session may still be attached to the old server (a crashed one looks open
+            // until TCP gives up): heartbeats and retention checks go to the new one.
+            self.sql = None;
+            if let Some(eo) = self.eo.as_mut() {
+                eo.rewind(slot_at.unwrap_or(Lsn::ZERO));
+            }
         }
         self.server = Some(identity);
         Ok(client)

@@ -16,7 +16,9 @@ impl StreamCommand {
             Ok(r) => r,
             Err(_) => {
                 self.sql = None;
-                Err(SourceError::Config(
+                // Transient: a server that went away without closing the connection (a crashed
+                // primary during a failover) looks like this until TCP gives up.
+                Err(SourceError::Interrupted(
                     "a heartbeat took over 10 s; reconnecting".into(),
                 ))
             }
@@ -29,7 +31,7 @@ impl StreamCommand {
             match connect.await {
                 Ok(client) => self.sql = Some(client?),
                 Err(_) => {
-                    return Err(SourceError::Config(
+                    return Err(SourceError::Interrupted(
                         "connecting to PostgreSQL took over 15 s".into(),
                     ))
                 }

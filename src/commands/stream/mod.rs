@@ -177,9 +177,8 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     };
 
     // After the slot: the origin goes with it, and is dropped when found without one.
-    if args.ledger_origin == LedgerOrigin::Auto {
-        cfg.ledger_origin = origin::ledger_origin(&cfg, &sql).await?;
-    }
+    cfg.ledger_origin =
+        origin::ledger_origin(&cfg, &sql, args.ledger_origin == LedgerOrigin::Auto).await;
     let registry = Registry::default();
     let metrics = StreamMetrics::new(&registry);
     metrics

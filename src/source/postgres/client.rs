@@ -356,6 +356,9 @@ pub struct ReplicationClient {
     server_version: Option<String>,
 }
 
+/// Longest one server may take from TCP connect to a ready replication session.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
+
 /// Longest a write to the server may take: a server that reads nothing for this long is gone.
 pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -400,7 +403,17 @@ impl ReplicationClient {
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
         let mut errors = Vec::new();
         for server in params.attempt_order() {
-            match Self::connect_to(params, server).await {
+            // The whole handshake is bounded, not just TCP: a server that accepts connections and
+            // then answers nothing (stuck on I/O, often why a failover happens) must not keep
+            // the next one from being tried.
+            let attempt = tokio::time::timeout(CONNECT_DEADLINE, Self::connect_to(params, server));
+            let result = attempt.await.unwrap_or_else(|_| {
+                Err(ReplicationError::Io {
+                    endpoint: server.endpoint(),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })
+            });
+            match result {
                 Ok(client) => {
                     if params.servers.len() > 1 {
                         tracing::debug!(server = %server.endpoint(), skipped = errors.len(), "replication connection: server chosen");

@@ -181,6 +181,12 @@ impl SourceConfig {
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(std::time::Duration::from_secs(10));
         }
+        // Several hosts are a primary and its standbys: the relay writes (ledger, heartbeats) and
+        // its failover slot is usable only on the primary, so a read-only server is never the
+        // one, even when the URL leaves `target_session_attrs` at libpq's `any`.
+        if pg.get_hosts().len().max(pg.get_hostaddrs().len()) > 1 {
+            pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
         // A peer that vanished without FIN or RST: unless the URL says otherwise, idle sockets
         // probe after 30 s (tokio-postgres' default is 2 hours) and unacknowledged data gives up
         // after 60 s (the kernel's default retries for about 15 minutes). Both connection kinds.
@@ -388,6 +394,24 @@ mod tests {
         assert!(
             startup.ends_with(client::REPLICATION_SESSION_OPTIONS),
             "{startup}"
+        );
+    }
+
+    #[test]
+    fn several_hosts_always_mean_the_writable_one() {
+        use tokio_postgres::config::TargetSessionAttrs;
+        let multi = cfg("postgres://u@a:5432,b:5433/db");
+        assert_eq!(
+            multi.pg.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            multi.replication_params().unwrap().target,
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            cfg("postgres://u@a/db").pg.get_target_session_attrs(),
+            TargetSessionAttrs::Any
         );
     }
 }

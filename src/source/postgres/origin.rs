@@ -18,7 +18,7 @@
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use super::{SourceConfig, SourceError};
+use super::SourceConfig;
 
 /// The first server major whose pgoutput takes the `origin` option.
 const FIRST_VERSION: i32 = 160000;
@@ -29,44 +29,58 @@ pub fn origin_name(cfg: &SourceConfig) -> String {
 }
 
 /// Decides whether the ledger writes under a replication origin that the stream filters out, and
-/// creates the origin if so. `None` (no filter) on servers before 16, when the database has
-/// origins other than relays' ledgers, or when the role may not create one (the reason is logged with the fix).
-pub async fn ledger_origin(
-    cfg: &SourceConfig,
-    sql: &Client,
-) -> Result<Option<String>, SourceError> {
-    let version: i32 = sql
+/// creates the origin if so. `None` (no filter) when not `wanted` (`--ledger-origin off`), on
+/// servers before 16, when the cluster has origins other than relays' ledgers, or when the role may
+/// not create one. Never an error: the filter only saves the server work, so whatever goes wrong
+/// here is logged (with the fix) and the ledger's marker does the job alone.
+pub async fn ledger_origin(cfg: &SourceConfig, sql: &Client, wanted: bool) -> Option<String> {
+    let version: i32 = match sql
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-        .map_err(SourceError::sql("reading the server version"))?
-        .get(0);
+    {
+        Ok(row) => row.get(0),
+        Err(e) => {
+            tracing::warn!(error = %super::pg_text(&e), "could not read the server version; the ledger's writes are not filtered by origin");
+            return None;
+        }
+    };
     if version < FIRST_VERSION {
         tracing::info!(
             server_version_num = version,
             "ledger writes are decoded and dropped by the stream (filtering them by origin needs PostgreSQL 16)"
         );
-        return Ok(None);
+        return None;
+    }
+    // Whatever is decided, stale ledger origins give their replication states back.
+    drop_orphans(sql).await;
+    if !wanted {
+        drop_origin(cfg, sql).await;
+        tracing::info!("ledger writes are decoded and dropped by the stream (--ledger-origin off)");
+        return None;
     }
     let name = origin_name(cfg);
-    let others: Vec<String> = sql
+    let others = sql
         .query(
             "SELECT roname FROM pg_replication_origin \
              WHERE roname NOT LIKE 'cdc\\_relay\\_ledger\\_%' ORDER BY roname",
             &[],
         )
-        .await
-        .map_err(SourceError::sql("reading the replication origins"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
+    let others: Vec<String> = match others {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => {
+            tracing::warn!(error = %super::pg_text(&e), "could not read the replication origins; the ledger's writes are not filtered by origin");
+            return None;
+        }
+    };
     if !others.is_empty() {
+        drop_origin(cfg, sql).await;
         tracing::info!(
             origins = ?others,
-            "not filtering the ledger's writes by origin: the database has other replication origins (subscriptions), whose changes `origin = none` would drop too"
+            "not filtering the ledger's writes by origin: the cluster has other replication origins (subscriptions), whose changes `origin = none` would drop too"
         );
-        return Ok(None);
+        return None;
     }
-    drop_orphans(sql).await;
     let created = sql
         .execute(
             "SELECT pg_replication_origin_create($1) \
@@ -77,7 +91,7 @@ pub async fn ledger_origin(
     match created {
         Ok(_) => {
             tracing::info!(origin = %name, "the ledger writes under a replication origin the stream filters out (origin = none)");
-            Ok(Some(name))
+            Some(name)
         }
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
             tracing::info!(
@@ -85,11 +99,14 @@ pub async fn ledger_origin(
                  GRANT EXECUTE ON FUNCTION pg_replication_origin_create, pg_replication_origin_session_setup, pg_replication_origin_drop TO <relay role> \
                  (sql/postgres/roles.sql)"
             );
-            Ok(None)
+            None
         }
         // Two relays of one slot racing to create it: the other one did.
-        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(Some(name)),
-        Err(e) => Err(SourceError::sql("creating the ledger's replication origin")(e)),
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Some(name),
+        Err(e) => {
+            tracing::warn!(origin = %name, error = %super::pg_text(&e), "could not create the ledger's replication origin; its writes are not filtered by origin");
+            None
+        }
     }
 }
 
