@@ -34,13 +34,10 @@ pub fn origin_name(cfg: &SourceConfig) -> String {
 /// not create one. Never an error: the filter only saves the server work, so whatever goes wrong
 /// here is logged (with the fix) and the ledger's marker does the job alone.
 pub async fn ledger_origin(cfg: &SourceConfig, sql: &Client, wanted: bool) -> Option<String> {
-    let version: i32 = match sql
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-    {
-        Ok(row) => row.get(0),
+    let version = match super::catalog::server_version(sql).await {
+        Ok(v) => v,
         Err(e) => {
-            tracing::warn!(error = %super::pg_text(&e), "could not read the server version; the ledger's writes are not filtered by origin");
+            tracing::warn!(error = %e, "the ledger's writes are not filtered by origin");
             return None;
         }
     };
