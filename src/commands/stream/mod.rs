@@ -261,7 +261,7 @@ impl StreamCommand {
             Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
             Err(e) => return Err(e.into()),
         };
-        let mut source = match ReplicationSource::start(&self.cfg, Some(client), *confirmed).await {
+        let mut source = match ReplicationSource::start(&self.cfg, client, *confirmed).await {
             Ok(s) => s,
             Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
             Err(e) => return Err(e.into()),

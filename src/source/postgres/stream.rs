@@ -78,17 +78,13 @@ pub struct ReplicationSource {
 }
 
 impl ReplicationSource {
-    /// Starts streaming from `start` (`Lsn::ZERO`: the slot's confirmed position). `client` is a
-    /// connection already open (the one that created the slot), or `None` to open one.
+    /// Starts streaming from `start` (`Lsn::ZERO`: the slot's confirmed position) on a
+    /// replication connection already open.
     pub async fn start(
         cfg: &SourceConfig,
-        client: Option<ReplicationClient>,
+        client: ReplicationClient,
         start: Lsn,
     ) -> Result<Self, SourceError> {
-        let client = match client {
-            Some(c) => c,
-            None => ReplicationClient::connect(&cfg.replication_params()?).await?,
-        };
         let stream = client
             .start_replication(
                 &cfg.slot,
