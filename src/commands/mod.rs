@@ -2,13 +2,15 @@
 //! the sink stay unaware of each other.
 
 pub mod config;
+pub mod error;
 pub mod setup;
 pub mod sink;
 pub mod status;
 pub mod stream;
 
+pub use error::Error;
+
 use crate::config::{read_secret, ClickHouseArgs, KafkaSecurityArgs, PostgresArgs};
-use crate::error::Error;
 use crate::kafka::KafkaConnection;
 use crate::metrics::Registry;
 use crate::sink::clickhouse::config::tls_for_url;

@@ -1,8 +1,8 @@
 //! `cdc-relay setup` and `teardown`: create everything ahead of time (e.g. by an administrator with
 //! more privileges than the relay), or remove the PostgreSQL side again.
 
+use crate::commands::Error;
 use crate::config::{PublishOpsArg, SetupArgs, TeardownArgs};
-use crate::error::Error;
 use crate::kafka::topic::ensure_topic;
 use crate::sink::clickhouse::schema;
 use crate::source::postgres::catalog;

@@ -26,8 +26,8 @@ use produce::ledger_id;
 use tracker::Tracker;
 
 use crate::backoff::Backoff;
+use crate::commands::Error;
 use crate::config::{LedgerOrigin, PublishOpsArg, StreamArgs};
-use crate::error::Error;
 use crate::event::Lsn;
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
