@@ -7,7 +7,7 @@
 pub mod backoff;
 pub mod commands;
 pub mod config;
-pub mod error;
+pub mod error_chain;
 pub mod event;
 pub mod failpoints;
 pub mod kafka;

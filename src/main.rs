@@ -7,8 +7,8 @@ use clap::Parser;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
+use cdc_relay::commands::{self, Error};
 use cdc_relay::config::{Cli, Command, ConfigCommand, LogFormat};
-use cdc_relay::{commands, error::Error};
 
 fn main() -> ExitCode {
     // The config file feeds the environment, so it is read before the command line is parsed.

@@ -4,7 +4,7 @@
 
 use clap::Parser;
 
-use crate::config::{known_settings, mask, Cli, Command, PublishOpsArg};
+use crate::config::{known_settings, mask, Cli, ClickHouseVersion, Command};
 use crate::sink::clickhouse::schema::{schema_statements, ServerVersion};
 use crate::sink::clickhouse::ClickHouseConfig;
 use crate::source::postgres::PublishOps;
@@ -57,7 +57,7 @@ fn validate(name: &str) -> Result<(), String> {
             .to_string()
     })?;
     let pg = match &cli.command {
-        Command::Stream(a) => Some((&a.postgres, PublishOpsArg::ops(&a.ops))),
+        Command::Stream(a) => Some((&a.postgres, super::publish_ops(&a.ops))),
         Command::Status(a) => Some((&a.postgres, PublishOps(vec![]))),
         _ => None,
     };
@@ -69,7 +69,11 @@ fn validate(name: &str) -> Result<(), String> {
 
 /// The statements [`crate::sink::clickhouse::schema::ensure_schema`] sends to a server of
 /// `version`, in order, each after a comment saying when and ending with `;`.
-pub fn clickhouse_schema(version: ServerVersion, database: &str, table: &str) -> String {
+pub fn clickhouse_schema(version: ClickHouseVersion, database: &str, table: &str) -> String {
+    let version = ServerVersion {
+        major: version.major,
+        minor: version.minor,
+    };
     let cfg = ClickHouseConfig {
         url: String::new(),
         user: String::new(),

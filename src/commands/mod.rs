@@ -2,19 +2,26 @@
 //! the sink stay unaware of each other.
 
 pub mod config;
+pub mod error;
 pub mod setup;
 pub mod sink;
 pub mod status;
 pub mod stream;
 
-use crate::config::{read_secret, ClickHouseArgs, KafkaSecurityArgs, PostgresArgs};
-use crate::error::Error;
+pub use error::Error;
+
+use crate::config::{read_secret, ClickHouseArgs, KafkaSecurityArgs, Op, PostgresArgs};
 use crate::kafka::KafkaConnection;
 use crate::metrics::Registry;
 use crate::sink::clickhouse::config::tls_for_url;
 use crate::sink::clickhouse::ClickHouseConfig;
 use crate::source::postgres::tls::{PgTls, SslMode};
 use crate::source::postgres::{PublishOps, SourceConfig};
+
+/// `--ops` as the source understands it: the operations the publication publishes.
+pub fn publish_ops(ops: &[Op]) -> PublishOps {
+    PublishOps(ops.iter().map(|o| o.as_str()).collect())
+}
 
 /// The source settings from the command line, with the password from its file if one is named.
 pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig, Error> {

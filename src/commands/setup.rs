@@ -1,15 +1,15 @@
 //! `cdc-relay setup` and `teardown`: create everything ahead of time (e.g. by an administrator with
 //! more privileges than the relay), or remove the PostgreSQL side again.
 
-use crate::config::{PublishOpsArg, SetupArgs, TeardownArgs};
-use crate::error::Error;
+use crate::commands::Error;
+use crate::config::{SetupArgs, TeardownArgs};
 use crate::kafka::topic::ensure_topic;
 use crate::sink::clickhouse::schema;
 use crate::source::postgres::catalog;
 use crate::source::postgres::{PublishOps, SourceError};
 
 pub async fn setup(args: SetupArgs) -> Result<(), Error> {
-    let cfg = super::source_config(&args.postgres, PublishOpsArg::ops(&args.ops))?;
+    let cfg = super::source_config(&args.postgres, super::publish_ops(&args.ops))?;
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;
     // The one place that changes an existing publication's operations (stream refuses to).

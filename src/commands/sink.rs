@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::commands::Error;
 use crate::config::SinkArgs;
-use crate::error::Error;
 use crate::event::{ChangeEvent, Op};
 use crate::failpoints;
 use crate::kafka::consumer::{Consumed, DeadLetters, KafkaConsumer};

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
+use crate::commands::Error;
 use crate::config::StatusArgs;
-use crate::error::Error;
 use crate::kafka::inspect::{self, PartitionLag};
 use crate::sink::clickhouse::ClickHouseWriter;
 use crate::source::postgres::catalog::{self, SourceStatus};

@@ -26,8 +26,8 @@ use produce::ledger_id;
 use tracker::Tracker;
 
 use crate::backoff::Backoff;
-use crate::config::{LedgerOrigin, PublishOpsArg, StreamArgs};
-use crate::error::Error;
+use crate::commands::Error;
+use crate::config::{LedgerOrigin, StreamArgs};
 use crate::event::Lsn;
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
@@ -69,7 +69,7 @@ struct StreamCommand {
 }
 
 pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    let ops = PublishOpsArg::ops(&args.ops);
+    let ops = super::publish_ops(&args.ops);
     let mut cfg = super::source_config(&args.postgres, ops)?;
     let sql = cfg.connect_sql().await?;
     catalog::preflight(&cfg, &sql).await?;

@@ -3,7 +3,7 @@
 
 use super::tracker::Tracker;
 use super::StreamCommand;
-use crate::error::Error;
+use crate::commands::Error;
 use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
 use crate::kafka::KafkaError;
 

@@ -14,7 +14,7 @@ pub use writer::ClickHouseWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("ClickHouse at {url} ({context}): {}", crate::error::with_causes(.source))]
+    #[error("ClickHouse at {url} ({context}): {}", crate::error_chain::with_causes(.source))]
     Client {
         url: String,
         context: String,

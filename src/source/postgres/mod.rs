@@ -345,7 +345,7 @@ pub fn pg_text(e: &tokio_postgres::Error) -> String {
             }
             t
         }
-        None => crate::error::with_causes(e),
+        None => crate::error_chain::with_causes(e),
     }
 }
 

@@ -1,6 +1,8 @@
-//! The error a command ends with, and the process exit code it maps to.
+//! The error a command ends with, and the process exit code it maps to. It lives with the commands
+//! because they are the one layer that knows every component.
 
 use crate::kafka::KafkaError;
+use crate::sink::clickhouse::SinkError;
 use crate::source::postgres::SourceError;
 
 #[derive(Debug, thiserror::Error)]
@@ -10,25 +12,9 @@ pub enum Error {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error("clickhouse: {0}")]
-    Sink(#[from] crate::sink::clickhouse::SinkError),
+    Sink(#[from] SinkError),
     #[error("{0}")]
     Config(String),
-}
-
-/// The error and its causes, each told once: a failed TLS handshake then says why ("invalid peer
-/// certificate: UnknownIssuer") instead of only hyper's "client error (Connect)".
-pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
 }
 
 impl Error {
@@ -45,7 +31,7 @@ impl Error {
                 | S::SlotLost { .. },
             ) => 2,
             Error::Config(_) => 2,
-            Error::Sink(crate::sink::clickhouse::SinkError::Schema { .. }) => 2,
+            Error::Sink(SinkError::Schema { .. }) => 2,
             _ => 1,
         }
     }

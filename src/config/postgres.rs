@@ -1,0 +1,55 @@
+//! The PostgreSQL connection and the publication's operations.
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db (password may come from the URL or PGPASSWORD); several hosts, e.g. postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write, are tried in order.
+    #[arg(long, env = "CDC_RELAY_PG_URL", hide_env_values = true)]
+    pub pg_url: String,
+
+    /// TLS to PostgreSQL: disable, prefer, require, verify-ca or verify-full (overrides sslmode in
+    /// the URL; default prefer).
+    #[arg(long, env = "CDC_RELAY_PG_SSLMODE")]
+    pub pg_sslmode: Option<String>,
+
+    /// CA certificate(s), PEM, that verify-ca and verify-full check the server against.
+    #[arg(long, env = "CDC_RELAY_PG_SSLROOTCERT")]
+    pub pg_sslrootcert: Option<std::path::PathBuf>,
+
+    /// File holding the PostgreSQL password (overrides one in the URL; keeps it out of the URL).
+    #[arg(long, env = "CDC_RELAY_PG_PASSWORD_FILE")]
+    pub pg_password_file: Option<std::path::PathBuf>,
+
+    /// Source table, schema-qualified.
+    #[arg(long, env = "CDC_RELAY_TABLE", default_value = "public.user_logins")]
+    pub table: String,
+
+    /// Logical replication slot name.
+    #[arg(long, env = "CDC_RELAY_SLOT", default_value = "cdc_relay")]
+    pub slot: String,
+
+    /// Publication name.
+    #[arg(long, env = "CDC_RELAY_PUBLICATION", default_value = "cdc_relay")]
+    pub publication: String,
+}
+
+/// Which row operations the publication publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+}
