@@ -62,20 +62,7 @@ impl Eo {
     }
 
     fn stream(&self, tag: &str, extra: &[&str]) -> Relay {
-        let mut args = vec![
-            "stream",
-            "--exactly-once",
-            "--table",
-            &self.name,
-            "--slot",
-            &self.name,
-            "--publication",
-            &self.name,
-            "--topic",
-            &self.name,
-            "--heartbeat-interval",
-            "1",
-        ];
+        let mut args = stream_args(&self.name, &["--exactly-once", "--heartbeat-interval", "1"]);
         args.extend_from_slice(extra);
         Relay::start(&format!("{}_{tag}", self.name), &args, &[])
     }

@@ -38,21 +38,7 @@ impl E2e {
     }
 
     fn stream(&self, ops: &str, extra: &[&str]) -> Relay {
-        let mut args = vec![
-            "stream",
-            "--table",
-            &self.name,
-            "--slot",
-            &self.name,
-            "--publication",
-            &self.name,
-            "--topic",
-            &self.name,
-            "--ops",
-            ops,
-            "--heartbeat-interval",
-            "1",
-        ];
+        let mut args = stream_args(&self.name, &["--ops", ops, "--heartbeat-interval", "1"]);
         args.extend_from_slice(extra);
         Relay::start(&format!("{}_stream", self.name), &args, &[])
     }

@@ -178,21 +178,7 @@ async fn seed_rows_end_to_end_from_postgres_to_clickhouse() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    let stream = Relay::start(
-        &format!("{name}_stream"),
-        &[
-            "stream",
-            "--table",
-            &name,
-            "--slot",
-            &name,
-            "--publication",
-            &name,
-            "--topic",
-            &name,
-        ],
-        &[],
-    );
+    let stream = Relay::start(&format!("{name}_stream"), &stream_args(&name, &[]), &[]);
     let s = SinkSetup {
         name: name.clone(),
         ch_url: env("CDC_RELAY_CLICKHOUSE_URL"),
@@ -543,19 +529,7 @@ async fn start_pipeline(
     publish(&pg, &name, &ops.replace(',', ", ")).await;
     let stream = Relay::start(
         &format!("{name}_stream"),
-        &[
-            "stream",
-            "--table",
-            &name,
-            "--slot",
-            &name,
-            "--publication",
-            &name,
-            "--topic",
-            &name,
-            "--ops",
-            ops,
-        ],
+        &stream_args(&name, &["--ops", ops]),
         &[],
     );
     let s = SinkSetup {

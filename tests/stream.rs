@@ -23,19 +23,7 @@ impl Pipeline {
     }
 
     fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut a = vec![
-            "stream",
-            "--table",
-            &self.name,
-            "--slot",
-            &self.name,
-            "--publication",
-            &self.name,
-            "--topic",
-            &self.name,
-            "--heartbeat-interval",
-            "1",
-        ];
+        let mut a = stream_args(&self.name, &["--heartbeat-interval", "1"]);
         a.extend_from_slice(extra);
         a
     }
