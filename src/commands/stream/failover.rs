@@ -4,7 +4,7 @@
 
 use super::{BackfillState, StreamCommand};
 use crate::event::Lsn;
-use crate::source::postgres::client::ReplicationClient;
+use crate::source::postgres::client::{ReplicationClient, SystemIdentity};
 use crate::source::postgres::SourceError;
 
 impl StreamCommand {
@@ -24,8 +24,12 @@ impl StreamCommand {
             Some(c) => c,
             None => ReplicationClient::connect(&self.cfg.replication_params()?).await?,
         };
-        let identity = client.identify_system().await?;
-        if let Some(before) = self.server.as_ref().filter(|b| **b != identity) {
+        let (identity, flushed) = client.identify_system().await?;
+        if let Some(before) = self
+            .server
+            .as_ref()
+            .filter(|b| moved_elsewhere(b, &identity, flushed, *confirmed))
+        {
             let slot_at = client.slot_confirmed(&self.cfg.slot).await?;
             tracing::warn!(
                 server = %client.endpoint_name(),
@@ -35,7 +39,8 @@ impl StreamCommand {
                 slot = %self.cfg.slot,
                 slot_confirmed = ?slot_at.map(|l| l.to_string()),
                 confirmed_before = %confirmed,
-                "the replication connection reached another server or timeline (a failover?): streaming from the slot's position there; changes after it are sent again, and unsent rows are backfilled again"
+                server_flushed = %flushed,
+                "the replication connection reached another server or timeline (a failover?), or a server whose WAL ends before what was confirmed (a restored backup?): streaming from the slot's position there; changes after it are sent again, and unsent rows are backfilled again"
             );
             // Lsn::ZERO: START_REPLICATION resumes from the slot's confirmed position.
             *confirmed = slot_at.unwrap_or(Lsn::ZERO);
@@ -49,5 +54,39 @@ impl StreamCommand {
         }
         self.server = Some(identity);
         Ok(client)
+    }
+}
+
+/// Whether the server reached now may lack what was confirmed on the one before: another system or
+/// timeline (a promoted standby), or the same one whose WAL now ends before the confirmed position
+/// (restored from a storage snapshot: it writes new transactions at positions the stream already
+/// confirmed, and resuming from there would skip them).
+fn moved_elsewhere(
+    before: &SystemIdentity,
+    now: &SystemIdentity,
+    flushed: Lsn,
+    confirmed: Lsn,
+) -> bool {
+    before != now || flushed < confirmed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_timeline_or_a_wal_behind_the_confirmed_position_is_a_switch() {
+        let id = |system: &str, timeline| SystemIdentity {
+            system_id: system.into(),
+            timeline,
+        };
+        let before = id("7", 1);
+        // The same server, reconnected: its WAL is at or past what was confirmed.
+        assert!(!moved_elsewhere(&before, &id("7", 1), Lsn(100), Lsn(100)));
+        assert!(!moved_elsewhere(&before, &id("7", 1), Lsn(500), Lsn(100)));
+        // A promoted standby, another system, a restored backup.
+        assert!(moved_elsewhere(&before, &id("7", 2), Lsn(500), Lsn(100)));
+        assert!(moved_elsewhere(&before, &id("8", 1), Lsn(500), Lsn(100)));
+        assert!(moved_elsewhere(&before, &id("7", 1), Lsn(99), Lsn(100)));
     }
 }

@@ -523,7 +523,8 @@ impl ReplicationClient {
     }
 
     /// `IDENTIFY_SYSTEM`: the server's system identifier and current timeline.
-    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+    /// `IDENTIFY_SYSTEM`: which server and timeline this is, and how far its WAL is flushed.
+    pub async fn identify_system(&mut self) -> Result<(SystemIdentity, Lsn), ReplicationError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
         let row = rows
             .first()
@@ -535,10 +536,18 @@ impl ReplicationClient {
         let timeline = field(1).and_then(|t| t.parse().ok()).ok_or_else(|| {
             ReplicationError::Protocol("IDENTIFY_SYSTEM without a timeline".into())
         })?;
-        Ok(SystemIdentity {
-            system_id,
-            timeline,
-        })
+        let flushed = field(2)
+            .and_then(|l| l.parse::<Lsn>().ok())
+            .ok_or_else(|| {
+                ReplicationError::Protocol("IDENTIFY_SYSTEM without a WAL position".into())
+            })?;
+        Ok((
+            SystemIdentity {
+                system_id,
+                timeline,
+            },
+            flushed,
+        ))
     }
 
     /// The slot's confirmed position on this server (`None`: no such slot, or none yet).
