@@ -83,10 +83,7 @@ pub async fn teardown(args: TeardownArgs) -> Result<(), Error> {
                 cfg.slot
             )));
         }
-        sql.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
-            .await
-            .map_err(SourceError::sql("dropping the replication slot"))?;
-        crate::source::postgres::origin::drop_origin(&cfg, &sql).await;
+        catalog::drop_slot(&cfg, &sql).await?;
         println!("slot {}: dropped", cfg.slot);
     }
     sql.batch_execute(&format!(

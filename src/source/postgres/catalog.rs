@@ -345,11 +345,11 @@ pub async fn slot_retention(
     Ok(row.map(|r| (r.get::<_, Option<i64>>(0).unwrap_or(0), r.get(1))))
 }
 
-/// Drops the slot (to replace a lost one).
+/// Drops the slot and its ledger origin (`teardown`, or to replace a lost slot).
 pub async fn drop_slot(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
     sql.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
         .await
-        .map_err(SourceError::sql("dropping the lost replication slot"))?;
+        .map_err(SourceError::sql("dropping the replication slot"))?;
     super::origin::drop_origin(cfg, sql).await;
     Ok(())
 }

@@ -278,6 +278,16 @@ impl ReplicationSource {
         }
     }
 
+    /// Whether a row change of `relation` goes out: not part of the relay's own ledger write
+    /// (counted and dropped), and of the table the stream relays.
+    fn relays(&mut self, relation: u32) -> Result<bool, SourceError> {
+        if self.skipping_ledger_tx {
+            self.skipped_ledger_changes += 1;
+            return Ok(false);
+        }
+        self.our_relation(relation)
+    }
+
     /// Whether a change of relation `oid` is one to relay. A relation the stream was not asked
     /// for is an error, never skipped: the slot would move past changes nobody relayed.
     fn our_relation(&self, oid: u32) -> Result<bool, SourceError> {
@@ -323,11 +333,7 @@ impl ReplicationSource {
         new: Vec<Value>,
         wal_start: Lsn,
     ) -> Result<Option<SourceMessage>, SourceError> {
-        if self.skipping_ledger_tx {
-            self.skipped_ledger_changes += 1;
-            return Ok(None);
-        }
-        if !self.our_relation(relation)? {
+        if !self.relays(relation)? {
             return Ok(None);
         }
         let shape = &self.shapes[&relation];
@@ -371,11 +377,7 @@ impl ReplicationSource {
         values: &[Value],
         lsn: Lsn,
     ) -> Result<Option<SourceMessage>, SourceError> {
-        if self.skipping_ledger_tx {
-            self.skipped_ledger_changes += 1;
-            return Ok(None);
-        }
-        if !self.our_relation(relation)? {
+        if !self.relays(relation)? {
             return Ok(None);
         }
         let version = self.version(lsn);
