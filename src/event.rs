@@ -11,6 +11,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::datetime::{civil_from_days, days_from_civil};
 
+mod wire;
+
+/// The Kafka header that names the [`crate::types::RelationSchema`] of a change message by its
+/// id ([`crate::types::RelationSchema::id`]); the record itself is in the schemas topic.
+pub const SCHEMA_HEADER: &str = "cdc_relay.schema";
+
+/// The compacted topic that holds the schema records of `topic`'s messages, keyed by schema id.
+/// The stream writes a record (and waits for Kafka's acknowledgement) before the first message
+/// that names it.
+pub fn schemas_topic(topic: &str) -> String {
+    format!("{topic}.schemas")
+}
+
 /// A PostgreSQL WAL position. Printed as PostgreSQL prints it (`16/B374D848`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
@@ -61,39 +74,95 @@ impl Op {
     }
 }
 
-/// One change of one `user_logins` row, in the shape that travels on the topic.
-///
-/// `user`, `event` and `timestamp` are the seed pipeline's fields, kept so its consumers keep working;
-/// `timestamp` is epoch seconds as a float (as in the seed), and `event_time` the same instant as
-/// text with full microsecond precision, which a float cannot promise for every date.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChangeEvent {
-    /// Primary key of the row; also the Kafka message key. Absent only for `truncate`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<i64>,
-    pub op: Op,
+/// The primary key of a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowKey {
+    /// One integer column (smallint, integer, bigint). The ledger and the backfill key rows by it,
+    /// and the seed's messages carry it as `id`.
+    Int(i64),
+    /// Any other key: one column's message value (a uuid or text as a string, a numeric as its
+    /// exact text, …), or for a composite key an object of the key columns in key order.
+    Json(serde_json::Value),
+}
+
+impl RowKey {
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            RowKey::Int(i) => Some(*i),
+            RowKey::Json(_) => None,
+        }
+    }
+
+    /// The Kafka message key: a scalar key as its text (`42`, `9b2f…-…`), a composite key as
+    /// compact JSON (`{"tenant":3,"id":"a"}`), so every change of a row lands in one partition.
+    pub fn kafka_key(&self) -> String {
+        match self {
+            RowKey::Int(i) => i.to_string(),
+            RowKey::Json(serde_json::Value::String(s)) => s.clone(),
+            RowKey::Json(v) => v.to_string(),
+        }
+    }
+
+    /// As it appears in a message (`moved_from`).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            RowKey::Int(i) => (*i).into(),
+            RowKey::Json(v) => v.clone(),
+        }
+    }
+}
+
+/// A column's name and its value in the message (docs/type-mapping.md), in the table's order.
+pub type Columns = Vec<(String, serde_json::Value)>;
+
+/// The row a change carries, in one of the two message forms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// The seed's form, for a table of the seed's shape (`user_logins`): its consumers keep
+    /// reading `user`, `event` and `timestamp`.
+    Seed(SeedRow),
+    /// Every column under its PostgreSQL name (any other table).
+    Columns(Columns),
+}
+
+/// The seed's fields. `timestamp` is epoch seconds as a float (as in the seed), and `event_time`
+/// the same instant as text with full microsecond precision, which a float cannot promise for
+/// every date.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeedRow {
     pub user: Option<String>,
     pub event: Option<String>,
     pub timestamp: Option<f64>,
     /// `YYYY-MM-DDTHH:MM:SS[.ffffff]` (no zone: the column is `timestamp without time zone`),
     /// or PostgreSQL's `infinity` / `-infinity`.
     pub event_time: Option<String>,
+    /// Columns a user added to the seed's table, under their PostgreSQL names (`columns`; absent
+    /// while there are none, so the seed's messages stay as they were).
+    pub extra: Columns,
+}
+
+/// One change of one row, in the shape that travels on the topic (docs/message-format.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    /// The primary key; also the Kafka message key. Absent only for `truncate` (and, in the
+    /// columns form as read back, where it is the key columns of `row`).
+    pub key: Option<RowKey>,
+    pub op: Op,
+    pub row: Row,
     /// WAL position of the change (for `snapshot`, the position the row was read at).
     pub lsn: String,
-    /// Orders the changes of one id: later change, larger or equal version. A streamed change
+    /// Orders the changes of one key: later change, larger or equal version. A streamed change
     /// carries its transaction's commit position (so changes order as their transactions
     /// committed); a `snapshot` row the position it was read at, so it wins over every change
     /// committed before the read and loses to every one after. Changes of one row inside one
     /// transaction share a version and keep their order on the partition. docs/message-format.md.
     pub version: u64,
     /// Columns whose value PostgreSQL did not send because it is TOASTed and unchanged by this update;
-    /// their fields above are null and must not be read as NULL.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// their values are null and must not be read as NULL.
     pub unchanged: Vec<String>,
     /// For an `update` that changed the primary key: the old key (a `delete` of it comes just
     /// before). Columns listed in `unchanged` hold that row's values.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moved_from: Option<i64>,
+    pub moved_from: Option<RowKey>,
 }
 
 /// Where a change stands in the stream's output, in the order the stream produces: its
@@ -171,6 +240,9 @@ pub struct StreamDeadLetter {
     pub op: Op,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<i64>,
+    /// The Kafka key of a row whose key is not one integer (`id` is absent then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub lsn: String,
     pub version: u64,
     /// Why it could not be relayed.
@@ -187,7 +259,12 @@ impl StreamDeadLetter {
         StreamDeadLetter {
             table: table.to_string(),
             op: event.op,
-            id: event.id,
+            id: event.id(),
+            key: event
+                .key
+                .as_ref()
+                .filter(|k| k.as_int().is_none())
+                .map(RowKey::kafka_key),
             lsn: event.lsn.clone(),
             version: event.version,
             error,
@@ -224,18 +301,32 @@ pub enum EventError {
 }
 
 impl ChangeEvent {
-    /// The Kafka key: the row id as decimal text, so every change of a row lands in one partition
-    /// and stays in order.
+    /// The integer key (the seed's `id`): what the ledger and the backfill key rows by.
+    pub fn id(&self) -> Option<i64> {
+        self.key.as_ref().and_then(RowKey::as_int)
+    }
+
+    /// The Kafka key ([`RowKey::kafka_key`]).
     pub fn key(&self) -> Option<String> {
-        self.id.map(|id| id.to_string())
+        self.key.as_ref().map(RowKey::kafka_key)
+    }
+
+    /// The seed's fields, when the event is in the seed's form.
+    pub fn seed(&self) -> Option<&SeedRow> {
+        match &self.row {
+            Row::Seed(s) => Some(s),
+            Row::Columns(_) => None,
+        }
     }
 
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising plain owned data with finite floats cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        serde_json::to_vec(&wire::Out(self)).unwrap_or_default()
     }
 
     /// Parses and validates a message: an event that reaches the sink is internally consistent.
+    /// In the columns form the key is not in the value (it is the message key and the key columns
+    /// of the row, which only the table's schema names), so `key` stays `None` there.
     pub fn from_json(bytes: &[u8]) -> Result<Self, EventError> {
         Self::from_json_with_time(bytes).map(|(event, _)| event)
     }
@@ -243,8 +334,8 @@ impl ChangeEvent {
     /// [`Self::from_json`], also returning [`Self::event_time_micros`], which validating the
     /// event computed anyway (the sink needs both; parsing the time twice was a measurable cost).
     pub fn from_json_with_time(bytes: &[u8]) -> Result<(Self, Option<i64>), EventError> {
-        let event: ChangeEvent = serde_json::from_slice(bytes)?;
-        if event.op != Op::Truncate && event.id.is_none() {
+        let event = wire::parse(bytes)?;
+        if event.op != Op::Truncate && event.key.is_none() && event.seed().is_some() {
             return Err(EventError::Invalid(format!(
                 "op {} without id",
                 event.op.as_str()
@@ -256,15 +347,18 @@ impl ChangeEvent {
     }
 
     /// Microseconds since the Unix epoch of `event_time` (falling back to `timestamp`);
-    /// `None` for NULL or infinite times.
+    /// `None` for NULL or infinite times, and for the columns form.
     pub fn event_time_micros(&self) -> Option<i64> {
         self.try_event_time_micros().ok().flatten()
     }
 
     fn try_event_time_micros(&self) -> Result<Option<i64>, EventError> {
-        match &self.event_time {
+        let Some(seed) = self.seed() else {
+            return Ok(None);
+        };
+        match &seed.event_time {
             Some(t) => parse_event_time(t),
-            None => Ok(self.timestamp.map(|s| (s * 1_000_000.0).round() as i64)),
+            None => Ok(seed.timestamp.map(|s| (s * 1_000_000.0).round() as i64)),
         }
     }
 }
@@ -411,6 +505,7 @@ mod tests {
             table: "public.t".into(),
             op: Op::Insert,
             id: Some(1),
+            key: None,
             lsn: "0/1".into(),
             version: 1,
             error: "too large".into(),
@@ -431,21 +526,84 @@ mod tests {
     #[test]
     fn json_round_trip_and_validation() {
         let e = ChangeEvent {
-            id: Some(7),
+            key: Some(RowKey::Int(7)),
             op: Op::Insert,
-            user: Some("ü ser".into()),
-            event: None,
-            timestamp: Some(1.5),
-            event_time: Some("1970-01-01T00:00:01.5".into()),
+            row: Row::Seed(SeedRow {
+                user: Some("ü ser".into()),
+                event: None,
+                timestamp: Some(1.5),
+                event_time: Some("1970-01-01T00:00:01.5".into()),
+                extra: vec![],
+            }),
             lsn: "0/16B3748".into(),
             version: 42,
             unchanged: vec![],
             moved_from: None,
         };
         let json = e.to_json();
+        // The seed's form, byte for byte as earlier releases wrote it.
+        assert_eq!(
+            String::from_utf8(json.clone()).unwrap(),
+            r#"{"id":7,"op":"insert","user":"ü ser","event":null,"timestamp":1.5,"event_time":"1970-01-01T00:00:01.5","lsn":"0/16B3748","version":42}"#
+        );
         assert_eq!(ChangeEvent::from_json(&json).unwrap(), e);
         assert!(ChangeEvent::from_json(b"not json").is_err());
         assert!(ChangeEvent::from_json(br#"{"op":"insert","user":null,"event":null,"timestamp":null,"event_time":null,"lsn":"0/1","version":1}"#).is_err());
         assert!(ChangeEvent::from_json(br#"{"id":"x","op":"insert"}"#).is_err());
+        assert!(ChangeEvent::from_json(br#"{"op":"insert","lsn":"0/1","version":1}"#).is_err());
+    }
+
+    #[test]
+    fn columns_form_keeps_the_table_order_and_every_value() {
+        let columns: Columns = vec![
+            ("tenant".into(), 3.into()),
+            ("id".into(), "a-b".into()),
+            ("op".into(), "a column named op".into()),
+            ("n".into(), serde_json::json!("12345678901234567890.5")),
+            ("doc".into(), serde_json::json!({"z": 1, "a": [null]})),
+        ];
+        let e = ChangeEvent {
+            key: Some(RowKey::Json(serde_json::json!({"tenant": 3, "id": "a-b"}))),
+            op: Op::Update,
+            row: Row::Columns(columns.clone()),
+            lsn: "0/10".into(),
+            version: 16,
+            unchanged: vec!["doc".into()],
+            moved_from: Some(RowKey::Json(serde_json::json!({"tenant": 3, "id": "old"}))),
+        };
+        let json = String::from_utf8(e.to_json()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"update","lsn":"0/10","version":16,"columns":{"tenant":3,"id":"a-b","op":"a column named op","n":"12345678901234567890.5","doc":{"a":[null],"z":1}},"unchanged":["doc"],"moved_from":{"id":"old","tenant":3}}"#
+        );
+        assert_eq!(e.key().as_deref(), Some(r#"{"id":"a-b","tenant":3}"#));
+        let back = ChangeEvent::from_json(json.as_bytes()).unwrap();
+        assert_eq!(back.row, Row::Columns(columns));
+        assert_eq!(back.key, None, "the key of the columns form is in its row");
+        assert_eq!(back.moved_from, e.moved_from);
+        assert_eq!(RowKey::Json("9b2f".into()).kafka_key(), "9b2f");
+        assert_eq!(RowKey::Int(-4).kafka_key(), "-4");
+    }
+
+    #[test]
+    fn columns_a_user_added_to_the_seed_table_follow_its_fields() {
+        let e = ChangeEvent {
+            key: Some(RowKey::Int(1)),
+            op: Op::Insert,
+            row: Row::Seed(SeedRow {
+                extra: vec![("country".into(), "NL".into())],
+                ..Default::default()
+            }),
+            lsn: "0/1".into(),
+            version: 1,
+            unchanged: vec![],
+            moved_from: Some(RowKey::Int(0)),
+        };
+        let json = String::from_utf8(e.to_json()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":1,"op":"insert","user":null,"event":null,"timestamp":null,"event_time":null,"lsn":"0/1","version":1,"moved_from":0,"columns":{"country":"NL"}}"#
+        );
+        assert_eq!(ChangeEvent::from_json(json.as_bytes()).unwrap(), e);
     }
 }

@@ -1,6 +1,6 @@
 //! The JSON Schema in docs/message-format.md describes what the relay really sends.
 
-use cdc_relay::event::{ChangeEvent, Op};
+use cdc_relay::event::{ChangeEvent, Op, Row, RowKey, SeedRow};
 use serde_json::Value;
 
 fn schema() -> Value {
@@ -67,13 +67,17 @@ fn validate(schema: &Value, event: &Value) -> Vec<String> {
 #[test]
 fn every_kind_of_event_matches_the_documented_schema() {
     let schema = schema();
-    let base = ChangeEvent {
-        id: Some(1),
-        op: Op::Insert,
+    let seed = SeedRow {
         user: Some("user1".into()),
         event: Some("login".into()),
         timestamp: Some(1_672_531_200.5),
         event_time: Some("2023-01-01T00:00:00.5".into()),
+        extra: vec![],
+    };
+    let base = ChangeEvent {
+        key: Some(RowKey::Int(1)),
+        op: Op::Insert,
+        row: Row::Seed(seed.clone()),
         lsn: "0/16B3748".into(),
         version: 23_803_720,
         unchanged: vec![],
@@ -84,17 +88,17 @@ fn every_kind_of_event_matches_the_documented_schema() {
         events.push(ChangeEvent { op, ..base.clone() });
     }
     events.push(ChangeEvent {
-        id: None,
+        key: None,
         op: Op::Truncate,
-        user: None,
-        event: None,
-        timestamp: None,
-        event_time: None,
+        row: Row::Seed(SeedRow::default()),
         ..base.clone()
     });
     events.push(ChangeEvent {
         unchanged: vec!["username".into()],
-        user: None,
+        row: Row::Seed(SeedRow {
+            user: None,
+            ..seed.clone()
+        }),
         op: Op::Update,
         ..base.clone()
     });

@@ -433,7 +433,10 @@ fn parse(payload: &[u8], unsigned_id: bool) -> Result<Parsed, String> {
         });
     }
     let unchanged = std::mem::take(&mut event.unchanged);
-    let moved_from = event.moved_from;
+    let moved_from = event
+        .moved_from
+        .as_ref()
+        .and_then(crate::event::RowKey::as_int);
     let row = UserLoginRow::from_parts(event, micros).map_err(|e| e.to_string())?;
     row.check_storable(unsigned_id).map_err(|e| e.to_string())?;
     Ok(Parsed::Row(row, unchanged, moved_from))

@@ -68,6 +68,10 @@ pub struct ColumnSchema {
     pub typmod: i32,
     pub nullable: bool,
     pub kind: PgType,
+    /// `pg_attribute.attnum` when the catalog knew the column: it stays with a column across a
+    /// `RENAME COLUMN`, so a reader can tell a rename from a drop and an add.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attnum: Option<i16>,
 }
 
 impl ColumnSchema {
@@ -88,11 +92,30 @@ impl ColumnSchema {
             typmod,
             nullable,
             kind: PgType::from_catalog(type_oid, typmod, type_name),
+            attnum: None,
         }
     }
 }
 
 impl RelationSchema {
+    /// Names this schema in message headers and in the schemas topic: FNV-1a (64 bits) of its
+    /// JSON, as 16 hex digits. Equal schemas get the same id in every process and release, so
+    /// a restarted stream re-publishes under the id it used before.
+    pub fn id(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in json {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{hash:016x}")
+    }
+
+    /// `schema.table`, unquoted.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
     /// The key columns, in key order; `None` if `key` points past `columns` (a malformed record).
     pub fn key_columns(&self) -> Option<Vec<&ColumnSchema>> {
         self.key.iter().map(|&i| self.columns.get(i)).collect()
@@ -158,6 +181,12 @@ mod tests {
         );
         let back: RelationSchema = serde_json::from_str(&json).unwrap();
         assert_eq!(back, rel);
+        // The id is a pure function of the record: stable across processes and releases.
+        assert_eq!(rel.id(), back.id());
+        assert_eq!(rel.id().len(), 16);
+        let mut renamed = rel.clone();
+        renamed.columns[1].name = "cost".into();
+        assert_ne!(renamed.id(), rel.id());
         assert_eq!(back.key_columns().unwrap()[0].name, "id");
     }
 

@@ -374,9 +374,9 @@ impl StreamCommand {
                 msg = source.next(), if read_more => {
                     match msg {
                         Ok(Some(SourceMessage::Change(event, order))) => {
-                            backfill.window.note(event.op, event.id, !event.unchanged.is_empty(), event.version);
+                            backfill.window.note(event.op, event.id(), !event.unchanged.is_empty(), event.version);
                             if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
-                                t.push_committed(ledger_id(event.op, event.id));
+                                t.push_committed(ledger_id(event.op, event.id()));
                             } else {
                                 self.produce(&mut t, &event, false, order).await?;
                             }

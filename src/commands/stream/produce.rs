@@ -16,7 +16,7 @@ impl StreamCommand {
         from_backfill: bool,
         order: ChangeOrder,
     ) -> Result<(), Error> {
-        let ledger_id = ledger_id(event.op, event.id);
+        let ledger_id = ledger_id(event.op, event.id());
         self.before_produce()?;
         match self.producer.send(event).await {
             Ok((ack, bytes)) => {

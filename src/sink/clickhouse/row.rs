@@ -3,7 +3,7 @@
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{ChangeEvent, Op};
+use crate::event::{self, ChangeEvent, Op};
 
 /// The stored row. Field names are the column names (the insert names them explicitly).
 #[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
@@ -30,17 +30,22 @@ pub enum RowError {
     NegativeId(i64),
     #[error("op {0} carries no row")]
     NoRow(&'static str),
+    #[error("the message is not in the seed's form (it has no user, event and timestamp fields)")]
+    NotSeed,
 }
 
 impl UserLoginRow {
     /// The row of `event`, whose time in microseconds is already known; moves the strings out.
     pub fn from_parts(event: ChangeEvent, micros: Option<i64>) -> Result<Self, RowError> {
-        let id = event.id.ok_or(RowError::NoRow(event.op.as_str()))?;
+        let id = event.id().ok_or(RowError::NoRow(event.op.as_str()))?;
+        let event::Row::Seed(seed) = event.row else {
+            return Err(RowError::NotSeed);
+        };
         let seconds = micros.and_then(|us| u32::try_from(us.div_euclid(1_000_000)).ok());
         Ok(UserLoginRow {
             id,
-            username: event.user,
-            event_type: event.event,
+            username: seed.user,
+            event_type: seed.event,
             event_time: seconds,
             event_time_us: micros,
             op: event.op.as_str().to_string(),
@@ -69,12 +74,15 @@ mod tests {
 
     fn event(op: Op, id: Option<i64>) -> ChangeEvent {
         ChangeEvent {
-            id,
+            key: id.map(crate::event::RowKey::Int),
             op,
-            user: Some("u".into()),
-            event: None,
-            timestamp: Some(1.000001),
-            event_time: Some("1970-01-01T00:00:01.000001".into()),
+            row: event::Row::Seed(crate::event::SeedRow {
+                user: Some("u".into()),
+                event: None,
+                timestamp: Some(1.000001),
+                event_time: Some("1970-01-01T00:00:01.000001".into()),
+                extra: vec![],
+            }),
             lsn: "0/1".into(),
             version: 9,
             unchanged: vec![],
@@ -108,7 +116,9 @@ mod tests {
     #[test]
     fn times_before_1970_keep_microseconds_only() {
         let mut e = event(Op::Insert, Some(1));
-        e.event_time = Some("1900-01-01T00:00:00".into());
+        if let event::Row::Seed(seed) = &mut e.row {
+            seed.event_time = Some("1900-01-01T00:00:00".into());
+        }
         let row = row_of(&e).unwrap();
         assert_eq!(row.event_time, None);
         assert_eq!(row.event_time_us, Some(-2_208_988_800_000_000));

@@ -119,7 +119,7 @@ impl Backfill {
             };
             // Version and position are set when the watermark comes by.
             let event = change_event(Op::Snapshot, &text, Lsn::ZERO, 0)?;
-            if let Some(id) = event.id {
+            if let Some(id) = event.id() {
                 self.after_id = id;
             }
             events.push(event);
@@ -252,7 +252,7 @@ impl ChunkWindow {
         // record (24 bytes) below, every one after at or above it.
         let version = lsn.0.saturating_sub(1);
         rows.retain_mut(|r| {
-            let Some(id) = r.id else { return false };
+            let Some(id) = r.id() else { return false };
             r.lsn = lsn.to_string();
             match self.noted.get(&id) {
                 None => r.version = version,
@@ -271,7 +271,7 @@ impl ChunkWindow {
 }
 
 fn chunk_max(rows: &[ChangeEvent]) -> Option<i64> {
-    rows.iter().filter_map(|r| r.id).max()
+    rows.iter().filter_map(|r| r.id()).max()
 }
 
 #[cfg(test)]
@@ -280,12 +280,9 @@ mod tests {
 
     fn row(id: i64) -> ChangeEvent {
         ChangeEvent {
-            id: Some(id),
+            key: Some(crate::event::RowKey::Int(id)),
             op: Op::Snapshot,
-            user: None,
-            event: None,
-            timestamp: None,
-            event_time: None,
+            row: crate::event::Row::Seed(Default::default()),
             lsn: "0/0".into(),
             version: 0,
             unchanged: vec![],
@@ -302,7 +299,7 @@ mod tests {
     }
 
     fn ids(rows: &[ChangeEvent]) -> Vec<i64> {
-        rows.iter().map(|r| r.id.unwrap()).collect()
+        rows.iter().map(|r| r.id().unwrap()).collect()
     }
 
     #[test]

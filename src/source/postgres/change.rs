@@ -1,7 +1,9 @@
 //! Turns a `user_logins` row, as pgoutput or the backfill query delivers it (text values), into a
 //! [`ChangeEvent`]. Both paths go through [`RowText`] so a row reads the same whichever way it came.
 
-use crate::event::{format_event_time, parse_event_time, ChangeEvent, Lsn, Op};
+use crate::event::{
+    format_event_time, parse_event_time, ChangeEvent, Lsn, Op, Row, RowKey, SeedRow,
+};
 
 use super::pgoutput::{Relation, Value};
 use super::SourceError;
@@ -140,12 +142,15 @@ pub fn change_event(
         },
     };
     Ok(ChangeEvent {
-        id: Some(id),
+        key: Some(RowKey::Int(id)),
         op,
-        user: row.username.map(str::to_string),
-        event: row.event_type.map(str::to_string),
-        timestamp,
-        event_time,
+        row: Row::Seed(SeedRow {
+            user: row.username.map(str::to_string),
+            event: row.event_type.map(str::to_string),
+            timestamp,
+            event_time,
+            extra: Vec::new(),
+        }),
         lsn: lsn.to_string(),
         version,
         unchanged: row.unchanged.iter().map(|s| s.to_string()).collect(),
@@ -167,10 +172,14 @@ mod tests {
             unchanged: vec![],
         };
         let e = change_event(Op::Insert, &row, Lsn(0x100), 0x100).unwrap();
-        assert_eq!(e.id, Some(3));
-        assert_eq!(e.user.as_deref(), Some("user3"));
-        assert_eq!(e.timestamp, Some(1_672_531_200.000_001));
-        assert_eq!(e.event_time.as_deref(), Some("2023-01-01T00:00:00.000001"));
+        assert_eq!(e.id(), Some(3));
+        let seed = e.seed().unwrap();
+        assert_eq!(seed.user.as_deref(), Some("user3"));
+        assert_eq!(seed.timestamp, Some(1_672_531_200.000_001));
+        assert_eq!(
+            seed.event_time.as_deref(),
+            Some("2023-01-01T00:00:00.000001")
+        );
         assert_eq!(e.lsn, "0/100");
         let bad = RowText {
             id: Some("x"),

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
+use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, Row, SeedRow, StreamDeadLetter};
 
 use super::change::{change_event, TableShape};
 use super::client::ReplicationClient;
@@ -243,12 +243,9 @@ impl ReplicationSource {
                 let order = self.next_order(wal_start);
                 Ok(Some(SourceMessage::Change(
                     ChangeEvent {
-                        id: None,
+                        key: None,
                         op: Op::Truncate,
-                        user: None,
-                        event: None,
-                        timestamp: None,
-                        event_time: None,
+                        row: Row::Seed(SeedRow::default()),
                         lsn: wal_start.to_string(),
                         version,
                         unchanged: Vec::new(),
@@ -357,14 +354,14 @@ impl ReplicationSource {
         if let (
             Some(SourceMessage::Change(
                 ChangeEvent {
-                    id: Some(old_id), ..
+                    key: Some(old_key), ..
                 },
                 _,
             )),
             Some(SourceMessage::Change(event, _)),
         ) = (&delete, &mut update)
         {
-            event.moved_from = Some(*old_id);
+            event.moved_from = Some(old_key.clone());
         }
         self.queued = update;
         Ok(delete)
@@ -393,6 +390,7 @@ impl ReplicationSource {
                     table: format!("{}.{}", self.schema, self.table),
                     op,
                     id: shape.key_text(values).and_then(|k| k.parse().ok()),
+                    key: None,
                     lsn: lsn.to_string(),
                     version,
                     error: e.to_string(),
