@@ -163,6 +163,9 @@ pub struct ChangeEvent {
     /// For an `update` that changed the primary key: the old key (a `delete` of it comes just
     /// before). Columns listed in `unchanged` hold that row's values.
     pub moved_from: Option<RowKey>,
+    /// The table's schema: not in the JSON value, its id travels as the [`SCHEMA_HEADER`]. `None`
+    /// for events read back from a message.
+    pub schema: Option<std::sync::Arc<crate::types::RelationSchema>>,
 }
 
 /// Where a change stands in the stream's output, in the order the stream produces: its
@@ -539,6 +542,7 @@ mod tests {
             version: 42,
             unchanged: vec![],
             moved_from: None,
+            schema: None,
         };
         let json = e.to_json();
         // The seed's form, byte for byte as earlier releases wrote it.
@@ -570,6 +574,7 @@ mod tests {
             version: 16,
             unchanged: vec!["doc".into()],
             moved_from: Some(RowKey::Json(serde_json::json!({"tenant": 3, "id": "old"}))),
+            schema: None,
         };
         let json = String::from_utf8(e.to_json()).unwrap();
         assert_eq!(
@@ -598,6 +603,7 @@ mod tests {
             version: 1,
             unchanged: vec![],
             moved_from: Some(RowKey::Int(0)),
+            schema: None,
         };
         let json = String::from_utf8(e.to_json()).unwrap();
         assert_eq!(

@@ -82,6 +82,7 @@ fn every_kind_of_event_matches_the_documented_schema() {
         version: 23_803_720,
         unchanged: vec![],
         moved_from: None,
+        schema: None,
     };
     let mut events = vec![base.clone()];
     for op in [Op::Snapshot, Op::Update, Op::Delete] {

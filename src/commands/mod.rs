@@ -26,6 +26,7 @@ pub fn publish_ops(ops: &[Op]) -> PublishOps {
 /// The source settings from the command line, with the password from its file if one is named.
 pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig, Error> {
     let mut cfg = SourceConfig::new(&pg.pg_url, &pg.table, &pg.slot, &pg.publication, ops)?;
+    cfg.ledger_column = Some(pg.ledger_column.clone());
     if let Some(file) = &pg.pg_password_file {
         cfg.pg.password(read_secret(file).map_err(Error::Config)?);
     }

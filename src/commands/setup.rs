@@ -9,9 +9,9 @@ use crate::source::postgres::catalog;
 use crate::source::postgres::{PublishOps, SourceError};
 
 pub async fn setup(args: SetupArgs) -> Result<(), Error> {
-    let cfg = super::source_config(&args.postgres, super::publish_ops(&args.ops))?;
+    let mut cfg = super::source_config(&args.postgres, super::publish_ops(&args.ops))?;
     let sql = cfg.connect_sql().await?;
-    catalog::preflight(&cfg, &sql).await?;
+    catalog::preflight(&mut cfg, &sql).await?;
     // The one place that changes an existing publication's operations (stream refuses to).
     catalog::setup_publication(&cfg, &sql).await?;
     match catalog::slot_info(&cfg, &sql).await? {

@@ -32,6 +32,12 @@ pub struct PostgresArgs {
     /// Publication name.
     #[arg(long, env = "CDC_RELAY_PUBLICATION", default_value = "cdc_relay")]
     pub publication: String,
+
+    /// The confirmation ledger's boolean column: a table that has it gets `column = TRUE` once
+    /// Kafka acknowledged the row, and rows still unsent are backfilled; a table without it streams
+    /// without a ledger.
+    #[arg(long, env = "CDC_RELAY_LEDGER_COLUMN", default_value = "sent_to_kafka")]
+    pub ledger_column: String,
 }
 
 /// Which row operations the publication publishes.

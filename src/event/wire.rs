@@ -155,5 +155,6 @@ pub(super) fn parse(bytes: &[u8]) -> Result<ChangeEvent, EventError> {
         version: m.version,
         unchanged: m.unchanged,
         moved_from: m.moved_from.map(key_of),
+        schema: None,
     })
 }

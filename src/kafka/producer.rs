@@ -6,15 +6,18 @@
 //! dead-letter topic and go on with the rows behind it.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
-use crate::event::{ChangeEvent, StreamDeadLetter};
+use crate::event::{schemas_topic, ChangeEvent, StreamDeadLetter, SCHEMA_HEADER};
+use crate::types::RelationSchema;
 
 use super::{KafkaConnection, KafkaError, RdKafkaError};
 
@@ -27,6 +30,9 @@ pub struct KafkaProducer {
     topic: String,
     dead_letter_topic: String,
     limit: usize,
+    /// Schemas whose record the schemas topic has (acknowledged), with their ids. A shape is one
+    /// `Arc` per relation, so the usual lookup is a pointer comparison, not a hash of the schema.
+    published: Mutex<Vec<(Arc<RelationSchema>, String)>>,
 }
 
 /// Settings of the stream's producer.
@@ -90,6 +96,7 @@ impl KafkaProducer {
             topic: cfg.topic.clone(),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             limit,
+            published: Mutex::new(Vec::new()),
         })
     }
 
@@ -121,6 +128,8 @@ impl KafkaProducer {
     }
 
     pub async fn abort_transaction(&self) -> Result<(), KafkaError> {
+        // A schema record produced in the aborted transaction is gone with it: publish again.
+        self.lock_published().clear();
         self.resumable("aborting a transaction", |p| {
             p.abort_transaction(Timeout::After(TRANSACTION_TIMEOUT))
         })
@@ -198,9 +207,39 @@ impl KafkaProducer {
         &self,
         event: &ChangeEvent,
     ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
+        let schema_id = match &event.schema {
+            Some(schema) => Some(self.publish_schema(schema).await?),
+            None => None,
+        };
         let payload = event.to_json();
         let key = event.key();
-        self.send_bytes(&self.topic, key.as_deref(), payload).await
+        self.send_record(&self.topic, key.as_deref(), payload, schema_id.as_deref())
+            .await
+    }
+
+    fn lock_published(&self) -> std::sync::MutexGuard<'_, Vec<(Arc<RelationSchema>, String)>> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The schema's id, once its record is in the schemas topic: a consumer that reads a message
+    /// naming the id can always find the record (docs/message-format.md).
+    async fn publish_schema(&self, schema: &Arc<RelationSchema>) -> Result<String, KafkaError> {
+        if let Some((_, id)) = self
+            .lock_published()
+            .iter()
+            .find(|(s, _)| Arc::ptr_eq(s, schema))
+        {
+            return Ok(id.clone());
+        }
+        let id = schema.id();
+        if !self.lock_published().iter().any(|(_, known)| *known == id) {
+            let record = serde_json::to_vec(schema.as_ref()).unwrap_or_default();
+            self.send_and_wait(&schemas_topic(&self.topic), &id, record)
+                .await?;
+            tracing::info!(table = %schema.qualified_name(), schema_id = %id, columns = schema.columns.len(), "schema published");
+        }
+        self.lock_published().push((schema.clone(), id.clone()));
+        Ok(id)
     }
 
     /// Enqueues a dead letter for the stream's dead-letter topic, its row cut to fit.
@@ -209,7 +248,10 @@ impl KafkaProducer {
         dead: &StreamDeadLetter,
     ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
         let payload = dead.to_json(self.limit.saturating_sub(64));
-        let key = dead.id.map(|id| id.to_string());
+        let key = dead
+            .id
+            .map(|id| id.to_string())
+            .or_else(|| dead.key.clone());
         self.send_bytes(&self.dead_letter_topic, key.as_deref(), payload)
             .await
     }
@@ -219,6 +261,16 @@ impl KafkaProducer {
         topic: &str,
         key: Option<&str>,
         payload: Vec<u8>,
+    ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
+        self.send_record(topic, key, payload, None).await
+    }
+
+    async fn send_record(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        payload: Vec<u8>,
+        schema_id: Option<&str>,
     ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
         let size = payload.len() + key.map_or(0, str::len);
         if size > self.limit {
@@ -232,6 +284,12 @@ impl KafkaProducer {
             let mut record = FutureRecord::to(topic).payload(&payload);
             if let Some(k) = key {
                 record = record.key(k);
+            }
+            if let Some(id) = schema_id {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: SCHEMA_HEADER,
+                    value: Some(id),
+                }));
             }
             match self.producer.send_result(record) {
                 Ok(delivery) => {

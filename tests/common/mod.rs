@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 
 /// A setting from the services env; a missing one is a failure, never a skip.
 pub fn env(name: &str) -> String {
@@ -136,6 +136,8 @@ pub struct Received {
     pub partition: i32,
     pub offset: i64,
     pub value: serde_json::Value,
+    /// The `cdc_relay.schema` header: the id of the message's schema record.
+    pub schema: Option<String>,
 }
 
 /// Reads the topic from the beginning until `expected` messages arrived or `timeout` passed, then
@@ -166,7 +168,14 @@ pub fn read_topic(
         }
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             let m = m.expect("kafka message");
+            let schema = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == cdc_relay::event::SCHEMA_HEADER)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
             out.push(Received {
+                schema,
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 partition: m.partition(),
                 offset: m.offset(),

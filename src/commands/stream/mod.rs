@@ -22,13 +22,12 @@ use backfill::{BackfillMsg, BackfillRun};
 use exactly_once::{ExactlyOnce, SessionStart};
 use ledger_writer::LedgerWriter;
 use metrics::StreamMetrics;
-use produce::ledger_id;
 use tracker::Tracker;
 
 use crate::backoff::Backoff;
 use crate::commands::Error;
 use crate::config::{LedgerOrigin, StreamArgs};
-use crate::event::Lsn;
+use crate::event::{schemas_topic, Lsn};
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
 use crate::kafka::topic::{ensure_topic, ensure_topic_with};
@@ -72,7 +71,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     let ops = super::publish_ops(&args.ops);
     let mut cfg = super::source_config(&args.postgres, ops)?;
     let sql = cfg.connect_sql().await?;
-    catalog::preflight(&cfg, &sql).await?;
+    catalog::preflight(&mut cfg, &sql).await?;
     catalog::ensure_publication(&cfg, &sql).await?;
     catalog::check_publication(&cfg, &sql).await?;
     let connection =
@@ -90,6 +89,16 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         .clone()
         .unwrap_or_else(|| format!("{}.stream-dlq", args.kafka.topic));
     ensure_topic(&kafka, &dead_letter_topic, 1, args.topic_replication).await?;
+    // The table's schema records, which the messages name by id: compacted, so the newest record
+    // of every id stays however long the topic runs.
+    ensure_topic_with(
+        &kafka,
+        &schemas_topic(&args.kafka.topic),
+        1,
+        args.topic_replication,
+        &[("cleanup.policy", "compact")],
+    )
+    .await?;
     let eo = if args.exactly_once {
         let topic = args
             .checkpoint_topic
@@ -206,7 +215,12 @@ impl StreamCommand {
         start: Lsn,
     ) -> Result<(), Error> {
         let mut confirmed = start;
-        let mut backfill = BackfillState::Pending;
+        // A table without the ledger has no unsent rows to read.
+        let mut backfill = if self.cfg.ledger_column.is_some() {
+            BackfillState::Pending
+        } else {
+            BackfillState::Done
+        };
         let mut backoff = Backoff::new();
         loop {
             let session_start = Instant::now();
@@ -376,14 +390,14 @@ impl StreamCommand {
                         Ok(Some(SourceMessage::Change(event, order))) => {
                             backfill.window.note(event.op, event.id(), !event.unchanged.is_empty(), event.version);
                             if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
-                                t.push_committed(ledger_id(event.op, event.id()));
+                                t.push_committed(self.ledger_id(event.op, event.id()));
                             } else {
                                 self.produce(&mut t, &event, false, order).await?;
                             }
                         }
                         Ok(Some(SourceMessage::DeadLetter(dead, order))) => {
                             backfill.window.note(dead.op, dead.id, false, dead.version);
-                            let ledger_id = ledger_id(dead.op, dead.id);
+                            let ledger_id = self.ledger_id(dead.op, dead.id);
                             if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
                                 t.push_committed(ledger_id);
                             } else {

@@ -16,7 +16,7 @@ impl StreamCommand {
         from_backfill: bool,
         order: ChangeOrder,
     ) -> Result<(), Error> {
-        let ledger_id = ledger_id(event.op, event.id());
+        let ledger_id = self.ledger_id(event.op, event.id());
         self.before_produce()?;
         match self.producer.send(event).await {
             Ok((ack, bytes)) => {
@@ -91,16 +91,17 @@ impl StreamCommand {
         Ok(())
     }
 
+    /// The row a delivery records in the ledger once Kafka has it: the row's id, for changes
+    /// that leave a row behind, of a table that has the ledger.
+    pub(super) fn ledger_id(&self, op: Op, id: Option<i64>) -> Option<i64> {
+        match op {
+            _ if self.cfg.ledger_column.is_none() => None,
+            Op::Snapshot | Op::Insert | Op::Update => id,
+            Op::Delete | Op::Truncate => None,
+        }
+    }
+
     fn table_name(&self) -> String {
         format!("{}.{}", self.cfg.schema, self.cfg.table)
-    }
-}
-
-/// The row a delivery records in the ledger once Kafka has it: the row's id, for changes that
-/// leave a row behind.
-pub(super) fn ledger_id(op: Op, id: Option<i64>) -> Option<i64> {
-    match op {
-        Op::Snapshot | Op::Insert | Op::Update => id,
-        Op::Delete | Op::Truncate => None,
     }
 }

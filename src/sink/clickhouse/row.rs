@@ -87,6 +87,7 @@ mod tests {
             version: 9,
             unchanged: vec![],
             moved_from: None,
+            schema: None,
         }
     }
 

@@ -22,7 +22,8 @@ use tokio_postgres::Client;
 
 use crate::event::{ChangeEvent, Lsn, Op};
 
-use super::change::{change_event, RowText};
+use super::pgoutput::Value;
+use super::relation::{describe, RelationShape, TupleColumn};
 use super::{SourceConfig, SourceError, WATERMARK_MESSAGE_PREFIX};
 
 /// Rows read by one chunk, waiting for their watermark.
@@ -39,6 +40,10 @@ pub struct Chunk {
 
 pub struct Backfill {
     client: Client,
+    cfg: SourceConfig,
+    /// The table's columns when the chunk query was made; read again when a column it names is
+    /// dropped meanwhile.
+    shape: RelationShape,
     query: String,
     count_query: String,
     chunk: i64,
@@ -53,24 +58,19 @@ impl Backfill {
     /// A backfill of what is unsent now, each chunk in its own statement.
     pub async fn new(cfg: &SourceConfig, chunk: i64) -> Result<Self, SourceError> {
         let client = cfg.connect_sql().await?;
-        // Every column as text: the same text pgoutput sends, whatever the column's type (an ENUM
-        // or a domain read as `&str` made the read fail).
-        // `ORDER BY t.id`, qualified: a bare `id` would name the output column `id::text` and sort
-        // as text ("10" < "9"), which breaks the keyset `t.id > $1` and skips rows.
-        let query = format!(
-            "SELECT t.id::text, t.username::text, t.event_type::text, t.event_time::text FROM {} AS t \
-             WHERE t.id > $1::int8 AND t.sent_to_kafka IS NOT TRUE ORDER BY t.id LIMIT $2",
-            cfg.qualified_table()
-        );
+        let (shape, query) = chunk_query(cfg, &client).await?;
         let count_query = format!(
-            "SELECT count(*) FROM {} WHERE sent_to_kafka IS NOT TRUE",
-            cfg.qualified_table()
+            "SELECT count(*) FROM {} WHERE {} IS NOT TRUE",
+            cfg.qualified_table(),
+            cfg.ledger().unwrap_or_default()
         );
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Ok(Backfill {
             client,
+            cfg: cfg.clone(),
+            shape,
             query,
             count_query,
             chunk: chunk.max(1),
@@ -102,23 +102,30 @@ impl Backfill {
         if self.done {
             return Ok(None);
         }
-        let rows = self
-            .client
-            .query(&self.query, &[&self.after_id, &self.chunk])
-            .await
-            .map_err(SourceError::sql("reading rows to backfill"))?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.after_id, &self.chunk];
+        let rows = match self.client.query(&self.query, &params).await {
+            // A column the query names was dropped (or retyped) since: read the shape again.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+                tracing::info!(table = %self.cfg.qualified_table(), "the table's columns changed during the backfill; reading them again");
+                (self.shape, self.query) = chunk_query(&self.cfg, &self.client).await?;
+                self.client.query(&self.query, &params).await
+            }
+            other => other,
+        }
+        .map_err(SourceError::sql("reading rows to backfill"))?;
         let last = (rows.len() as i64) < self.chunk;
         let mut events = Vec::with_capacity(rows.len());
+        let mut values = Vec::new();
         for row in &rows {
-            let text = RowText {
-                id: row.get(0),
-                username: row.get(1),
-                event_type: row.get(2),
-                event_time: row.get(3),
-                unchanged: Vec::new(),
-            };
+            values.clear();
+            for i in 0..row.len() {
+                values.push(match row.get::<_, Option<&str>>(i) {
+                    Some(text) => Value::Text(bytes::Bytes::copy_from_slice(text.as_bytes())),
+                    None => Value::Null,
+                });
+            }
             // Version and position are set when the watermark comes by.
-            let event = change_event(Op::Snapshot, &text, Lsn::ZERO, 0)?;
+            let event = self.shape.event(Op::Snapshot, &values, Lsn::ZERO, 0)?;
             if let Some(id) = event.id() {
                 self.after_id = id;
             }
@@ -145,6 +152,56 @@ impl Backfill {
             last,
         }))
     }
+}
+
+/// The table's shape and the chunk query over its columns as they are now: every column as
+/// text, the same text pgoutput sends whatever the column's type (an ENUM or a domain read as
+/// `&str` made the read fail). Ordered by the key qualified: a bare name would sort the `::text`
+/// output column as text ("10" < "9"), which breaks the keyset and skips rows.
+async fn chunk_query(
+    cfg: &SourceConfig,
+    client: &Client,
+) -> Result<(RelationShape, String), SourceError> {
+    let table = cfg.qualified_table();
+    let rows = client
+        .query(
+            "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod \
+             FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
+             WHERE c.oid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             ORDER BY a.attnum",
+            &[&table],
+        )
+        .await
+        .map_err(SourceError::sql(format!("reading the columns of {table}")))?;
+    let oid: u32 = rows.first().map_or(0, |r| r.get(0));
+    let columns: Vec<TupleColumn> = rows
+        .iter()
+        .map(|r| TupleColumn {
+            name: r.get(1),
+            type_oid: r.get(2),
+            typmod: r.get(3),
+        })
+        .collect();
+    let shape = describe(
+        client,
+        oid,
+        &cfg.schema,
+        &cfg.table,
+        &columns,
+        cfg.ledger_column.as_deref(),
+    )
+    .await?;
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t.{}::text", super::client::quote_ident(&c.name)))
+        .collect();
+    let (key, ledger) = (cfg.key(), cfg.ledger().unwrap_or_default());
+    let query = format!(
+        "SELECT {} FROM {table} AS t WHERE t.{key} > $1::int8 AND t.{ledger} IS NOT TRUE \
+         ORDER BY t.{key} LIMIT $2",
+        select.join(", ")
+    );
+    Ok((shape, query))
 }
 
 /// What the stream did to a key while a chunk that may hold its row was read.
@@ -287,6 +344,7 @@ mod tests {
             version: 0,
             unchanged: vec![],
             moved_from: None,
+            schema: None,
         }
     }
 

@@ -9,7 +9,7 @@ use super::client::{quote_ident, quote_literal, CreatedSlot, ReplicationClient};
 use super::{parse_lsn, SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX};
 
 /// Checks the server, the table and the role. Run once at start, before anything is created.
-pub async fn preflight(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+pub async fn preflight(cfg: &mut SourceConfig, sql: &Client) -> Result<(), SourceError> {
     let wal_level: String = sql
         .query_one("SHOW wal_level", &[])
         .await
@@ -33,13 +33,14 @@ pub async fn preflight(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceErr
     }
 
     let table = cfg.qualified_table();
+    // Each column, and its place in the primary key (NULL outside it).
     let cols = sql
         .query(
-            "SELECT a.attname::text, \
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary \
-                            AND i.indnatts = 1 AND i.indkey[0] = a.attnum) \
+            "SELECT a.attname::text, a.atttypid IN (20, 21, 23), \
+                    array_position(pk.indkey::int2[], a.attnum) \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             LEFT JOIN pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
              WHERE n.nspname = $1 AND c.relname = $2",
             &[&cfg.schema, &cfg.table],
         )
@@ -54,20 +55,34 @@ pub async fn preflight(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceErr
             "does not exist (or this role cannot see it): create it with sql/postgres/schema.sql or pass --table".into(),
         ));
     }
-    let has = |name: &str| cols.iter().any(|r| r.get::<_, String>(0) == name);
-    if !cols
+    let key: Vec<(String, bool)> = cols
         .iter()
-        .any(|r| r.get::<_, String>(0) == "id" && r.get::<_, bool>(1))
-    {
+        .filter(|r| r.get::<_, Option<i32>>(2).is_some())
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if key.is_empty() {
         return Err(schema_err(
-            "needs a single-column primary key named `id`".into(),
+            "has no primary key; every message, the ClickHouse table's ORDER BY and the ledger are keyed by it. Add one: ALTER TABLE … ADD PRIMARY KEY (…)".into(),
         ));
     }
-    if !has("sent_to_kafka") {
-        return Err(schema_err(
-            "has no `sent_to_kafka` column (the ledger): ALTER TABLE … ADD COLUMN sent_to_kafka BOOLEAN DEFAULT FALSE".into(),
-        ));
+    let int_key = match key.as_slice() {
+        [(name, true)] => Some(name.clone()),
+        _ => None,
+    };
+    let ledger = cfg
+        .ledger_column
+        .clone()
+        .filter(|l| cols.iter().any(|r| r.get::<_, String>(0) == *l));
+    if let (Some(l), None) = (&ledger, &int_key) {
+        return Err(schema_err(format!(
+            "has the ledger column {l} but its primary key is not one smallint, integer or bigint column, which the ledger and the backfill key rows by. Drop the column (the table then streams without a ledger) or name another with --ledger-column"
+        )));
     }
+    if ledger.is_none() {
+        tracing::info!(table = %table, ledger_column = ?cfg.ledger_column, "the table has no ledger column: it streams without a ledger and without a backfill");
+    }
+    cfg.ledger_column = ledger;
+    cfg.key_column = int_key;
     Ok(())
 }
 

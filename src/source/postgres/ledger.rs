@@ -42,6 +42,7 @@ pub struct Ledger {
 impl Ledger {
     pub fn new(cfg: &SourceConfig) -> Self {
         let table = cfg.qualified_table();
+        let (id, sent) = (cfg.key(), cfg.ledger().unwrap_or_default());
         // The marker names the slot, so a stream can tell its own ledger from another relay's
         // (each is dropped; only its own counts in the metrics). It sits in a one-row subquery
         // joined to the update, so it is evaluated before the first row reaches the update, and
@@ -53,22 +54,22 @@ impl Ledger {
             quote_literal(&cfg.slot)
         );
         let statement = format!(
-            "UPDATE {table} AS t SET sent_to_kafka = TRUE \
+            "UPDATE {table} AS t SET {sent} = TRUE \
              FROM {marker}, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
-             WHERE t.id BETWEEN r.lo AND r.hi AND t.sent_to_kafka IS NOT TRUE"
+             WHERE t.{id} BETWEEN r.lo AND r.hi AND t.{sent} IS NOT TRUE"
         );
         // Only after the plain statement met a lock: locking first costs a second write per row.
         let skip_locked_statement = format!(
-            "UPDATE {table} AS t SET sent_to_kafka = TRUE \
+            "UPDATE {table} AS t SET {sent} = TRUE \
              FROM {marker}, \
-                  (SELECT l.id FROM {table} AS l, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
-                   WHERE l.id BETWEEN r.lo AND r.hi AND l.sent_to_kafka IS NOT TRUE \
+                  (SELECT l.{id} FROM {table} AS l, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
+                   WHERE l.{id} BETWEEN r.lo AND r.hi AND l.{sent} IS NOT TRUE \
                    FOR NO KEY UPDATE OF l SKIP LOCKED) AS s \
-             WHERE t.id = s.id"
+             WHERE t.{id} = s.{id}"
         );
         let unsent_statement = format!(
-            "SELECT t.id::int8 FROM {table} AS t, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
-             WHERE t.id BETWEEN r.lo AND r.hi AND t.sent_to_kafka IS NOT TRUE"
+            "SELECT t.{id}::int8 FROM {table} AS t, unnest($1::int8[], $2::int8[]) AS r(lo, hi) \
+             WHERE t.{id} BETWEEN r.lo AND r.hi AND t.{sent} IS NOT TRUE"
         );
         Ledger {
             cfg: cfg.clone(),

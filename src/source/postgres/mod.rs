@@ -4,11 +4,11 @@
 
 pub mod backfill;
 pub mod catalog;
-pub mod change;
 pub mod client;
 pub mod ledger;
 pub mod origin;
 pub mod pgoutput;
+pub mod relation;
 pub mod replication;
 pub mod stream;
 pub mod tls;
@@ -50,6 +50,8 @@ pub enum SourceError {
         column: &'static str,
         reason: String,
     },
+    #[error(transparent)]
+    Type(#[from] crate::types::TypeError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error(transparent)]
@@ -138,6 +140,11 @@ pub struct SourceConfig {
     /// PostgreSQL 16+: the replication origin the ledger writes under, which the stream then asks
     /// the server to filter out (`origin = none`); see [`catalog::ledger_origin`].
     pub ledger_origin: Option<String>,
+    /// The ledger's column; [`catalog::preflight`] leaves it only when the table has it.
+    pub ledger_column: Option<String>,
+    /// The primary key's column when it is one integer column (ledger tables need one):
+    /// set by [`catalog::preflight`].
+    pub key_column: Option<String>,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -233,6 +240,8 @@ impl SourceConfig {
             publication: publication.to_string(),
             ops,
             ledger_origin: None,
+            ledger_column: None,
+            key_column: None,
         };
         cfg.set_tls(tls);
         Ok(cfg)
@@ -246,6 +255,16 @@ impl SourceConfig {
             _ => tokio_postgres::config::SslMode::Require,
         });
         self.tls = tls;
+    }
+
+    /// The ledger's column, quoted for SQL, when the table has one.
+    pub fn ledger(&self) -> Option<String> {
+        self.ledger_column.as_deref().map(client::quote_ident)
+    }
+
+    /// The integer key column, quoted for SQL (`id` until [`catalog::preflight`] read it).
+    pub fn key(&self) -> String {
+        client::quote_ident(self.key_column.as_deref().unwrap_or("id"))
     }
 
     /// `"schema"."table"`, quoted for SQL.

@@ -10,11 +10,11 @@
 
 use std::collections::HashMap;
 
-use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, Row, SeedRow, StreamDeadLetter};
+use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
 
-use super::change::{change_event, TableShape};
 use super::client::ReplicationClient;
-use super::pgoutput::{decode, OldTuple, PgOutput, RelationCache, Value};
+use super::pgoutput::{decode, OldTuple, PgOutput, Relation, RelationCache, Value};
+use super::relation::{describe, RelationShape, TupleColumn};
 use super::replication::{ReplicationMessage, ReplicationStream};
 use super::{
     SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX, LEDGER_MESSAGE_PREFIX,
@@ -58,7 +58,12 @@ struct Transaction {
 pub struct ReplicationSource {
     stream: ReplicationStream,
     relations: RelationCache,
-    shapes: HashMap<u32, TableShape>,
+    shapes: HashMap<u32, RelationShape>,
+    /// For what a Relation message does not say (nullability, enums, domains, the primary key).
+    catalog: tokio_postgres::Client,
+    ledger_column: Option<String>,
+    /// A Relation message read but not yet described.
+    pending_relation: Option<Relation>,
     schema: String,
     table: String,
     publication: String,
@@ -101,10 +106,14 @@ impl ReplicationSource {
                 },
                 _ => e.into(),
             })?;
+        let catalog = cfg.connect_sql().await?;
         Ok(ReplicationSource {
             stream,
             relations: RelationCache::default(),
             shapes: HashMap::new(),
+            catalog,
+            ledger_column: cfg.ledger_column.clone(),
+            pending_relation: None,
             schema: cfg.schema.clone(),
             table: cfg.table.clone(),
             publication: cfg.publication.clone(),
@@ -129,6 +138,10 @@ impl ReplicationSource {
             return Ok(Some(m));
         }
         loop {
+            if let Some(rel) = self.pending_relation.clone() {
+                self.on_relation(rel).await?;
+                self.pending_relation = None;
+            }
             let Some(msg) = self.stream.next().await? else {
                 return Ok(None);
             };
@@ -154,8 +167,15 @@ impl ReplicationSource {
                     data,
                 } => {
                     self.server_wal_end = self.server_wal_end.max(wal_end);
-                    if let Some(out) = self.handle(wal_start, decode(&data)?)? {
-                        return Ok(Some(out));
+                    match decode(&data)? {
+                        // Described at the top of the loop: kept until then, so a `next` that
+                        // is cancelled while the catalog answers loses nothing.
+                        PgOutput::Relation(rel) => self.pending_relation = Some(rel),
+                        msg => {
+                            if let Some(out) = self.handle(wal_start, msg)? {
+                                return Ok(Some(out));
+                            }
+                        }
                     }
                 }
             }
@@ -184,12 +204,7 @@ impl ReplicationSource {
                 Ok(Some(SourceMessage::Position { lsn: end_lsn }))
             }
             PgOutput::Relation(rel) => {
-                if rel.namespace == self.schema && rel.name == self.table {
-                    self.shapes.insert(rel.oid, TableShape::of(&rel)?);
-                } else {
-                    self.shapes.remove(&rel.oid);
-                }
-                self.relations.insert(rel);
+                self.pending_relation = Some(rel);
                 Ok(None)
             }
             PgOutput::Message {
@@ -225,13 +240,13 @@ impl ReplicationSource {
                 if self.skipping_ledger_tx {
                     return Ok(None);
                 }
-                let mut ours = false;
+                let mut ours = None;
                 for oid in &relations {
-                    ours |= self.our_relation(*oid)?;
+                    if self.our_relation(*oid)? && ours.is_none() {
+                        ours = Some(*oid);
+                    }
                 }
-                if !ours {
-                    return Ok(None);
-                }
+                let Some(oid) = ours else { return Ok(None) };
                 // Rows written before the TRUNCATE in this transaction fall below it.
                 let version = match self.tx.as_mut() {
                     Some(tx) => {
@@ -242,19 +257,42 @@ impl ReplicationSource {
                 };
                 let order = self.next_order(wal_start);
                 Ok(Some(SourceMessage::Change(
-                    ChangeEvent {
-                        key: None,
-                        op: Op::Truncate,
-                        row: Row::Seed(SeedRow::default()),
-                        lsn: wal_start.to_string(),
-                        version,
-                        unchanged: Vec::new(),
-                        moved_from: None,
-                    },
+                    self.shapes[&oid].truncate(wal_start, version),
                     order,
                 )))
             }
         }
+    }
+
+    /// A relation's (new) shape: sent before its first change and again after every change of
+    /// its columns, so each row is read with the columns it was written with.
+    async fn on_relation(&mut self, rel: Relation) -> Result<(), SourceError> {
+        if rel.namespace == self.schema && rel.name == self.table {
+            let columns: Vec<TupleColumn> = rel
+                .columns
+                .iter()
+                .map(|c| TupleColumn {
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                    typmod: c.type_modifier,
+                })
+                .collect();
+            let shape = describe(
+                &self.catalog,
+                rel.oid,
+                &rel.namespace,
+                &rel.name,
+                &columns,
+                self.ledger_column.as_deref(),
+            )
+            .await?;
+            tracing::info!(table = %shape.schema().qualified_name(), schema_id = %shape.schema().id(), columns = shape.schema().columns.len(), "relation shape");
+            self.shapes.insert(rel.oid, shape);
+        } else {
+            self.shapes.remove(&rel.oid);
+        }
+        self.relations.insert(rel);
+        Ok(())
     }
 
     /// The place of the next change handed out.
@@ -334,10 +372,7 @@ impl ReplicationSource {
             return Ok(None);
         }
         let shape = &self.shapes[&relation];
-        let key_changed = old.is_some_and(|o| {
-            let (was, is) = (shape.key(o.values()), shape.key(&new));
-            matches!(was, Some(Value::Text(_))) && was != is
-        });
+        let key_changed = old.is_some_and(|o| shape.key_changed(o.values(), &new));
         // Only a whole old row (REPLICA IDENTITY FULL) holds the values an update left out; a
         // key-only old tuple has NULL there, which must never be written over a kept value.
         let new = match old {
@@ -349,19 +384,11 @@ impl ReplicationSource {
         }
         // The delete first, also in the stream's order of changes.
         let old = old.map(OldTuple::values).unwrap_or_default();
+        let moved_from = shape.key_of(old);
         let delete = self.row(Op::Delete, relation, old, wal_start)?;
         let mut update = self.row(Op::Update, relation, &new, wal_start)?;
-        if let (
-            Some(SourceMessage::Change(
-                ChangeEvent {
-                    key: Some(old_key), ..
-                },
-                _,
-            )),
-            Some(SourceMessage::Change(event, _)),
-        ) = (&delete, &mut update)
-        {
-            event.moved_from = Some(old_key.clone());
+        if let Some(SourceMessage::Change(event, _)) = &mut update {
+            event.moved_from = moved_from;
         }
         self.queued = update;
         Ok(delete)
@@ -380,17 +407,17 @@ impl ReplicationSource {
         let version = self.version(lsn);
         let order = self.next_order(lsn);
         let shape = &self.shapes[&relation];
-        let converted = shape
-            .row(values)
-            .and_then(|row| change_event(op, &row, lsn, version));
-        match converted {
+        match shape.event(op, values, lsn, version) {
             Ok(event) => Ok(Some(SourceMessage::Change(event, order))),
             Err(e) => Ok(Some(SourceMessage::DeadLetter(
                 StreamDeadLetter {
                     table: format!("{}.{}", self.schema, self.table),
                     op,
-                    id: shape.key_text(values).and_then(|k| k.parse().ok()),
-                    key: None,
+                    id: shape.key_of(values).and_then(|k| k.as_int()),
+                    key: shape
+                        .key_of(values)
+                        .filter(|k| k.as_int().is_none())
+                        .map(|k| k.kafka_key()),
                     lsn: lsn.to_string(),
                     version,
                     error: e.to_string(),
