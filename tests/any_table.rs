@@ -400,3 +400,54 @@ async fn a_column_added_to_a_ledger_table_travels_in_backfilled_and_streamed_row
     assert_eq!(relay.stop(), 0);
     table.drop().await;
 }
+
+/// Peak resident memory of a process, in kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_columns_and_near_megabyte_jsonb_values_arrive_whole_in_bounded_memory() {
+    let cols: Vec<String> = (1..=1000)
+        .map(|i| format!("c{i} integer DEFAULT {i}"))
+        .collect();
+    let t = AnyTable::new(
+        "anywide",
+        &format!(
+            "CREATE TABLE {{t}} (id integer PRIMARY KEY, {}, doc jsonb)",
+            cols.join(", ")
+        ),
+    )
+    .await;
+    let relay = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    // 60 rows of ~0.9 MB each, in one transaction: 54 MB through a stream whose Kafka queue is
+    // bounded at 64 MB.
+    t.exec(
+        "INSERT INTO {t} (id, doc) SELECT g, (SELECT jsonb_agg(repeat(g::text, 900 / length(g::text)) || left(e.n::text, 0)) \
+         FROM generate_series(1, 1000) AS e(n)) FROM generate_series(1, 60) g",
+    )
+    .await;
+    let msgs = read_topic(&t.name, 60, Duration::from_secs(90), Duration::from_secs(1));
+    assert_eq!(msgs.len(), 60);
+    for m in &msgs {
+        let c = columns(m);
+        assert_eq!(c.len(), 1002);
+        assert_eq!(c["c1000"], 1000);
+        let id = c["id"].as_i64().unwrap();
+        let doc = c["doc"].as_array().unwrap();
+        assert_eq!(doc.len(), 1000);
+        let s = id.to_string();
+        assert_eq!(doc[999], Value::String(s.repeat(900 / s.len())));
+    }
+    let peak_mb = peak_rss_kb(relay.child.id()) / 1024;
+    println!("stream peak RSS with 60 x 0.9 MB rows of 1002 columns: {peak_mb} MB");
+    assert!(peak_mb < 400, "peak RSS {peak_mb} MB");
+    assert_eq!(relay.stop(), 0);
+    t.drop().await;
+}

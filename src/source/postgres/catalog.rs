@@ -441,10 +441,23 @@ pub async fn status(cfg: &SourceConfig, sql: &Client) -> Result<SourceStatus, So
         .await
         .map_err(SourceError::sql("reading the publication"))?
         .map(|r| r.get::<_, Vec<String>>(0));
+    // A table without the ledger column has no unsent rows to count (0 and 0).
+    let has_ledger = sql
+        .query_opt(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
+            &[&cfg.qualified_table(), &cfg.ledger_column.clone().unwrap_or_default()],
+        )
+        .await
+        .map_err(SourceError::sql("looking for the ledger column"))?
+        .is_some();
+    let ledger = match (has_ledger, cfg.ledger()) {
+        (true, Some(l)) => l,
+        _ => "NULL::boolean".into(),
+    };
     let counts = sql
         .query_one(
             &format!(
-                "SELECT count(*) FILTER (WHERE sent_to_kafka IS NOT TRUE), count(*) FILTER (WHERE sent_to_kafka) FROM {}",
+                "SELECT count(*) FILTER (WHERE {ledger} IS NOT TRUE AND {has_ledger}), count(*) FILTER (WHERE {ledger}) FROM {}",
                 cfg.qualified_table()
             ),
             &[],
