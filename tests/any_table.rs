@@ -9,46 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// A table of the test's own DDL, readable by the relay role, with a publication of every op.
-struct AnyTable {
-    name: String,
-    pg: tokio_postgres::Client,
-}
-
-impl AnyTable {
-    async fn new(prefix: &str, ddl: &str) -> AnyTable {
-        let name = unique(prefix);
-        let pg = pg().await;
-        pg.batch_execute(&ddl.replace("{t}", &name)).await.unwrap();
-        pg.batch_execute(&format!(
-            "GRANT SELECT ON {name} TO cdc_relay; \
-             CREATE PUBLICATION {name} FOR TABLE {name} WITH (publish = 'insert, update, delete, truncate')"
-        ))
-        .await
-        .unwrap();
-        AnyTable { name, pg }
-    }
-
-    fn start(&self) -> Relay {
-        Relay::start(
-            &self.name,
-            &stream_args(&self.name, &["--ops", "insert,update,delete,truncate"]),
-            &[],
-        )
-    }
-
-    async fn exec(&self, sql: &str) {
-        self.pg
-            .batch_execute(&sql.replace("{t}", &self.name))
-            .await
-            .unwrap();
-    }
-
-    async fn drop(self) {
-        drop_pipeline(&self.pg, &self.name).await;
-    }
-}
-
 /// The schema records of `topic`, by id.
 fn schemas(topic: &str, at_least: usize) -> std::collections::HashMap<String, Value> {
     read_topic(

@@ -387,3 +387,43 @@ impl Table {
         drop_pipeline(&self.pg, &self.name).await;
     }
 }
+
+/// A table of the test's own DDL, readable by the relay role, with a publication of every op.
+pub struct AnyTable {
+    pub name: String,
+    pub pg: tokio_postgres::Client,
+}
+
+impl AnyTable {
+    pub async fn new(prefix: &str, ddl: &str) -> AnyTable {
+        let name = unique(prefix);
+        let pg = pg().await;
+        pg.batch_execute(&ddl.replace("{t}", &name)).await.unwrap();
+        pg.batch_execute(&format!(
+            "GRANT SELECT ON {name} TO cdc_relay; \
+             CREATE PUBLICATION {name} FOR TABLE {name} WITH (publish = 'insert, update, delete, truncate')"
+        ))
+        .await
+        .unwrap();
+        AnyTable { name, pg }
+    }
+
+    pub fn start(&self) -> Relay {
+        Relay::start(
+            &self.name,
+            &stream_args(&self.name, &["--ops", "insert,update,delete,truncate"]),
+            &[],
+        )
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.pg
+            .batch_execute(&sql.replace("{t}", &self.name))
+            .await
+            .unwrap();
+    }
+
+    pub async fn drop(self) {
+        drop_pipeline(&self.pg, &self.name).await;
+    }
+}
