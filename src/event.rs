@@ -186,26 +186,56 @@ pub struct StreamCheckpoint {
     pub lsn: String,
     pub index: u32,
     /// Ranges `[lo, hi]` of ids of backfilled rows in committed transactions, not yet in the
-    /// ledger when this checkpoint was written.
+    /// ledger when this checkpoint was written: of the stream's first table.
     #[serde(default)]
     pub backfill_unrecorded: Vec<[i64; 2]>,
+    /// The same for the stream's other tables, by `schema.table`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub backfill_unrecorded_of: std::collections::BTreeMap<String, Vec<[i64; 2]>>,
+}
+
+/// Sorted, deduplicated ids as ranges `[lo, hi]` of consecutive ids.
+fn id_ranges(mut ids: Vec<i64>) -> Vec<[i64; 2]> {
+    ids.sort_unstable();
+    ids.dedup();
+    let mut ranges: Vec<[i64; 2]> = Vec::new();
+    for id in ids {
+        match ranges.last_mut() {
+            Some(r) if r[1].checked_add(1) == Some(id) => r[1] = id,
+            _ => ranges.push([id, id]),
+        }
+    }
+    ranges
+}
+
+fn range_ids(ranges: &[[i64; 2]]) -> impl Iterator<Item = i64> + '_ {
+    ranges
+        .iter()
+        .filter(|[lo, hi]| lo <= hi && hi - lo < 10_000_000)
+        .flat_map(|[lo, hi]| *lo..=*hi)
 }
 
 impl StreamCheckpoint {
-    pub fn new(order: ChangeOrder, mut backfill_unrecorded: Vec<i64>) -> Self {
-        backfill_unrecorded.sort_unstable();
-        backfill_unrecorded.dedup();
-        let mut ranges: Vec<[i64; 2]> = Vec::new();
-        for id in backfill_unrecorded {
-            match ranges.last_mut() {
-                Some(r) if r[1].checked_add(1) == Some(id) => r[1] = id,
-                _ => ranges.push([id, id]),
-            }
+    /// `backfill_unrecorded`: (`schema.table`, id) of rows; those of `first` (the stream's first
+    /// table) go where earlier releases kept them.
+    pub fn new(
+        order: ChangeOrder,
+        backfill_unrecorded: impl IntoIterator<Item = (String, i64)>,
+        first: &str,
+    ) -> Self {
+        let mut by_table: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+        for (table, id) in backfill_unrecorded {
+            by_table.entry(table).or_default().push(id);
         }
+        let first_ids = by_table.remove(first).unwrap_or_default();
         StreamCheckpoint {
             lsn: order.lsn.to_string(),
             index: order.index,
-            backfill_unrecorded: ranges,
+            backfill_unrecorded: id_ranges(first_ids),
+            backfill_unrecorded_of: by_table
+                .into_iter()
+                .map(|(t, ids)| (t, id_ranges(ids)))
+                .collect(),
         }
     }
 
@@ -224,13 +254,16 @@ impl StreamCheckpoint {
         Ok(serde_json::from_slice(bytes)?)
     }
 
-    /// The ids of [`Self::backfill_unrecorded`].
-    pub fn backfill_ids(&self) -> Vec<i64> {
-        self.backfill_unrecorded
-            .iter()
-            .filter(|[lo, hi]| lo <= hi && hi - lo < 10_000_000)
-            .flat_map(|[lo, hi]| *lo..=*hi)
-            .collect()
+    /// (`schema.table`, id) of every backfilled row the checkpoint names; `first` is the table
+    /// of [`Self::backfill_unrecorded`].
+    pub fn backfill_rows(&self, first: &str) -> Vec<(String, i64)> {
+        let mut rows: Vec<(String, i64)> = range_ids(&self.backfill_unrecorded)
+            .map(|id| (first.to_string(), id))
+            .collect();
+        for (table, ranges) in &self.backfill_unrecorded_of {
+            rows.extend(range_ids(ranges).map(|id| (table.clone(), id)));
+        }
+        rows
     }
 }
 
@@ -481,11 +514,25 @@ mod tests {
             lsn: Lsn(0x1_0000_0010),
             index: 3,
         };
-        let cp = StreamCheckpoint::new(order, vec![5, 1, 2, 3, 9, 2]);
+        let rows = [5, 1, 2, 3, 9, 2].map(|id| ("public.t".to_string(), id));
+        let cp = StreamCheckpoint::new(order, rows, "public.t");
         assert_eq!(cp.backfill_unrecorded, vec![[1, 3], [5, 5], [9, 9]]);
+        // The first table's rows are where earlier releases wrote and read them.
+        assert!(!String::from_utf8(cp.to_json()).unwrap().contains("backfill_unrecorded_of"));
         let back = StreamCheckpoint::from_json(&cp.to_json()).unwrap();
         assert_eq!(back.order().unwrap(), order);
-        assert_eq!(back.backfill_ids(), vec![1, 2, 3, 5, 9]);
+        let ids: Vec<i64> = back.backfill_rows("public.t").into_iter().map(|(_, id)| id).collect();
+        assert_eq!(ids, vec![1, 2, 3, 5, 9]);
+        let two = StreamCheckpoint::new(
+            order,
+            [("a.x".to_string(), 1), ("b.y".to_string(), 7), ("b.y".to_string(), 8)],
+            "a.x",
+        );
+        let back = StreamCheckpoint::from_json(&two.to_json()).unwrap();
+        assert_eq!(
+            back.backfill_rows("a.x"),
+            vec![("a.x".into(), 1), ("b.y".into(), 7), ("b.y".into(), 8)]
+        );
         assert!(
             order
                 > ChangeOrder {

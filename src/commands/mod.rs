@@ -10,7 +10,7 @@ pub mod stream;
 
 pub use error::Error;
 
-use crate::config::{read_secret, ClickHouseArgs, KafkaSecurityArgs, Op, PostgresArgs};
+use crate::config::{read_secret, ClickHouseArgs, KafkaArgs, KafkaSecurityArgs, Op, PostgresArgs};
 use crate::kafka::KafkaConnection;
 use crate::metrics::Registry;
 use crate::sink::clickhouse::config::tls_for_url;
@@ -23,10 +23,53 @@ pub fn publish_ops(ops: &[Op]) -> PublishOps {
     PublishOps(ops.iter().map(|o| o.as_str()).collect())
 }
 
+/// The topic of each table (by [`crate::source::postgres::TableId`]): a `--route` names it, else
+/// `--topic` for a single table, else `user_events` for `public.user_logins` (the seed's
+/// contract) and `<schema>.<table>` for any other.
+pub fn table_topics(cfg: &SourceConfig, kafka: &KafkaArgs) -> Result<Vec<String>, Error> {
+    let mut routes = std::collections::HashMap::new();
+    for route in &kafka.routes {
+        let (table, topic) = route.split_once('=').ok_or_else(|| {
+            Error::Config(format!(
+                "--route {route:?} must be `schema.table=topic`"
+            ))
+        })?;
+        let table = crate::source::postgres::TableSpec::parse(table.trim())?.name();
+        if !cfg.tables.iter().any(|t| t.name() == table) {
+            return Err(Error::Config(format!(
+                "--route names {table}, which is not among --table {}",
+                cfg.table_names()
+            )));
+        }
+        routes.insert(table, topic.trim().to_string());
+    }
+    if kafka.topic.is_some() && cfg.tables.len() > 1 {
+        return Err(Error::Config(
+            "--topic names the topic of one table; with several, give each its topic with --route schema.table=topic (or let each go to <schema>.<table>)".into(),
+        ));
+    }
+    Ok(cfg
+        .tables
+        .iter()
+        .map(|t| {
+            routes
+                .get(&t.name())
+                .cloned()
+                .or_else(|| kafka.topic.clone())
+                .unwrap_or_else(|| match t.name().as_str() {
+                    "public.user_logins" => "user_events".to_string(),
+                    name => name.to_string(),
+                })
+        })
+        .collect())
+}
+
 /// The source settings from the command line, with the password from its file if one is named.
 pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig, Error> {
-    let mut cfg = SourceConfig::new(&pg.pg_url, &pg.table, &pg.slot, &pg.publication, ops)?;
-    cfg.ledger_column = Some(pg.ledger_column.clone());
+    let mut cfg = SourceConfig::new(&pg.pg_url, &pg.tables, &pg.slot, &pg.publication, ops)?;
+    for t in &mut cfg.tables {
+        t.ledger_column = Some(pg.ledger_column.clone());
+    }
     if let Some(file) = &pg.pg_password_file {
         cfg.pg.password(read_secret(file).map_err(Error::Config)?);
     }

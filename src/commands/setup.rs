@@ -3,7 +3,7 @@
 
 use crate::commands::Error;
 use crate::config::{SetupArgs, TeardownArgs};
-use crate::kafka::topic::ensure_topic;
+use crate::kafka::topic::{ensure_topic, ensure_topic_with};
 use crate::sink::clickhouse::schema;
 use crate::source::postgres::catalog;
 use crate::source::postgres::{PublishOps, SourceError};
@@ -44,14 +44,20 @@ pub async fn setup(args: SetupArgs) -> Result<(), Error> {
     let kafka = super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security)
         .await?
         .client_config();
-    let n = ensure_topic(
-        &kafka,
-        &args.kafka.topic,
-        args.topic_partitions,
-        args.topic_replication,
-    )
-    .await?;
-    println!("topic {}: {n} partitions", args.kafka.topic);
+    for topic in super::table_topics(&cfg, &args.kafka)? {
+        let n = ensure_topic(&kafka, &topic, args.topic_partitions, args.topic_replication).await?;
+        println!("topic {topic}: {n} partitions");
+        let schemas = crate::event::schemas_topic(&topic);
+        ensure_topic_with(
+            &kafka,
+            &schemas,
+            1,
+            args.topic_replication,
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
+        println!("topic {schemas}: 1 partition (compacted)");
+    }
     let n = ensure_topic(&kafka, &args.dlq_topic, 1, args.topic_replication).await?;
     println!("topic {}: {n} partitions", args.dlq_topic);
 

@@ -8,9 +8,15 @@ pub struct KafkaArgs {
     #[arg(long, env = "CDC_RELAY_KAFKA_BROKERS")]
     pub kafka_brokers: String,
 
-    /// Topic that carries the change events.
-    #[arg(long, env = "CDC_RELAY_TOPIC", default_value = "user_events")]
-    pub topic: String,
+    /// Topic that carries the change events of the one table relayed (default: `user_events` for
+    /// `public.user_logins`, the seed's contract, and `<schema>.<table>` for any other table).
+    #[arg(long, env = "CDC_RELAY_TOPIC")]
+    pub topic: Option<String>,
+
+    /// The topic of one table, `schema.table=topic` (repeatable, or comma-separated), when
+    /// several tables are relayed.
+    #[arg(long = "route", env = "CDC_RELAY_ROUTE", value_delimiter = ',')]
+    pub routes: Vec<String>,
 
     #[command(flatten)]
     pub security: KafkaSecurityArgs,

@@ -21,9 +21,15 @@ pub struct PostgresArgs {
     #[arg(long, env = "CDC_RELAY_PG_PASSWORD_FILE")]
     pub pg_password_file: Option<std::path::PathBuf>,
 
-    /// Source table, schema-qualified.
-    #[arg(long, env = "CDC_RELAY_TABLE", default_value = "public.user_logins")]
-    pub table: String,
+    /// Source table, schema-qualified; repeat it (or separate with commas) to relay several
+    /// through one slot and one publication.
+    #[arg(
+        long = "table",
+        env = "CDC_RELAY_TABLE",
+        default_value = "public.user_logins",
+        value_delimiter = ','
+    )]
+    pub tables: Vec<String>,
 
     /// Logical replication slot name.
     #[arg(long, env = "CDC_RELAY_SLOT", default_value = "cdc_relay")]

@@ -27,7 +27,6 @@ const BATCH_OVERHEAD: usize = 512;
 
 pub struct KafkaProducer {
     producer: FutureProducer,
-    topic: String,
     dead_letter_topic: String,
     limit: usize,
     /// Schemas whose record the schemas topic has (acknowledged), with their ids. A shape is one
@@ -39,7 +38,8 @@ pub struct KafkaProducer {
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
     pub connection: KafkaConnection,
-    pub topic: String,
+    /// Every topic the producer writes changes to (its size limit is the smallest of theirs).
+    pub topics: Vec<String>,
     /// Where changes go that cannot be produced to `topic`.
     pub dead_letter_topic: String,
     /// librdkafka's local queue; kept near the relay's own in-flight bound so memory stays bounded.
@@ -56,10 +56,11 @@ pub type DeliveryResult = Result<(), KafkaError>;
 
 impl KafkaProducer {
     pub async fn new(cfg: &ProducerConfig) -> Result<Self, KafkaError> {
-        let topic_limit = max_message_bytes(&cfg.connection, &cfg.topic).await?;
-        let dlq_limit = max_message_bytes(&cfg.connection, &cfg.dead_letter_topic).await?;
-        let limit = topic_limit
-            .min(dlq_limit)
+        let mut limit = max_message_bytes(&cfg.connection, &cfg.dead_letter_topic).await?;
+        for topic in &cfg.topics {
+            limit = limit.min(max_message_bytes(&cfg.connection, topic).await?);
+        }
+        let limit = limit
             .saturating_sub(BATCH_OVERHEAD)
             .max(1000);
         let mut producer = cfg.connection.client_config();
@@ -90,10 +91,9 @@ impl KafkaProducer {
                 .create(),
         }
         .map_err(KafkaError::client("creating the producer"))?;
-        tracing::debug!(topic = %cfg.topic, limit, "producer message size limit");
+        tracing::debug!(limit, "producer message size limit");
         Ok(KafkaProducer {
             producer,
-            topic: cfg.topic.clone(),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
             limit,
             published: Mutex::new(Vec::new()),
@@ -206,14 +206,15 @@ impl KafkaProducer {
     pub async fn send(
         &self,
         event: &ChangeEvent,
+        topic: &str,
     ) -> Result<(impl Future<Output = DeliveryResult> + Send + 'static, usize), KafkaError> {
         let schema_id = match &event.schema {
-            Some(schema) => Some(self.publish_schema(schema).await?),
+            Some(schema) => Some(self.publish_schema(schema, topic).await?),
             None => None,
         };
         let payload = event.to_json();
         let key = event.key();
-        self.send_record(&self.topic, key.as_deref(), payload, schema_id.as_deref())
+        self.send_record(topic, key.as_deref(), payload, schema_id.as_deref())
             .await
     }
 
@@ -223,7 +224,11 @@ impl KafkaProducer {
 
     /// The schema's id, once its record is in the schemas topic: a consumer that reads a message
     /// naming the id can always find the record (docs/message-format.md).
-    async fn publish_schema(&self, schema: &Arc<RelationSchema>) -> Result<String, KafkaError> {
+    async fn publish_schema(
+        &self,
+        schema: &Arc<RelationSchema>,
+        topic: &str,
+    ) -> Result<String, KafkaError> {
         if let Some((_, id)) = self
             .lock_published()
             .iter()
@@ -234,7 +239,7 @@ impl KafkaProducer {
         let id = schema.id();
         if !self.lock_published().iter().any(|(_, known)| *known == id) {
             let record = serde_json::to_vec(schema.as_ref()).unwrap_or_default();
-            self.send_and_wait(&schemas_topic(&self.topic), &id, record)
+            self.send_and_wait(&schemas_topic(topic), &id, record)
                 .await?;
             tracing::info!(table = %schema.qualified_name(), schema_id = %id, columns = schema.columns.len(), "schema published");
         }

@@ -1,19 +1,21 @@
 //! The backfill as the stream command runs it: a task reads chunks (source/postgres/backfill.rs)
 //! and hands each to the main loop, which opens the chunk's window before the read and releases
 //! its rows when the stream reaches the chunk's watermark. One chunk at a time, so at most one
-//! chunk's rows wait in memory.
+//! chunk's rows wait in memory; the tables with the ledger one after the other.
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::event::{ChangeEvent, Lsn};
+use crate::event::{ChangeEvent, Lsn, Op};
 use crate::failpoints;
 use crate::progress::Progress;
 use crate::source::postgres::backfill::{Backfill, Chunk, ChunkWindow};
-use crate::source::postgres::{SourceConfig, SourceError};
+use crate::source::postgres::{SourceConfig, SourceError, TableId};
 
 /// What the backfill task tells the main loop.
 pub(super) enum BackfillMsg {
+    /// The backfill of this table begins (its watermarks carry `run`).
+    Table { table: TableId, run: String },
     /// How many rows are to do, for progress reports (counted in the task: on a large table the
     /// count takes long, and the main loop must keep answering the server meanwhile).
     Total(u64),
@@ -21,6 +23,7 @@ pub(super) enum BackfillMsg {
     Open(oneshot::Sender<()>),
     /// A chunk was read and its watermark written; the reply is sent when its rows were produced.
     Chunk(Chunk, oneshot::Sender<()>),
+    /// Every table is done.
     Done,
     Failed(SourceError),
 }
@@ -30,6 +33,8 @@ pub(super) struct BackfillRun {
     rx: Option<mpsc::Receiver<BackfillMsg>>,
     task: Option<JoinHandle<()>>,
     pub window: ChunkWindow,
+    /// The table being backfilled: the window notes only its changes.
+    table: Option<TableId>,
     /// The go-ahead of the chunk waiting for its watermark.
     release: Option<oneshot::Sender<()>>,
     /// The go-ahead of a released chunk, kept until the main loop lets it go.
@@ -41,19 +46,30 @@ pub(super) struct BackfillRun {
 }
 
 impl BackfillRun {
-    pub async fn start(
-        &mut self,
-        cfg: &SourceConfig,
-        chunk: i64,
-        hold: bool,
-    ) -> Result<(), SourceError> {
+    /// Starts backfilling `tables`, one after the other.
+    pub fn start(&mut self, cfg: &SourceConfig, tables: Vec<TableId>, chunk: i64, hold: bool) {
         self.hold = hold;
-        let backfill = Backfill::new(cfg, chunk).await?;
-        self.window.start(backfill.run());
         let (tx, rx) = mpsc::channel(1);
-        self.task = Some(tokio::spawn(read_chunks(backfill, tx)));
+        self.task = Some(tokio::spawn(read_chunks(cfg.clone(), tables, chunk, tx)));
         self.rx = Some(rx);
-        Ok(())
+    }
+
+    /// A table's backfill begins: from now on the window notes its changes.
+    pub fn on_table(&mut self, table: TableId, run: &str) {
+        self.table = Some(table);
+        self.window.start(run);
+    }
+
+    /// The table being backfilled.
+    pub fn table(&self) -> Option<TableId> {
+        self.table
+    }
+
+    /// Notes a change for the chunk window, if it is of the table being backfilled.
+    pub fn note(&mut self, table: TableId, op: Op, id: Option<i64>, partial: bool, version: u64) {
+        if self.table == Some(table) {
+            self.window.note(op, id, partial, version);
+        }
     }
 
     /// The task's next message; never resolves when no backfill runs. Cancel-safe.
@@ -81,20 +97,26 @@ impl BackfillRun {
         &mut self,
         chunk: Chunk,
         release: oneshot::Sender<()>,
-    ) -> Option<(Vec<ChangeEvent>, Lsn)> {
+    ) -> Option<(TableId, Vec<ChangeEvent>, Lsn)> {
         if let Some(p) = self.progress.as_mut() {
             p.add(chunk.rows.len() as u64);
         }
         self.release = Some(release);
+        let table = chunk.table;
         let (rows, lsn) = self.window.on_chunk(chunk)?;
-        Some((self.released(rows), lsn))
+        Some((table, self.released(rows), lsn))
     }
 
     /// The stream reached a watermark: the chunk's rows (and the watermark's position) if it was
     /// this run's chunk's.
-    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<(Vec<ChangeEvent>, Lsn)> {
+    pub fn on_watermark(
+        &mut self,
+        tag: &str,
+        lsn: Lsn,
+    ) -> Option<(TableId, Vec<ChangeEvent>, Lsn)> {
+        let table = self.table?;
         let (rows, lsn) = self.window.on_watermark(tag, lsn)?;
-        Some((self.released(rows), lsn))
+        Some((table, self.released(rows), lsn))
     }
 
     /// Lets the backfill read its next chunk, if a released chunk holds it back.
@@ -130,20 +152,46 @@ impl BackfillRun {
         self.rx = None;
         self.release = None;
         self.held = None;
+        self.table = None;
         self.window.close();
     }
 }
 
-async fn read_chunks(mut backfill: Backfill, tx: mpsc::Sender<BackfillMsg>) {
+async fn read_chunks(
+    cfg: SourceConfig,
+    tables: Vec<TableId>,
+    chunk: i64,
+    tx: mpsc::Sender<BackfillMsg>,
+) {
+    for table in tables {
+        let backfill = match Backfill::new(&cfg, table, chunk).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(BackfillMsg::Failed(e)).await;
+                return;
+            }
+        };
+        let run = backfill.run().to_string();
+        if tx.send(BackfillMsg::Table { table, run }).await.is_err()
+            || !read_table(backfill, &tx).await
+        {
+            return;
+        }
+    }
+    let _ = tx.send(BackfillMsg::Done).await;
+}
+
+/// One table's chunks; `false` if the backfill ends here (failed, or the main loop is gone).
+async fn read_table(mut backfill: Backfill, tx: &mpsc::Sender<BackfillMsg>) -> bool {
     if let Ok(total) = backfill.count_remaining().await {
         if tx.send(BackfillMsg::Total(total as u64)).await.is_err() {
-            return;
+            return false;
         }
     }
     loop {
         let (open, opened) = oneshot::channel();
         if tx.send(BackfillMsg::Open(open)).await.is_err() || opened.await.is_err() {
-            return;
+            return false;
         }
         match backfill.read_chunk().await {
             Ok(Some(chunk)) => {
@@ -152,20 +200,16 @@ async fn read_chunks(mut backfill: Backfill, tx: mpsc::Sender<BackfillMsg>) {
                 if tx.send(BackfillMsg::Chunk(chunk, release)).await.is_err()
                     || released.await.is_err()
                 {
-                    return;
+                    return false;
                 }
                 if last {
-                    let _ = tx.send(BackfillMsg::Done).await;
-                    return;
+                    return true;
                 }
             }
-            Ok(None) => {
-                let _ = tx.send(BackfillMsg::Done).await;
-                return;
-            }
+            Ok(None) => return true,
             Err(e) => {
                 let _ = tx.send(BackfillMsg::Failed(e)).await;
-                return;
+                return false;
             }
         }
     }

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::tracker::Tracker;
+use super::tracker::{LedgerRow, Tracker};
 use crate::event::{ChangeOrder, Lsn, StreamCheckpoint};
 use crate::kafka::producer::KafkaProducer;
 use crate::kafka::{checkpoint, KafkaConnection, KafkaError};
@@ -36,7 +36,9 @@ pub(super) struct ExactlyOnce {
     /// The committed output reaches this far: replayed changes at or below it are dropped.
     committed: Option<ChangeOrder>,
     /// Backfilled rows in committed transactions to record in the ledger before anything else.
-    repair: Vec<i64>,
+    repair: Vec<LedgerRow>,
+    /// The stream's tables by [`TableId`], as checkpoints name them.
+    tables: Vec<String>,
     open: bool,
     started: Instant,
     messages: usize,
@@ -59,6 +61,7 @@ impl ExactlyOnce {
         connection: KafkaConnection,
         max_changes: usize,
         max_age: Duration,
+        tables: Vec<String>,
     ) -> Self {
         ExactlyOnce {
             key: transactional_id(database, slot),
@@ -68,6 +71,7 @@ impl ExactlyOnce {
             checkpoint_read: false,
             committed: None,
             repair: Vec::new(),
+            tables,
             open: false,
             started: Instant::now(),
             messages: 0,
@@ -114,24 +118,38 @@ impl ExactlyOnce {
                 })?;
                 tracing::info!(lsn = %order.lsn, index = order.index, backfill_unrecorded = cp.backfill_unrecorded.len(), "exactly-once: resuming after the last committed checkpoint");
                 self.committed = Some(order);
-                self.repair.extend(cp.backfill_ids());
+                for (table, id) in cp.backfill_rows(&self.tables[0]) {
+                    match self.tables.iter().position(|t| *t == table) {
+                        Some(t) => self.repair.push((t, id)),
+                        None => tracing::warn!(%table, id, "exactly-once: the last checkpoint names a backfilled row of a table this stream no longer relays; its ledger is left as it is"),
+                    }
+                }
             }
             self.checkpoint_read = true;
         }
-        if !self.repair.is_empty() {
-            let mut ledger = Ledger::new(cfg);
-            let outcome = ledger
-                .mark_sent(&mut self.repair)
+        let mut locked = Vec::new();
+        for (table, spec) in cfg.tables.iter().enumerate() {
+            let mut ids: Vec<i64> = self
+                .repair
+                .iter()
+                .filter(|(t, _)| *t == table)
+                .map(|(_, id)| *id)
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let outcome = Ledger::new(cfg, spec)
+                .mark_sent(&mut ids)
                 .await
                 .map_err(SessionStart::Source)?;
-            if !outcome.locked.is_empty() {
-                self.repair = outcome.locked;
-                return Err(SessionStart::Source(SourceError::Interrupted(format!(
-                    "{} backfilled rows already in Kafka are locked by another transaction; recording them again shortly",
-                    self.repair.len()
-                ))));
-            }
-            self.repair.clear();
+            locked.extend(outcome.locked.into_iter().map(|id| (table, id)));
+        }
+        self.repair = locked;
+        if !self.repair.is_empty() {
+            return Err(SessionStart::Source(SourceError::Interrupted(format!(
+                "{} backfilled rows already in Kafka are locked by another transaction; recording them again shortly",
+                self.repair.len()
+            ))));
         }
         Ok(())
     }
@@ -187,7 +205,11 @@ impl ExactlyOnce {
         }
         // Never behind an earlier checkpoint: a chunk's rows can go out after later transactions.
         if let Some(last) = self.committed.max(self.last) {
-            let cp = StreamCheckpoint::new(last, t.backfill_unrecorded_ids());
+            let rows = t
+                .backfill_unrecorded_ids()
+                .into_iter()
+                .map(|(table, id)| (self.tables[table].clone(), id));
+            let cp = StreamCheckpoint::new(last, rows, &self.tables[0]);
             let send = producer.send_and_wait(&self.topic, &self.key, cp.to_json());
             match tokio::time::timeout(CHECKPOINT_TIMEOUT, send).await {
                 Ok(r) => r?,

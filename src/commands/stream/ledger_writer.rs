@@ -10,25 +10,57 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::metrics::StreamMetrics;
-use super::tracker::Tracker;
+use super::tracker::{LedgerRow, Tracker};
 use crate::backoff::Backoff;
 use crate::failpoints;
 use crate::source::postgres::ledger::{Ledger, LedgerOutcome};
 use crate::source::postgres::{SourceConfig, SourceError};
 
-type Outcome = Result<LedgerOutcome, SourceError>;
+type Outcome = Result<TablesOutcome, SourceError>;
+
+/// What one write did across the tables.
+#[derive(Debug, Default)]
+pub(super) struct TablesOutcome {
+    /// Rows still not recorded because another transaction holds them (or their table) locked.
+    locked: Vec<LedgerRow>,
+    /// A table itself was locked (DDL).
+    table_locked: bool,
+}
+
+/// One statement per table, in table order (so concurrent writers lock alike); stops at the
+/// first error, the caller retries the whole batch (marking a row twice changes nothing).
+async fn mark_sent(
+    ledgers: &mut [Option<Ledger>],
+    rows: Vec<LedgerRow>,
+) -> Result<TablesOutcome, SourceError> {
+    let mut out = TablesOutcome::default();
+    for (table, ledger) in ledgers.iter_mut().enumerate() {
+        let mut ids: Vec<i64> = rows
+            .iter()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, id)| *id)
+            .collect();
+        let Some(ledger) = ledger.as_mut().filter(|_| !ids.is_empty()) else {
+            continue;
+        };
+        let o: LedgerOutcome = ledger.mark_sent(&mut ids).await?;
+        out.locked.extend(o.locked.into_iter().map(|id| (table, id)));
+        out.table_locked |= o.table_locked;
+    }
+    Ok(out)
+}
 
 pub(super) struct LedgerWriter {
-    requests: mpsc::Sender<Vec<i64>>,
+    requests: mpsc::Sender<Vec<LedgerRow>>,
     outcomes: mpsc::Receiver<Outcome>,
     task: JoinHandle<()>,
     /// The write in progress: (delivery, id) pairs and when it started.
-    busy: Option<(Vec<(u64, i64)>, Instant)>,
+    busy: Option<(Vec<(u64, LedgerRow)>, Instant)>,
     /// After an error: no new write before this.
     not_before: Option<Instant>,
     /// Rows another transaction held locked, tried again apart from fresh rows (which then keep
     /// the fast path) and at most every half second.
-    held: Vec<(u64, i64)>,
+    held: Vec<(u64, LedgerRow)>,
     held_retry_at: Option<Instant>,
     backoff: Backoff,
     last_warning: Option<Instant>,
@@ -36,12 +68,17 @@ pub(super) struct LedgerWriter {
 
 impl LedgerWriter {
     pub fn start(cfg: &SourceConfig) -> Self {
-        let (requests, mut rx) = mpsc::channel::<Vec<i64>>(1);
+        let (requests, mut rx) = mpsc::channel::<Vec<LedgerRow>>(1);
         let (tx, outcomes) = mpsc::channel::<Outcome>(1);
-        let mut ledger = Ledger::new(cfg);
+        // One ledger per table that has the ledger column (`None` for the others).
+        let mut ledgers: Vec<Option<Ledger>> = cfg
+            .tables
+            .iter()
+            .map(|spec| spec.ledger_column.is_some().then(|| Ledger::new(cfg, spec)))
+            .collect();
         let task = tokio::spawn(async move {
-            while let Some(mut ids) = rx.recv().await {
-                let outcome = ledger.mark_sent(&mut ids).await;
+            while let Some(rows) = rx.recv().await {
+                let outcome = mark_sent(&mut ledgers, rows).await;
                 if tx.send(outcome).await.is_err() {
                     return;
                 }
@@ -81,7 +118,7 @@ impl LedgerWriter {
             return;
         };
         failpoints::hit(failpoints::STREAM_AFTER_KAFKA_ACK);
-        let ids = rows.iter().map(|(_, id)| *id).collect();
+        let ids = rows.iter().map(|(_, row)| *row).collect();
         match self.requests.try_send(ids) {
             Ok(()) => self.busy = Some((rows, Instant::now())),
             // The task is gone (it only ends when this writer is dropped): keep the rows.
@@ -117,9 +154,9 @@ impl LedgerWriter {
             Ok(o) => {
                 metrics.ledger_seconds.record(started.elapsed());
                 metrics.ledger_writes.inc();
-                let locked: HashSet<i64> = o.locked.iter().copied().collect();
+                let locked: HashSet<LedgerRow> = o.locked.iter().copied().collect();
                 let (held, done): (Vec<_>, Vec<_>) =
-                    rows.into_iter().partition(|(_, id)| locked.contains(id));
+                    rows.into_iter().partition(|(_, row)| locked.contains(row));
                 metrics.ledger_rows.add(done.len() as u64);
                 t.recorded(done.into_iter().map(|(seq, _)| seq));
                 failpoints::hit(failpoints::STREAM_AFTER_LEDGER_WRITE);
@@ -152,7 +189,7 @@ impl LedgerWriter {
         }
     }
 
-    fn warn_held(&mut self, held: &[(u64, i64)], table_locked: bool) {
+    fn warn_held(&mut self, held: &[(u64, LedgerRow)], table_locked: bool) {
         if self
             .last_warning
             .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
@@ -160,7 +197,7 @@ impl LedgerWriter {
             return;
         }
         self.last_warning = Some(Instant::now());
-        let sample: Vec<i64> = held.iter().take(5).map(|(_, id)| *id).collect();
+        let sample: Vec<i64> = held.iter().take(5).map(|(_, (_, id))| *id).collect();
         if table_locked {
             tracing::warn!(rows = held.len(), "ledger waiting: the table is locked (a TRUNCATE or ALTER TABLE running or queued?); the stream goes on, the confirmed position waits");
         } else {

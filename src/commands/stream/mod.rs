@@ -36,7 +36,7 @@ use crate::metrics::Registry;
 use crate::source::postgres::client::{ReplicationClient, SystemIdentity};
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
 use crate::source::postgres::{catalog, origin};
-use crate::source::postgres::{SourceConfig, SourceError};
+use crate::source::postgres::{SourceConfig, SourceError, TableSpec};
 
 /// Why a streaming session ended.
 enum SessionEnd {
@@ -56,6 +56,8 @@ struct StreamCommand {
     metrics: StreamMetrics,
     args: StreamArgs,
     cfg: SourceConfig,
+    /// Each table's topic, by [`TableId`].
+    topics: Vec<String>,
     producer: KafkaProducer,
     /// For heartbeats and retention checks (the ledger has its own session).
     sql: Option<tokio_postgres::Client>,
@@ -77,33 +79,34 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
     let kafka = connection.client_config();
-    let partitions = ensure_topic(
-        &kafka,
-        &args.kafka.topic,
-        args.topic_partitions,
-        args.topic_replication,
-    )
-    .await?;
+    let topics = super::table_topics(&cfg, &args.kafka)?;
+    let first_topic = topics[0].clone();
+    let mut partitions = Vec::new();
+    for topic in distinct(&topics) {
+        partitions.push(
+            ensure_topic(&kafka, topic, args.topic_partitions, args.topic_replication).await?,
+        );
+        // The tables' schema records, which the messages name by id: compacted, so the newest
+        // record of every id stays however long the topic runs.
+        ensure_topic_with(
+            &kafka,
+            &schemas_topic(topic),
+            1,
+            args.topic_replication,
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
+    }
     let dead_letter_topic = args
         .stream_dlq_topic
         .clone()
-        .unwrap_or_else(|| format!("{}.stream-dlq", args.kafka.topic));
+        .unwrap_or_else(|| format!("{first_topic}.stream-dlq"));
     ensure_topic(&kafka, &dead_letter_topic, 1, args.topic_replication).await?;
-    // The table's schema records, which the messages name by id: compacted, so the newest record
-    // of every id stays however long the topic runs.
-    ensure_topic_with(
-        &kafka,
-        &schemas_topic(&args.kafka.topic),
-        1,
-        args.topic_replication,
-        &[("cleanup.policy", "compact")],
-    )
-    .await?;
     let eo = if args.exactly_once {
         let topic = args
             .checkpoint_topic
             .clone()
-            .unwrap_or_else(|| format!("{}.checkpoints", args.kafka.topic));
+            .unwrap_or_else(|| format!("{first_topic}.checkpoints"));
         let partitions = ensure_topic_with(
             &kafka,
             &topic,
@@ -124,13 +127,14 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
             connection.clone(),
             args.transaction_max_changes,
             args.transaction_max_ms,
+            cfg.tables.iter().map(TableSpec::name).collect(),
         ))
     } else {
         None
     };
     let producer = KafkaProducer::new(&ProducerConfig {
         connection: connection.clone(),
-        topic: args.kafka.topic.clone(),
+        topics: topics.clone(),
         dead_letter_topic,
         queue_messages: args.max_in_flight + args.backfill_chunk as usize + 1000,
         transactional_id: args
@@ -138,7 +142,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
             .then(|| exactly_once::transactional_id(&cfg.database(), &args.postgres.slot)),
     })
     .await?;
-    tracing::info!(table = %cfg.qualified_table(), topic = %args.kafka.topic, partitions, slot = %cfg.slot, dead_letters = %producer.dead_letter_topic(), max_message_bytes = producer.limit(), "stream starting");
+    tracing::info!(tables = %cfg.table_names(), topics = %topics.join(", "), ?partitions, slot = %cfg.slot, dead_letters = %producer.dead_letter_topic(), max_message_bytes = producer.limit(), "stream starting");
 
     let mut slot = catalog::slot_info(&cfg, &sql).await?;
     if let Some(info) = &slot {
@@ -153,20 +157,21 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
     } else if !args.recreate_slot {
         // No slot, but the topic already carries our events: the slot existed and was dropped.
         // A new one would start from now and silently skip what happened in between.
-        let topic = args.kafka.topic.clone();
-        let fed_before =
-            tokio::task::spawn_blocking(move || inspect::holds_relay_events(&connection, &topic))
-                .await
-                .map_err(|e| Error::Config(format!("inspecting the topic failed: {e}")))??;
-        if fed_before {
-            return Err(SourceError::SlotLost {
-                slot: cfg.slot.clone(),
-                reason: format!(
-                    "it does not exist, but topic {} already holds events streamed from it",
-                    args.kafka.topic
-                ),
+        for topic in distinct(&topics) {
+            let (c, t) = (connection.clone(), topic.clone());
+            let fed_before =
+                tokio::task::spawn_blocking(move || inspect::holds_relay_events(&c, &t))
+                    .await
+                    .map_err(|e| Error::Config(format!("inspecting the topic failed: {e}")))??;
+            if fed_before {
+                return Err(SourceError::SlotLost {
+                    slot: cfg.slot.clone(),
+                    reason: format!(
+                        "it does not exist, but topic {topic} already holds events streamed from it"
+                    ),
+                }
+                .into());
             }
-            .into());
         }
     }
     // Either way the unsent rows are backfilled once the stream has caught up, in short chunks
@@ -198,6 +203,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         metrics,
         args,
         cfg,
+        topics,
         producer,
         sql: Some(sql),
         shutdown,
@@ -216,7 +222,7 @@ impl StreamCommand {
     ) -> Result<(), Error> {
         let mut confirmed = start;
         // A table without the ledger has no unsent rows to read.
-        let mut backfill = if self.cfg.ledger_column.is_some() {
+        let mut backfill = if self.ledger_tables().next().is_some() {
             BackfillState::Pending
         } else {
             BackfillState::Done
@@ -329,15 +335,8 @@ impl StreamCommand {
                 catch_up_at = None;
                 tracing::info!("stream caught up; backfilling rows still marked unsent");
                 let hold = self.eo.is_some();
-                if let Err(e) = backfill
-                    .start(&self.cfg, self.args.backfill_chunk, hold)
-                    .await
-                {
-                    if e.is_transient() {
-                        break SessionEnd::Retry(e.to_string());
-                    }
-                    return Err(e.into());
-                }
+                let tables = self.ledger_tables().collect();
+                backfill.start(&self.cfg, tables, self.args.backfill_chunk, hold);
             }
             if t.broken && t.in_flight == 0 {
                 break SessionEnd::Retry("a Kafka delivery failed".into());
@@ -387,17 +386,17 @@ impl StreamCommand {
                 }
                 msg = source.next(), if read_more => {
                     match msg {
-                        Ok(Some(SourceMessage::Change(event, order))) => {
-                            backfill.window.note(event.op, event.id(), !event.unchanged.is_empty(), event.version);
+                        Ok(Some(SourceMessage::Change(table, event, order))) => {
+                            backfill.note(table, event.op, event.id(), !event.unchanged.is_empty(), event.version);
                             if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
-                                t.push_committed(self.ledger_id(event.op, event.id()));
+                                t.push_committed(self.ledger_id(table, event.op, event.id()));
                             } else {
-                                self.produce(&mut t, &event, false, order).await?;
+                                self.produce(&mut t, table, &event, false, order).await?;
                             }
                         }
-                        Ok(Some(SourceMessage::DeadLetter(dead, order))) => {
-                            backfill.window.note(dead.op, dead.id, false, dead.version);
-                            let ledger_id = self.ledger_id(dead.op, dead.id);
+                        Ok(Some(SourceMessage::DeadLetter(table, dead, order))) => {
+                            backfill.note(table, dead.op, dead.id, false, dead.version);
+                            let ledger_id = self.ledger_id(table, dead.op, dead.id);
                             if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
                                 t.push_committed(ledger_id);
                             } else {
@@ -405,8 +404,8 @@ impl StreamCommand {
                             }
                         }
                         Ok(Some(SourceMessage::Watermark { tag, lsn })) => {
-                            if let Some((rows, at)) = backfill.on_watermark(&tag, lsn) {
-                                self.produce_backfill(&mut t, rows, at).await?;
+                            if let Some((table, rows, at)) = backfill.on_watermark(&tag, lsn) {
+                                self.produce_backfill(&mut t, table, rows, at).await?;
                             }
                             if !source.in_transaction() {
                                 t.push_position(lsn);
@@ -432,14 +431,20 @@ impl StreamCommand {
                 }
                 msg = backfill.next(), if read_more => {
                     match msg {
+                        BackfillMsg::Table { table, run } => {
+                            tracing::info!(table = %self.cfg.tables[table].name(), "backfilling rows still marked unsent");
+                            backfill.on_table(table, &run);
+                        }
                         BackfillMsg::Total(total) => backfill.set_total(total),
                         BackfillMsg::Open(reply) => {
-                            backfill.window.open(t.unrecorded_stream_ids());
+                            if let Some(table) = backfill.table() {
+                                backfill.window.open(t.unrecorded_stream_ids(table));
+                            }
                             let _ = reply.send(());
                         }
                         BackfillMsg::Chunk(chunk, release) => {
-                            if let Some((rows, lsn)) = backfill.on_chunk(chunk, release) {
-                                self.produce_backfill(&mut t, rows, lsn).await?;
+                            if let Some((table, rows, lsn)) = backfill.on_chunk(chunk, release) {
+                                self.produce_backfill(&mut t, table, rows, lsn).await?;
                             }
                         }
                         BackfillMsg::Done => {
@@ -564,6 +569,17 @@ impl StreamCommand {
             retry => Ok(retry),
         }
     }
+}
+
+/// The topics, each once (tables may share one).
+fn distinct(topics: &[String]) -> Vec<&String> {
+    let mut seen = Vec::new();
+    for t in topics {
+        if !seen.contains(&t) {
+            seen.push(t);
+        }
+    }
+    seen
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

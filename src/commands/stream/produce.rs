@@ -1,24 +1,26 @@
 //! Producing what the session hands over: changes, backfilled rows and dead letters, each inside
 //! a Kafka transaction in exactly-once mode.
 
-use super::tracker::Tracker;
+use super::tracker::{LedgerRow, Tracker};
 use super::StreamCommand;
 use crate::commands::Error;
 use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
 use crate::kafka::KafkaError;
+use crate::source::postgres::TableId;
 
 impl StreamCommand {
     /// Produces one change; one too large for the topic goes to the dead-letter topic instead.
     pub(super) async fn produce(
         &mut self,
         t: &mut Tracker,
+        table: TableId,
         event: &ChangeEvent,
         from_backfill: bool,
         order: ChangeOrder,
     ) -> Result<(), Error> {
-        let ledger_id = self.ledger_id(event.op, event.id());
+        let ledger_id = self.ledger_id(table, event.op, event.id());
         self.before_produce()?;
-        match self.producer.send(event).await {
+        match self.producer.send(event, &self.topics[table]).await {
             Ok((ack, bytes)) => {
                 t.push_delivery(ledger_id, Box::pin(ack), from_backfill);
                 self.metrics.events.inc();
@@ -29,7 +31,8 @@ impl StreamCommand {
                 Ok(())
             }
             Err(e @ KafkaError::TooLarge { .. }) => {
-                let dead = StreamDeadLetter::of_event(event, &self.table_name(), e.to_string());
+                let dead =
+                    StreamDeadLetter::of_event(event, &self.cfg.tables[table].name(), e.to_string());
                 self.dead_letter(t, &dead, ledger_id, from_backfill, order)
                     .await
             }
@@ -49,6 +52,7 @@ impl StreamCommand {
     pub(super) async fn produce_backfill(
         &mut self,
         t: &mut Tracker,
+        table: TableId,
         rows: Vec<ChangeEvent>,
         lsn: Lsn,
     ) -> Result<(), Error> {
@@ -60,7 +64,7 @@ impl StreamCommand {
                 lsn: at,
                 index: index as u32,
             };
-            self.produce(t, event, true, order).await?;
+            self.produce(t, table, event, true, order).await?;
         }
         self.metrics.backfill_rows.add(rows.len() as u64);
         Ok(())
@@ -72,7 +76,7 @@ impl StreamCommand {
         &mut self,
         t: &mut Tracker,
         dead: &StreamDeadLetter,
-        ledger_id: Option<i64>,
+        ledger_id: Option<LedgerRow>,
         from_backfill: bool,
         order: ChangeOrder,
     ) -> Result<(), Error> {
@@ -93,15 +97,16 @@ impl StreamCommand {
 
     /// The row a delivery records in the ledger once Kafka has it: the row's id, for changes
     /// that leave a row behind, of a table that has the ledger.
-    pub(super) fn ledger_id(&self, op: Op, id: Option<i64>) -> Option<i64> {
+    pub(super) fn ledger_id(&self, table: TableId, op: Op, id: Option<i64>) -> Option<LedgerRow> {
         match op {
-            _ if self.cfg.ledger_column.is_none() => None,
-            Op::Snapshot | Op::Insert | Op::Update => id,
+            _ if self.cfg.tables[table].ledger_column.is_none() => None,
+            Op::Snapshot | Op::Insert | Op::Update => id.map(|id| (table, id)),
             Op::Delete | Op::Truncate => None,
         }
     }
 
-    fn table_name(&self) -> String {
-        format!("{}.{}", self.cfg.schema, self.cfg.table)
+    /// The tables that have the ledger (and so a backfill of unsent rows).
+    pub(super) fn ledger_tables(&self) -> impl Iterator<Item = TableId> + '_ {
+        (0..self.cfg.tables.len()).filter(|&t| self.cfg.tables[t].ledger_column.is_some())
     }
 }

@@ -10,6 +10,10 @@ use std::task::Poll;
 
 use crate::event::Lsn;
 use crate::kafka::producer::DeliveryResult;
+use crate::source::postgres::TableId;
+
+/// A row the ledger records: its table and integer key.
+pub(super) type LedgerRow = (TableId, i64);
 
 /// Most positions kept waiting for the ledger.
 const MAX_WAITING_POSITIONS: usize = 10_000;
@@ -19,7 +23,7 @@ pub(super) type Delivery = Pin<Box<dyn Future<Output = DeliveryResult> + Send>>;
 pub(super) enum Item {
     Delivery {
         seq: u64,
-        ledger_id: Option<i64>,
+        ledger_id: Option<LedgerRow>,
         from_backfill: bool,
         /// Already in a committed Kafka transaction (a replayed change the stream skipped).
         committed: bool,
@@ -35,11 +39,11 @@ pub(super) struct Tracker {
     next_seq: u64,
     pub in_flight: usize,
     /// Acknowledged rows to write to the ledger: (delivery, id).
-    pub to_ledger: Vec<(u64, i64)>,
+    pub to_ledger: Vec<(u64, LedgerRow)>,
     /// Exactly-once mode: acknowledged rows of the open Kafka transaction, for the ledger once it
     /// commits.
     exactly_once: bool,
-    uncommitted: Vec<(u64, i64)>,
+    uncommitted: Vec<(u64, LedgerRow)>,
     /// Exactly-once mode: every delivery below this is in a committed transaction.
     committed_below: u64,
     /// Exactly-once mode: the first delivery of the open transaction. Nothing at or after it is in
@@ -49,7 +53,7 @@ pub(super) struct Tracker {
     backfill_unrecorded: usize,
     /// Every delivery that carries a row not yet in the ledger (in flight, acknowledged, or being
     /// written): delivery → (id, whether the change stream produced it).
-    unrecorded: BTreeMap<u64, (i64, bool)>,
+    unrecorded: BTreeMap<u64, (LedgerRow, bool)>,
     /// Positions every delivery before which is acknowledged: confirmable once no delivery below
     /// the boundary is unrecorded.
     positions: VecDeque<(u64, Lsn)>,
@@ -88,19 +92,24 @@ impl Tracker {
     }
 
     /// Queues a delivery; `ledger_id` is the row to record once Kafka acknowledged it.
-    pub fn push_delivery(&mut self, ledger_id: Option<i64>, ack: Delivery, from_backfill: bool) {
+    pub fn push_delivery(
+        &mut self,
+        ledger_id: Option<LedgerRow>,
+        ack: Delivery,
+        from_backfill: bool,
+    ) {
         self.push(ledger_id, ack, from_backfill, false);
     }
 
     /// A replayed change that a committed transaction already holds: nothing is produced, its row
     /// goes to the ledger in turn.
-    pub fn push_committed(&mut self, ledger_id: Option<i64>) {
+    pub fn push_committed(&mut self, ledger_id: Option<LedgerRow>) {
         self.push(ledger_id, Box::pin(std::future::ready(Ok(()))), false, true);
     }
 
     fn push(
         &mut self,
-        ledger_id: Option<i64>,
+        ledger_id: Option<LedgerRow>,
         ack: Delivery,
         from_backfill: bool,
         committed: bool,
@@ -219,7 +228,7 @@ impl Tracker {
     }
 
     /// Up to `max` acknowledged rows for the next ledger write, oldest first.
-    pub fn take_ledger_batch(&mut self, max: usize) -> Vec<(u64, i64)> {
+    pub fn take_ledger_batch(&mut self, max: usize) -> Vec<(u64, LedgerRow)> {
         self.to_ledger.sort_unstable();
         let n = self.to_ledger.len().min(max.max(1));
         self.to_ledger.drain(..n).collect()
@@ -252,7 +261,7 @@ impl Tracker {
     }
 
     /// Ids of backfilled rows in committed transactions that the ledger has not recorded.
-    pub fn committed_backfill_unrecorded(&self) -> Vec<i64> {
+    pub fn committed_backfill_unrecorded(&self) -> Vec<LedgerRow> {
         self.unrecorded
             .range(..self.committed_below)
             .filter(|(_, (_, from_stream))| !from_stream)
@@ -261,7 +270,7 @@ impl Tracker {
     }
 
     /// Ids of every backfilled row not yet recorded.
-    pub fn backfill_unrecorded_ids(&self) -> Vec<i64> {
+    pub fn backfill_unrecorded_ids(&self) -> Vec<LedgerRow> {
         self.unrecorded
             .values()
             .filter(|(_, from_stream)| !from_stream)
@@ -279,12 +288,12 @@ impl Tracker {
         self.unrecorded.len().saturating_sub(self.in_flight)
     }
 
-    /// Keys of changes the stream produced whose rows the ledger has not recorded yet.
-    pub fn unrecorded_stream_ids(&self) -> impl Iterator<Item = i64> + '_ {
+    /// Keys of changes of `table` the stream produced whose rows the ledger has not recorded yet.
+    pub fn unrecorded_stream_ids(&self, table: TableId) -> impl Iterator<Item = i64> + '_ {
         self.unrecorded
             .values()
-            .filter(|(_, from_stream)| *from_stream)
-            .map(|(id, _)| *id)
+            .filter(move |((t, _), from_stream)| *from_stream && *t == table)
+            .map(|((_, id), _)| *id)
     }
 }
 
@@ -300,7 +309,7 @@ mod tests {
     #[tokio::test]
     async fn a_position_waits_for_every_earlier_delivery_and_its_ledger_write() {
         let mut t = Tracker::new(Lsn(5), false);
-        t.push_delivery(Some(1), ok(), false);
+        t.push_delivery(Some((0, 1)), ok(), false);
         t.push_delivery(None, ok(), false); // a delete: nothing to record
         t.push_position(Lsn(10));
         assert_eq!(t.confirmed, Lsn(5), "nothing acknowledged yet");
@@ -311,7 +320,7 @@ mod tests {
         assert_eq!(t.confirmed, Lsn(5), "acknowledged, not yet in the ledger");
         let batch = t.take_ledger_batch(100);
         assert_eq!(batch, vec![(0, 1)]);
-        assert_eq!(t.unrecorded_stream_ids().collect::<Vec<_>>(), [1]);
+        assert_eq!(t.unrecorded_stream_ids(0).collect::<Vec<_>>(), [1]);
         t.recorded(batch.iter().map(|(s, _)| *s));
         assert_eq!(t.confirmed, Lsn(10));
         t.push_position(Lsn(12));
@@ -326,11 +335,11 @@ mod tests {
     #[tokio::test]
     async fn a_row_the_ledger_cannot_record_holds_back_only_what_follows_it() {
         let mut t = Tracker::new(Lsn(0), false);
-        t.push_delivery(Some(1), ok(), false);
+        t.push_delivery(Some((0, 1)), ok(), false);
         t.push_position(Lsn(10));
-        t.push_delivery(Some(2), ok(), false);
+        t.push_delivery(Some((0, 2)), ok(), false);
         t.push_position(Lsn(20));
-        t.push_delivery(Some(3), ok(), true);
+        t.push_delivery(Some((0, 3)), ok(), true);
         t.push_position(Lsn(30));
         for _ in 0..3 {
             let r = t.next_ack().await;
@@ -372,7 +381,7 @@ mod tests {
     async fn a_failed_delivery_stops_the_positions() {
         let mut t = Tracker::new(Lsn(0), false);
         t.push_delivery(
-            Some(1),
+            Some((0, 1)),
             Box::pin(std::future::ready(Err(KafkaError::Delivery("down".into())))),
             true,
         );

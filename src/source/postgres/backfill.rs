@@ -24,11 +24,13 @@ use crate::event::{ChangeEvent, Lsn, Op};
 
 use super::pgoutput::Value;
 use super::relation::{describe, RelationShape, TupleColumn};
-use super::{SourceConfig, SourceError, WATERMARK_MESSAGE_PREFIX};
+use super::{SourceConfig, SourceError, TableId, TableSpec, WATERMARK_MESSAGE_PREFIX};
 
 /// Rows read by one chunk, waiting for their watermark.
 #[derive(Debug)]
 pub struct Chunk {
+    /// The table the rows are of.
+    pub table: TableId,
     /// The watermark's content: this run's tag and the chunk's number, so a watermark written by
     /// another relay on the same database (logical messages reach every slot) is never taken for
     /// ours.
@@ -40,7 +42,8 @@ pub struct Chunk {
 
 pub struct Backfill {
     client: Client,
-    cfg: SourceConfig,
+    table: TableId,
+    spec: TableSpec,
     /// The table's columns when the chunk query was made; read again when a column it names is
     /// dropped meanwhile.
     shape: RelationShape,
@@ -55,21 +58,24 @@ pub struct Backfill {
 }
 
 impl Backfill {
-    /// A backfill of what is unsent now, each chunk in its own statement.
-    pub async fn new(cfg: &SourceConfig, chunk: i64) -> Result<Self, SourceError> {
+    /// A backfill of what is unsent now in `table` (which has the ledger column), each chunk in
+    /// its own statement.
+    pub async fn new(cfg: &SourceConfig, table: TableId, chunk: i64) -> Result<Self, SourceError> {
+        let spec = &cfg.tables[table];
         let client = cfg.connect_sql().await?;
-        let (shape, query) = chunk_query(cfg, &client).await?;
+        let (shape, query) = chunk_query(spec, &client).await?;
         let count_query = format!(
             "SELECT count(*) FROM {} WHERE {} IS NOT TRUE",
-            cfg.qualified_table(),
-            cfg.ledger().unwrap_or_default()
+            spec.qualified(),
+            spec.ledger().unwrap_or_default()
         );
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Ok(Backfill {
             client,
-            cfg: cfg.clone(),
+            table,
+            spec: spec.clone(),
             shape,
             query,
             count_query,
@@ -106,8 +112,8 @@ impl Backfill {
         let rows = match self.client.query(&self.query, &params).await {
             // A column the query names was dropped (or retyped) since: read the shape again.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
-                tracing::info!(table = %self.cfg.qualified_table(), "the table's columns changed during the backfill; reading them again");
-                (self.shape, self.query) = chunk_query(&self.cfg, &self.client).await?;
+                tracing::info!(table = %self.spec.name(), "the table's columns changed during the backfill; reading them again");
+                (self.shape, self.query) = chunk_query(&self.spec, &self.client).await?;
                 self.client.query(&self.query, &params).await
             }
             other => other,
@@ -147,6 +153,7 @@ impl Backfill {
             return Ok(None);
         }
         Ok(Some(Chunk {
+            table: self.table,
             tag,
             rows: events,
             last,
@@ -159,10 +166,10 @@ impl Backfill {
 /// `&str` made the read fail). Ordered by the key qualified: a bare name would sort the `::text`
 /// output column as text ("10" < "9"), which breaks the keyset and skips rows.
 async fn chunk_query(
-    cfg: &SourceConfig,
+    spec: &TableSpec,
     client: &Client,
 ) -> Result<(RelationShape, String), SourceError> {
-    let table = cfg.qualified_table();
+    let table = spec.qualified();
     let rows = client
         .query(
             "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod \
@@ -185,17 +192,17 @@ async fn chunk_query(
     let shape = describe(
         client,
         oid,
-        &cfg.schema,
-        &cfg.table,
+        &spec.schema,
+        &spec.table,
         &columns,
-        cfg.ledger_column.as_deref(),
+        spec.ledger_column.as_deref(),
     )
     .await?;
     let select: Vec<String> = columns
         .iter()
         .map(|c| format!("t.{}::text", super::client::quote_ident(&c.name)))
         .collect();
-    let (key, ledger) = (cfg.key(), cfg.ledger().unwrap_or_default());
+    let (key, ledger) = (spec.key(), spec.ledger().unwrap_or_default());
     let query = format!(
         "SELECT {} FROM {table} AS t WHERE t.{key} > $1::int8 AND t.{ledger} IS NOT TRUE \
          ORDER BY t.{key} LIMIT $2",
@@ -350,6 +357,7 @@ mod tests {
 
     fn chunk(number: u64, ids: &[i64]) -> Chunk {
         Chunk {
+            table: 0,
             tag: format!("slot/run/{number}"),
             rows: ids.iter().map(|&i| row(i)).collect(),
             last: false,

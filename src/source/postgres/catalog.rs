@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 use crate::event::Lsn;
 
 use super::client::{quote_ident, quote_literal, CreatedSlot, ReplicationClient};
-use super::{parse_lsn, SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX};
+use super::{parse_lsn, SourceConfig, SourceError, TableSpec, HEARTBEAT_MESSAGE_PREFIX};
 
 /// Checks the server, the table and the role. Run once at start, before anything is created.
 pub async fn preflight(cfg: &mut SourceConfig, sql: &Client) -> Result<(), SourceError> {
@@ -32,7 +32,16 @@ pub async fn preflight(cfg: &mut SourceConfig, sql: &Client) -> Result<(), Sourc
         ));
     }
 
-    let table = cfg.qualified_table();
+    for spec in &mut cfg.tables {
+        check_table(spec, sql).await?;
+    }
+    Ok(())
+}
+
+/// Checks one table: it exists, has a primary key, and (when it has the ledger column) a key the
+/// ledger can use. Keeps the ledger column only when the table has it.
+async fn check_table(spec: &mut TableSpec, sql: &Client) -> Result<(), SourceError> {
+    let table = spec.qualified();
     // Each column, and its place in the primary key (NULL outside it).
     let cols = sql
         .query(
@@ -42,7 +51,7 @@ pub async fn preflight(cfg: &mut SourceConfig, sql: &Client) -> Result<(), Sourc
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              LEFT JOIN pg_index pk ON pk.indrelid = c.oid AND pk.indisprimary \
              WHERE n.nspname = $1 AND c.relname = $2",
-            &[&cfg.schema, &cfg.table],
+            &[&spec.schema, &spec.table],
         )
         .await
         .map_err(SourceError::sql(format!("reading the columns of {table}")))?;
@@ -69,7 +78,7 @@ pub async fn preflight(cfg: &mut SourceConfig, sql: &Client) -> Result<(), Sourc
         [(name, true)] => Some(name.clone()),
         _ => None,
     };
-    let ledger = cfg
+    let ledger = spec
         .ledger_column
         .clone()
         .filter(|l| cols.iter().any(|r| r.get::<_, String>(0) == *l));
@@ -79,10 +88,10 @@ pub async fn preflight(cfg: &mut SourceConfig, sql: &Client) -> Result<(), Sourc
         )));
     }
     if ledger.is_none() {
-        tracing::info!(table = %table, ledger_column = ?cfg.ledger_column, "the table has no ledger column: it streams without a ledger and without a backfill");
+        tracing::info!(table = %table, ledger_column = ?spec.ledger_column, "the table has no ledger column: it streams without a ledger and without a backfill");
     }
-    cfg.ledger_column = ledger;
-    cfg.key_column = int_key;
+    spec.ledger_column = ledger;
+    spec.key_column = int_key;
     Ok(())
 }
 
@@ -91,6 +100,17 @@ pub async fn preflight(cfg: &mut SourceConfig, sql: &Client) -> Result<(), Sourc
 /// would hide rows or columns from the stream while the backfill still reads them, so both are
 /// refused with the statement that fixes them.
 pub async fn check_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), SourceError> {
+    for spec in &cfg.tables {
+        check_published_table(cfg, spec, sql).await?;
+    }
+    Ok(())
+}
+
+async fn check_published_table(
+    cfg: &SourceConfig,
+    spec: &TableSpec,
+    sql: &Client,
+) -> Result<(), SourceError> {
     let version = server_version(sql).await?;
     // Row filters and column lists exist from PostgreSQL 15 on.
     let filters = if version >= 150000 {
@@ -106,7 +126,7 @@ pub async fn check_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), S
                  LEFT JOIN pg_publication_rel r ON r.prpubid = p.oid AND r.prrelid = c.oid \
                  WHERE p.pubname = $1"
             ),
-            &[&cfg.publication, &cfg.qualified_table()],
+            &[&cfg.publication, &spec.qualified()],
         )
         .await
         .map_err(SourceError::sql("reading the publication's settings"))?;
@@ -114,7 +134,7 @@ pub async fn check_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), S
     let (partitioned, via_root, row_filter, column_list): (bool, bool, bool, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     let name = quote_ident(&cfg.publication);
-    let table = cfg.qualified_table();
+    let table = spec.qualified();
     if partitioned && !via_root {
         return Err(SourceError::Config(format!(
             "{table} is partitioned and publication {name} publishes each partition under its own name; \
@@ -158,33 +178,39 @@ pub async fn setup_publication(cfg: &SourceConfig, sql: &Client) -> Result<(), S
 async fn publication(cfg: &SourceConfig, sql: &Client, alter: bool) -> Result<(), SourceError> {
     let publish = quote_literal(&cfg.ops.as_publish_option());
     let name = quote_ident(&cfg.publication);
+    let tables: Vec<String> = cfg.tables.iter().map(TableSpec::qualified).collect();
+    // The operations, and the tables it lacks.
     let existing = sql
         .query_opt(
             &format!(
-                "SELECT {PUBLICATION_OPS}, puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prpubid = p.oid \
-                        AND r.prrelid = to_regclass($2)) \
+                "SELECT {PUBLICATION_OPS}, ARRAY(SELECT t FROM unnest($2::text[]) AS t WHERE NOT puballtables \
+                        AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r WHERE r.prpubid = p.oid \
+                                        AND r.prrelid = to_regclass(t))) \
                  FROM pg_publication p WHERE pubname = $1"
             ),
-            &[&cfg.publication, &cfg.qualified_table()],
+            &[&cfg.publication, &tables],
         )
         .await
         .map_err(SourceError::sql("looking up the publication"))?;
+    let tables = tables.join(", ");
     let stmt = match existing {
         // A partitioned table is published through its root, so its changes carry its own name
         // (check_publication refuses it otherwise); the option is harmless for a plain table.
         None => format!(
-            "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = {publish}, publish_via_partition_root = true)",
-            cfg.qualified_table()
+            "CREATE PUBLICATION {name} FOR TABLE {tables} WITH (publish = {publish}, publish_via_partition_root = true)"
         ),
         Some(row) => {
             let ops: Vec<String> = row.get(0);
-            let has_table: bool = row.get(1);
-            if !has_table {
-                return Err(SourceError::Config(format!(
-                    "publication {name} exists but does not publish {}: ALTER PUBLICATION {name} ADD TABLE {}, or choose another --publication",
-                    cfg.qualified_table(),
-                    cfg.qualified_table()
-                )));
+            let missing: Vec<String> = row.get(1);
+            if !missing.is_empty() {
+                // A table added to --table: the stream adds it when it may (the owner's right),
+                // then backfills its unsent rows; changes before the ALTER are not published.
+                let stmt = format!(
+                    "ALTER PUBLICATION {name} ADD TABLE {}",
+                    missing.join(", ")
+                );
+                run_publication_statement(&stmt, &tables, sql).await?;
+                tracing::info!(publication = %cfg.publication, tables = %missing.join(", "), "tables added to the publication");
             }
             let mut want: Vec<&str> = cfg.ops.0.clone();
             want.sort_unstable();
@@ -217,11 +243,21 @@ async fn publication(cfg: &SourceConfig, sql: &Client, alter: bool) -> Result<()
             stmt
         }
     };
-    sql.batch_execute(&stmt).await.map_err(|e| {
+    run_publication_statement(&stmt, &tables, sql).await?;
+    tracing::info!(publication = %cfg.publication, publish = %cfg.ops.as_publish_option(), "publication set up");
+    Ok(())
+}
+
+/// Creates or alters the publication; a role that may not gets the statement for the owner.
+async fn run_publication_statement(
+    stmt: &str,
+    tables: &str,
+    sql: &Client,
+) -> Result<(), SourceError> {
+    sql.batch_execute(stmt).await.map_err(|e| {
         if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
             SourceError::Privilege(format!(
-                "cannot create or alter publication {name}: that needs ownership of {}. Have the owner run: {stmt}",
-                cfg.qualified_table()
+                "cannot create or alter the publication: that needs ownership of {tables}. Have the owner run: {stmt}"
             ))
         } else {
             SourceError::Sql {
@@ -229,9 +265,7 @@ async fn publication(cfg: &SourceConfig, sql: &Client, alter: bool) -> Result<()
                 source: e,
             }
         }
-    })?;
-    tracing::info!(publication = %cfg.publication, publish = %cfg.ops.as_publish_option(), "publication set up");
-    Ok(())
+    })
 }
 
 /// `server_version_num`, e.g. 170002.
@@ -418,6 +452,8 @@ pub struct SlotStatus {
 }
 
 pub async fn status(cfg: &SourceConfig, sql: &Client) -> Result<SourceStatus, SourceError> {
+    // The first table: `status` reports on one.
+    let spec = cfg.first_table();
     let slot = sql
         .query_opt(
             "SELECT active, confirmed_flush_lsn::text, \
@@ -445,12 +481,12 @@ pub async fn status(cfg: &SourceConfig, sql: &Client) -> Result<SourceStatus, So
     let has_ledger = sql
         .query_opt(
             "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
-            &[&cfg.qualified_table(), &cfg.ledger_column.clone().unwrap_or_default()],
+            &[&spec.qualified(), &spec.ledger_column.clone().unwrap_or_default()],
         )
         .await
         .map_err(SourceError::sql("looking for the ledger column"))?
         .is_some();
-    let ledger = match (has_ledger, cfg.ledger()) {
+    let ledger = match (has_ledger, spec.ledger()) {
         (true, Some(l)) => l,
         _ => "NULL::boolean".into(),
     };
@@ -458,7 +494,7 @@ pub async fn status(cfg: &SourceConfig, sql: &Client) -> Result<SourceStatus, So
         .query_one(
             &format!(
                 "SELECT count(*) FILTER (WHERE {ledger} IS NOT TRUE AND {has_ledger}), count(*) FILTER (WHERE {ledger}) FROM {}",
-                cfg.qualified_table()
+                spec.qualified()
             ),
             &[],
         )
@@ -472,7 +508,7 @@ pub async fn status(cfg: &SourceConfig, sql: &Client) -> Result<SourceStatus, So
              WHERE l.locktype = 'relation' AND l.relation = to_regclass($1) \
                AND l.pid <> pg_backend_pid() AND a.application_name NOT LIKE 'cdc-relay%' \
              ORDER BY a.xact_start NULLS LAST",
-            &[&cfg.qualified_table()],
+            &[&spec.qualified()],
         )
         .await
         .map_err(SourceError::sql("reading locks on the table"))?

@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use super::client::quote_literal;
-use super::{SourceConfig, SourceError, LEDGER_MESSAGE_PREFIX};
+use super::{SourceConfig, SourceError, TableSpec, LEDGER_MESSAGE_PREFIX};
 
 /// How long a ledger statement waits for a lock before it steps back.
 const LOCK_TIMEOUT: &str = "250ms";
@@ -33,6 +33,7 @@ pub struct LedgerOutcome {
 
 pub struct Ledger {
     cfg: SourceConfig,
+    spec: TableSpec,
     client: Option<Client>,
     statement: String,
     skip_locked_statement: String,
@@ -40,9 +41,10 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(cfg: &SourceConfig) -> Self {
-        let table = cfg.qualified_table();
-        let (id, sent) = (cfg.key(), cfg.ledger().unwrap_or_default());
+    /// The ledger of one table (`spec`, which has the ledger column).
+    pub fn new(cfg: &SourceConfig, spec: &TableSpec) -> Self {
+        let table = spec.qualified();
+        let (id, sent) = (spec.key(), spec.ledger().unwrap_or_default());
         // The marker names the slot, so a stream can tell its own ledger from another relay's
         // (each is dropped; only its own counts in the metrics). It sits in a one-row subquery
         // joined to the update, so it is evaluated before the first row reaches the update, and
@@ -73,6 +75,7 @@ impl Ledger {
         );
         Ledger {
             cfg: cfg.clone(),
+            spec: spec.clone(),
             client: None,
             statement,
             skip_locked_statement,
@@ -159,7 +162,7 @@ impl Ledger {
 
     fn explain(&self, e: tokio_postgres::Error) -> SourceError {
         if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-            let table = self.cfg.qualified_table();
+            let table = self.spec.qualified();
             return SourceError::Privilege(format!(
                 "the ledger cannot update {table}: GRANT UPDATE (sent_to_kafka) ON {table} TO <role> (see sql/postgres/roles.sql): {}",
                 super::pg_text(&e)

@@ -132,14 +132,24 @@ const SQL_SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_flo
 pub struct SourceConfig {
     pub pg: tokio_postgres::Config,
     pub tls: tls::PgTls,
-    pub schema: String,
-    pub table: String,
+    /// The relayed tables, in the order given; a change's [`TableId`] indexes this.
+    pub tables: Vec<TableSpec>,
     pub slot: String,
     pub publication: String,
     pub ops: PublishOps,
     /// PostgreSQL 16+: the replication origin the ledger writes under, which the stream then asks
     /// the server to filter out (`origin = none`); see [`catalog::ledger_origin`].
     pub ledger_origin: Option<String>,
+}
+
+/// Which of [`SourceConfig::tables`] a change belongs to.
+pub type TableId = usize;
+
+/// One relayed table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    pub schema: String,
+    pub table: String,
     /// The ledger's column; [`catalog::preflight`] leaves it only when the table has it.
     pub ledger_column: Option<String>,
     /// The primary key's column when it is one integer column (ledger tables need one):
@@ -147,11 +157,56 @@ pub struct SourceConfig {
     pub key_column: Option<String>,
 }
 
+impl TableSpec {
+    /// `schema.table` or `table` (then in `public`).
+    pub fn parse(name: &str) -> Result<Self, SourceError> {
+        let (schema, table) = match name.split_once('.') {
+            Some((s, t)) => (s.to_string(), t.to_string()),
+            None => ("public".to_string(), name.to_string()),
+        };
+        if schema.is_empty() || table.is_empty() {
+            return Err(SourceError::Config(format!(
+                "--table {name:?} must be `schema.table` or `table`"
+            )));
+        }
+        Ok(TableSpec {
+            schema,
+            table,
+            ledger_column: None,
+            key_column: None,
+        })
+    }
+
+    /// `schema.table`, unquoted, as messages and logs name it.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    /// `"schema"."table"`, quoted for SQL.
+    pub fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            client::quote_ident(&self.schema),
+            client::quote_ident(&self.table)
+        )
+    }
+
+    /// The ledger's column, quoted for SQL, when the table has one.
+    pub fn ledger(&self) -> Option<String> {
+        self.ledger_column.as_deref().map(client::quote_ident)
+    }
+
+    /// The integer key column, quoted for SQL (`id` until [`catalog::preflight`] read it).
+    pub fn key(&self) -> String {
+        client::quote_ident(self.key_column.as_deref().unwrap_or("id"))
+    }
+}
+
 impl std::fmt::Debug for SourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SourceConfig")
             .field("endpoint", &endpoint(&self.pg))
-            .field("table", &self.qualified_table())
+            .field("tables", &self.table_names())
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("ops", &self.ops)
@@ -164,7 +219,7 @@ impl SourceConfig {
     /// settings as the replication session, so both paths print timestamps alike.
     pub fn new(
         url: &str,
-        table: &str,
+        tables: &[String],
         slot: &str,
         publication: &str,
         ops: PublishOps,
@@ -209,14 +264,20 @@ impl SourceConfig {
         if pg.get_tcp_user_timeout().is_none() {
             pg.tcp_user_timeout(std::time::Duration::from_secs(60));
         }
-        let (schema, table) = match table.split_once('.') {
-            Some((s, t)) => (s.to_string(), t.to_string()),
-            None => ("public".to_string(), table.to_string()),
-        };
-        if schema.is_empty() || table.is_empty() {
-            return Err(SourceError::Config(format!(
-                "--table {table:?} must be `schema.table` or `table`"
-            )));
+        let tables = tables
+            .iter()
+            .map(|t| TableSpec::parse(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        if tables.is_empty() {
+            return Err(SourceError::Config("--table names no table".into()));
+        }
+        for (i, t) in tables.iter().enumerate() {
+            if tables[..i].contains(t) {
+                return Err(SourceError::Config(format!(
+                    "--table {} is given twice",
+                    t.name()
+                )));
+            }
         }
         for (what, name) in [("--slot", slot)] {
             // Slot names are restricted by PostgreSQL itself; checking here gives a clearer error.
@@ -234,14 +295,11 @@ impl SourceConfig {
         let mut cfg = SourceConfig {
             pg,
             tls: tls.clone(),
-            schema,
-            table,
+            tables,
             slot: slot.to_string(),
             publication: publication.to_string(),
             ops,
             ledger_origin: None,
-            ledger_column: None,
-            key_column: None,
         };
         cfg.set_tls(tls);
         Ok(cfg)
@@ -257,23 +315,18 @@ impl SourceConfig {
         self.tls = tls;
     }
 
-    /// The ledger's column, quoted for SQL, when the table has one.
-    pub fn ledger(&self) -> Option<String> {
-        self.ledger_column.as_deref().map(client::quote_ident)
+    /// The first table (commands that report on one: `status`).
+    pub fn first_table(&self) -> &TableSpec {
+        &self.tables[0]
     }
 
-    /// The integer key column, quoted for SQL (`id` until [`catalog::preflight`] read it).
-    pub fn key(&self) -> String {
-        client::quote_ident(self.key_column.as_deref().unwrap_or("id"))
-    }
-
-    /// `"schema"."table"`, quoted for SQL.
-    pub fn qualified_table(&self) -> String {
-        format!(
-            "{}.{}",
-            client::quote_ident(&self.schema),
-            client::quote_ident(&self.table)
-        )
+    /// Every table's `schema.table`, comma-separated, for logs and messages.
+    pub fn table_names(&self) -> String {
+        self.tables
+            .iter()
+            .map(TableSpec::name)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn endpoint(&self) -> String {
@@ -381,7 +434,7 @@ mod tests {
     use super::*;
 
     fn cfg(url: &str) -> SourceConfig {
-        SourceConfig::new(url, "t", "s", "p", PublishOps(vec!["insert"])).unwrap()
+        SourceConfig::new(url, &["t".into()], "s", "p", PublishOps(vec!["insert"])).unwrap()
     }
 
     #[test]

@@ -17,8 +17,8 @@ use super::pgoutput::{decode, OldTuple, PgOutput, Relation, RelationCache, Value
 use super::relation::{describe, RelationShape, TupleColumn};
 use super::replication::{ReplicationMessage, ReplicationStream};
 use super::{
-    SourceConfig, SourceError, HEARTBEAT_MESSAGE_PREFIX, LEDGER_MESSAGE_PREFIX,
-    WATERMARK_MESSAGE_PREFIX,
+    SourceConfig, SourceError, TableId, TableSpec, HEARTBEAT_MESSAGE_PREFIX,
+    LEDGER_MESSAGE_PREFIX, WATERMARK_MESSAGE_PREFIX,
 };
 
 /// Most version bumps (TRUNCATEs) inside one transaction; later ones share the last bump.
@@ -27,11 +27,11 @@ const MAX_BUMP: u64 = 15;
 /// What the stream hands to the command.
 #[derive(Debug)]
 pub enum SourceMessage {
-    /// A change of a row of the table (or a truncate of the table), and its place in the stream.
-    Change(ChangeEvent, ChangeOrder),
+    /// A change of a row of a relayed table (or a truncate of it), and its place in the stream.
+    Change(TableId, ChangeEvent, ChangeOrder),
     /// A change that cannot become an event (a value that cannot be encoded): it goes to the
     /// stream's dead-letter topic instead of stopping everything behind it.
-    DeadLetter(StreamDeadLetter, ChangeOrder),
+    DeadLetter(TableId, StreamDeadLetter, ChangeOrder),
     /// Every change before `lsn` has been handed out: once those are handled, `lsn` may be confirmed.
     /// Comes at each commit, between transactions on keepalives, and with heartbeats.
     Position { lsn: Lsn },
@@ -58,14 +58,13 @@ struct Transaction {
 pub struct ReplicationSource {
     stream: ReplicationStream,
     relations: RelationCache,
-    shapes: HashMap<u32, RelationShape>,
+    /// Relayed relations by OID: which table, and how its tuples read.
+    shapes: HashMap<u32, (TableId, RelationShape)>,
     /// For what a Relation message does not say (nullability, enums, domains, the primary key).
     catalog: tokio_postgres::Client,
-    ledger_column: Option<String>,
     /// A Relation message read but not yet described.
     pending_relation: Option<Relation>,
-    schema: String,
-    table: String,
+    tables: Vec<TableSpec>,
     publication: String,
     /// Between Begin and Commit.
     tx: Option<Transaction>,
@@ -112,10 +111,8 @@ impl ReplicationSource {
             relations: RelationCache::default(),
             shapes: HashMap::new(),
             catalog,
-            ledger_column: cfg.ledger_column.clone(),
             pending_relation: None,
-            schema: cfg.schema.clone(),
-            table: cfg.table.clone(),
+            tables: cfg.tables.clone(),
             publication: cfg.publication.clone(),
             tx: None,
             skipping_ledger_tx: false,
@@ -256,8 +253,10 @@ impl ReplicationSource {
                     None => wal_start.0,
                 };
                 let order = self.next_order(wal_start);
+                let (table, shape) = &self.shapes[&oid];
                 Ok(Some(SourceMessage::Change(
-                    self.shapes[&oid].truncate(wal_start, version),
+                    *table,
+                    shape.truncate(wal_start, version),
                     order,
                 )))
             }
@@ -267,7 +266,11 @@ impl ReplicationSource {
     /// A relation's (new) shape: sent before its first change and again after every change of
     /// its columns, so each row is read with the columns it was written with.
     async fn on_relation(&mut self, rel: Relation) -> Result<(), SourceError> {
-        if rel.namespace == self.schema && rel.name == self.table {
+        let table = self
+            .tables
+            .iter()
+            .position(|t| t.schema == rel.namespace && t.table == rel.name);
+        if let Some(table) = table {
             let columns: Vec<TupleColumn> = rel
                 .columns
                 .iter()
@@ -283,11 +286,11 @@ impl ReplicationSource {
                 &rel.namespace,
                 &rel.name,
                 &columns,
-                self.ledger_column.as_deref(),
+                self.tables[table].ledger_column.as_deref(),
             )
             .await?;
             tracing::info!(table = %shape.schema().qualified_name(), schema_id = %shape.schema().id(), columns = shape.schema().columns.len(), "relation shape");
-            self.shapes.insert(rel.oid, shape);
+            self.shapes.insert(rel.oid, (table, shape));
         } else {
             self.shapes.remove(&rel.oid);
         }
@@ -343,11 +346,14 @@ impl ReplicationSource {
         Err(SourceError::Schema {
             table: other.clone(),
             reason: format!(
-                "publication {publication} sends changes of this table, but the stream relays only {}.{}. \
+                "publication {publication} sends changes of this table, but the stream relays only {}. \
                  If it is a partition of that table, publish through the root: ALTER PUBLICATION {publication} SET (publish_via_partition_root = true). \
-                 Otherwise remove it: ALTER PUBLICATION {publication} DROP TABLE {other}. The slot has not moved past this change",
-                super::client::quote_ident(&self.schema),
-                super::client::quote_ident(&self.table),
+                 Otherwise add it to --table, or remove it: ALTER PUBLICATION {publication} DROP TABLE {other}. The slot has not moved past this change",
+                self.tables
+                    .iter()
+                    .map(TableSpec::qualified)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ),
         })
     }
@@ -371,7 +377,7 @@ impl ReplicationSource {
         if !self.relays(relation)? {
             return Ok(None);
         }
-        let shape = &self.shapes[&relation];
+        let (_, shape) = &self.shapes[&relation];
         let key_changed = old.is_some_and(|o| shape.key_changed(o.values(), &new));
         // Only a whole old row (REPLICA IDENTITY FULL) holds the values an update left out; a
         // key-only old tuple has NULL there, which must never be written over a kept value.
@@ -406,12 +412,13 @@ impl ReplicationSource {
         }
         let version = self.version(lsn);
         let order = self.next_order(lsn);
-        let shape = &self.shapes[&relation];
+        let (table, shape) = &self.shapes[&relation];
         match shape.event(op, values, lsn, version) {
-            Ok(event) => Ok(Some(SourceMessage::Change(event, order))),
+            Ok(event) => Ok(Some(SourceMessage::Change(*table, event, order))),
             Err(e) => Ok(Some(SourceMessage::DeadLetter(
+                *table,
                 StreamDeadLetter {
-                    table: format!("{}.{}", self.schema, self.table),
+                    table: shape.schema().qualified_name(),
                     op,
                     id: shape.key_of(values).and_then(|k| k.as_int()),
                     key: shape
