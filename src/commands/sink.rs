@@ -21,7 +21,7 @@ use crate::kafka::inspect;
 use crate::kafka::topic::ensure_topic;
 use crate::kafka::KafkaConnection;
 use crate::metrics::{Counter, Gauge, Registry, Seconds};
-use crate::sink::clickhouse::writer::{
+use crate::sink::clickhouse::batch::{
     fill_from_batch, fill_from_stored, keep_last_of_equal_versions, Unfilled,
 };
 use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError, UserLoginRow};

@@ -2,6 +2,7 @@
 //! current-rows view, turns change events into rows and inserts batches. Knows nothing of Kafka: it
 //! takes [`crate::event::ChangeEvent`]s and says when they are stored.
 
+pub mod batch;
 pub mod config;
 pub mod row;
 pub mod schema;
