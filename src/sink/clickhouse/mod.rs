@@ -4,8 +4,10 @@
 
 pub mod batch;
 pub mod config;
+pub mod evolve;
 pub mod row;
 pub mod schema;
+pub mod table;
 pub mod writer;
 
 pub use config::ClickHouseConfig;
