@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub use clickhouse::{ClickHouseArgs, ClickHouseVersion};
 pub use file::{apply_config_file, known_settings};
-pub use kafka::{KafkaArgs, KafkaSecurityArgs};
+pub use kafka::{KafkaArgs, KafkaSecurityArgs, SinkKafkaArgs};
 pub use postgres::{Op, PostgresArgs};
 pub use secret::{mask, read_secret};
 pub use subcommands::{LedgerOrigin, SetupArgs, SinkArgs, StatusArgs, StreamArgs, TeardownArgs};

@@ -106,11 +106,7 @@ fn copy_within<R: VersionedRow>(rows: &mut [R], from: usize, to: usize, cols: &[
 /// Completes rows from the stored row of the key they take their values from with the greatest
 /// version strictly below theirs (`stored` holds only rows at or above the truncate watermark);
 /// columns with no such row stay as they are (NULL).
-pub fn fill_from_stored<R: VersionedRow>(
-    rows: &mut [R],
-    rest: &[Unfilled<R::Key>],
-    stored: &[R],
-) {
+pub fn fill_from_stored<R: VersionedRow>(rows: &mut [R], rest: &[Unfilled<R::Key>], stored: &[R]) {
     for u in rest {
         let version = rows[u.idx].version();
         if let Some(prev) = stored

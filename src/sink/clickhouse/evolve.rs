@@ -18,14 +18,26 @@ use crate::types::RelationSchema;
 
 use super::config::quote_ident;
 use super::schema::ServerVersion;
-use super::table::{added_column_type, caps_of, column_type, is_meta, Column, TableNames, TableState};
+use super::table::{
+    added_column_type, caps_of, column_type, is_meta, Column, TableNames, TableState,
+};
 
 /// One statement's worth of change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Add { column: String, ty: String },
-    Modify { column: String, from: String, to: String },
-    Rename { from: String, to: String },
+    Add {
+        column: String,
+        ty: String,
+    },
+    Modify {
+        column: String,
+        from: String,
+        to: String,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
 }
 
 impl Change {
@@ -79,17 +91,30 @@ fn decimal(t: &str) -> Option<(u32, u32)> {
 }
 
 fn split_nullable(t: &str) -> (&str, bool) {
-    match t.strip_prefix("Nullable(").and_then(|r| r.strip_suffix(')')) {
+    match t
+        .strip_prefix("Nullable(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
         Some(inner) => (inner, true),
         None => (t, false),
     }
 }
 
-/// The type an existing column of type `existing` must have to take values of `wanted`: `Ok(None)`
-/// if it already can, `Err(())` if no type change keeps every stored value.
-pub fn reconcile(existing: &str, wanted: &str) -> Result<Option<String>, ()> {
+/// What an existing column needs to take values of a wanted type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconcile {
+    /// It already can.
+    Keep,
+    /// `MODIFY COLUMN` to this type.
+    Modify(String),
+    /// No type change keeps every stored value.
+    Refuse,
+}
+
+/// What an existing column of type `existing` needs to take values of `wanted`.
+pub fn reconcile(existing: &str, wanted: &str) -> Reconcile {
     if existing == wanted {
-        return Ok(None);
+        return Reconcile::Keep;
     }
     let (eb, en) = split_nullable(existing);
     let (wb, wn) = split_nullable(wanted);
@@ -98,14 +123,18 @@ pub fn reconcile(existing: &str, wanted: &str) -> Result<Option<String>, ()> {
     } else if widens(eb, wb) {
         wb
     } else {
-        return Err(());
+        return Reconcile::Refuse;
     };
     let ty = if en || wn {
         format!("Nullable({base})")
     } else {
         base.to_string()
     };
-    Ok((ty != existing).then_some(ty))
+    if ty == existing {
+        Reconcile::Keep
+    } else {
+        Reconcile::Modify(ty)
+    }
 }
 
 /// A change the sink will not make. Its text says what to do.
@@ -144,15 +173,35 @@ pub fn plan(
         .map(|c| c.name.as_str())
         .collect();
     if key_names.is_empty() {
-        return Err(refuse("(none)", "-", "-", "the table has no primary key, so its rows cannot be told apart"));
+        return Err(refuse(
+            "(none)",
+            "-",
+            "-",
+            "the table has no primary key, so its rows cannot be told apart",
+        ));
     }
     for old in history {
-        let old_key: Vec<&str> = old.key_columns().unwrap_or_default().iter().map(|c| c.name.as_str()).collect();
+        let old_key: Vec<&str> = old
+            .key_columns()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
         if old_key != key_names {
-            return Err(refuse(&key_names.join(", "), &format!("primary key ({})", old_key.join(", ")), &format!("primary key ({})", key_names.join(", ")), "the ClickHouse table is ordered by the old key"));
+            return Err(refuse(
+                &key_names.join(", "),
+                &format!("primary key ({})", old_key.join(", ")),
+                &format!("primary key ({})", key_names.join(", ")),
+                "the ClickHouse table is ordered by the old key",
+            ));
         }
     }
-    let type_of = |name: &str| existing.iter().find(|(n, _)| n == name).map(|(_, t)| t.as_str());
+    let type_of = |name: &str| {
+        existing
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
+    };
     let rel_pos = history.iter().position(|h| **h == *rel);
     let mut changes = Vec::new();
     let mut columns = HashMap::new();
@@ -184,7 +233,9 @@ pub fn plan(
                 ));
             }
             match renamed_from(c, rel, history, existing) {
-                Some((old, at)) if version.has_rename_column() && rel_pos.is_some_and(|p| at < p) => {
+                Some((old, at))
+                    if version.has_rename_column() && rel_pos.is_some_and(|p| at < p) =>
+                {
                     changes.push(Change::Rename {
                         from: old.clone(),
                         to: c.name.clone(),
@@ -205,8 +256,8 @@ pub fn plan(
         };
         let have = type_of(&source).unwrap_or_default();
         match reconcile(have, &wanted) {
-            Ok(None) => {}
-            Ok(Some(_)) if is_key => {
+            Reconcile::Keep => {}
+            Reconcile::Modify(_) if is_key => {
                 return Err(refuse(
                     &c.name,
                     have,
@@ -214,12 +265,12 @@ pub fn plan(
                     "a key column's type cannot change in ClickHouse",
                 ))
             }
-            Ok(Some(to)) => changes.push(Change::Modify {
+            Reconcile::Modify(to) => changes.push(Change::Modify {
                 column: ch_name.clone(),
                 from: have.to_string(),
                 to,
             }),
-            Err(()) => {
+            Reconcile::Refuse => {
                 return Err(refuse(
                     &c.name,
                     have,
@@ -238,7 +289,11 @@ pub fn plan(
         }
         let (_, nullable) = split_nullable(ty);
         if !nullable && !ty.starts_with("Array(") {
-            changes.push(Change::Modify { column: name.clone(), from: ty.clone(), to: format!("Nullable({ty})") });
+            changes.push(Change::Modify {
+                column: name.clone(),
+                from: ty.clone(),
+                to: format!("Nullable({ty})"),
+            });
         }
     }
     Ok(Plan {

@@ -8,6 +8,7 @@ pub mod evolve;
 pub mod row;
 pub mod schema;
 pub mod table;
+pub mod tables;
 pub mod writer;
 
 pub use config::ClickHouseConfig;

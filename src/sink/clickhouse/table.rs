@@ -76,7 +76,11 @@ pub fn added_column_type(kind: &PgType, caps: ServerCaps) -> String {
     clickhouse_type(kind, true, caps)
 }
 
-pub fn create_table_sql(names: &TableNames, rel: &RelationSchema, version: ServerVersion) -> String {
+pub fn create_table_sql(
+    names: &TableNames,
+    rel: &RelationSchema,
+    version: ServerVersion,
+) -> String {
     let caps = caps_of(version);
     let cols: Vec<String> = (0..rel.columns.len())
         .map(|i| {
@@ -252,8 +256,8 @@ impl TableState {
             if value.is_null() && event.unchanged.iter().any(|u| u == name) {
                 continue;
             }
-            let text = clickhouse_json_text(&col.kind, value, self.caps)
-                .map_err(|e| e.in_column(name))?;
+            let text =
+                clickhouse_json_text(&col.kind, value, self.caps).map_err(|e| e.in_column(name))?;
             cells.push((col.ch_name.clone(), text));
         }
         let mut key_texts = Vec::with_capacity(self.key.len());
@@ -303,12 +307,10 @@ impl TableState {
             let v = if self.key.len() == 1 && !value.is_object() {
                 &value
             } else {
-                value
-                    .get(k)
-                    .ok_or_else(|| GenericRowError::BadMovedFrom {
-                        table: self.names.table.clone(),
-                        column: k.clone(),
-                    })?
+                value.get(k).ok_or_else(|| GenericRowError::BadMovedFrom {
+                    table: self.names.table.clone(),
+                    column: k.clone(),
+                })?
             };
             let col = self.column(k)?;
             texts.push(clickhouse_json_text(&col.kind, v, self.caps).map_err(|e| e.in_column(k))?);

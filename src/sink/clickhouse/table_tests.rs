@@ -36,13 +36,19 @@ fn ddl_per_server_version() {
         "CREATE TABLE IF NOT EXISTS `db`.`orders` (\n    `tenant` Int32,\n    `id` String,\n    `price` Nullable(Decimal(10, 2)),\n    `tags` Array(Nullable(String)),\n    `at` Nullable(Int64),\n    `op` Nullable(String),\n    _op String,\n    _lsn String,\n    _version UInt64,\n    _deleted UInt8,\n    _ingested_at DateTime DEFAULT now()\n) ENGINE = ReplacingMergeTree(_version) ORDER BY (`tenant`, `id`)"
     );
     let new = create_table_sql(&names, &orders(), v("26.9"));
-    assert!(new.contains("`at` Nullable(DateTime64(6, 'UTC')),"), "{new}");
-    assert!(new.ends_with("ENGINE = ReplacingMergeTree(_version, _deleted) ORDER BY (`tenant`, `id`)"));
+    assert!(
+        new.contains("`at` Nullable(DateTime64(6, 'UTC')),"),
+        "{new}"
+    );
+    assert!(
+        new.ends_with("ENGINE = ReplacingMergeTree(_version, _deleted) ORDER BY (`tenant`, `id`)")
+    );
     assert_eq!(
         create_view_sql(&names, &["tenant".into(), "id".into()]),
         "CREATE VIEW IF NOT EXISTS `db`.`orders_current` AS SELECT `tenant`, `id`, _op, _lsn, _version FROM `db`.`orders` FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM `db`.`orders_truncates`)"
     );
-    assert!(create_truncates_sql(&names).starts_with("CREATE TABLE IF NOT EXISTS `db`.`orders_truncates` ("));
+    assert!(create_truncates_sql(&names)
+        .starts_with("CREATE TABLE IF NOT EXISTS `db`.`orders_truncates` ("));
 }
 
 fn state() -> TableState {
@@ -75,7 +81,12 @@ fn rows_carry_clickhouse_values_and_a_canonical_key() {
     assert_eq!(p.row.key, r#"[3,"a\"b"]"#);
     assert_eq!(p.fill_from, r#"[3,"old"]"#);
     assert_eq!(p.unchanged, vec!["op".to_string()]);
-    let cells: Vec<(&str, &str)> = p.row.cells.iter().map(|(n, t)| (&**n, t.as_str())).collect();
+    let cells: Vec<(&str, &str)> = p
+        .row
+        .cells
+        .iter()
+        .map(|(n, t)| (&**n, t.as_str()))
+        .collect();
     assert_eq!(
         cells,
         vec![
@@ -97,12 +108,24 @@ fn rows_carry_clickhouse_values_and_a_canonical_key() {
 #[test]
 fn bad_rows_are_errors_not_panics() {
     let s = state();
-    let bad_value = s.row(event(json!({"op":"insert","lsn":"0/1","version":1,"columns":{"tenant":"x","id":"a"}})));
-    assert!(matches!(bad_value, Err(GenericRowError::Type(_))), "{bad_value:?}");
-    let no_key = s.row(event(json!({"op":"delete","lsn":"0/1","version":1,"columns":{"tenant":1,"id":null}})));
+    let bad_value = s.row(event(
+        json!({"op":"insert","lsn":"0/1","version":1,"columns":{"tenant":"x","id":"a"}}),
+    ));
+    assert!(
+        matches!(bad_value, Err(GenericRowError::Type(_))),
+        "{bad_value:?}"
+    );
+    let no_key = s.row(event(
+        json!({"op":"delete","lsn":"0/1","version":1,"columns":{"tenant":1,"id":null}}),
+    ));
     assert!(matches!(no_key, Err(GenericRowError::NoKey { .. })));
-    let unknown = s.row(event(json!({"op":"insert","lsn":"0/1","version":1,"columns":{"tenant":1,"id":"a","zz":1}})));
-    assert!(matches!(unknown, Err(GenericRowError::UnknownColumn { .. })));
+    let unknown = s.row(event(
+        json!({"op":"insert","lsn":"0/1","version":1,"columns":{"tenant":1,"id":"a","zz":1}}),
+    ));
+    assert!(matches!(
+        unknown,
+        Err(GenericRowError::UnknownColumn { .. })
+    ));
     let moved = s.row(event(json!({"op":"update","lsn":"0/1","version":1,"columns":{"tenant":1,"id":"a"},"moved_from":7})));
     assert!(matches!(moved, Err(GenericRowError::BadMovedFrom { .. })));
 }
