@@ -142,7 +142,7 @@ pub struct SinkArgs {
 
     /// Longest wait, in seconds, for the schema record a message names to appear in
     /// `<topic>.schemas`; after it the message goes to the dead-letter topic.
-    #[arg(long, env = "CDC_RELAY_SCHEMA_WAIT_SECS", default_value = "30", value_parser = parse_secs)]
+    #[arg(long = "schema-wait-secs", env = "CDC_RELAY_SCHEMA_WAIT_SECS", default_value = "30", value_parser = parse_secs)]
     pub schema_wait: Duration,
 }
 
