@@ -518,14 +518,24 @@ mod tests {
         let cp = StreamCheckpoint::new(order, rows, "public.t");
         assert_eq!(cp.backfill_unrecorded, vec![[1, 3], [5, 5], [9, 9]]);
         // The first table's rows are where earlier releases wrote and read them.
-        assert!(!String::from_utf8(cp.to_json()).unwrap().contains("backfill_unrecorded_of"));
+        assert!(!String::from_utf8(cp.to_json())
+            .unwrap()
+            .contains("backfill_unrecorded_of"));
         let back = StreamCheckpoint::from_json(&cp.to_json()).unwrap();
         assert_eq!(back.order().unwrap(), order);
-        let ids: Vec<i64> = back.backfill_rows("public.t").into_iter().map(|(_, id)| id).collect();
+        let ids: Vec<i64> = back
+            .backfill_rows("public.t")
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
         assert_eq!(ids, vec![1, 2, 3, 5, 9]);
         let two = StreamCheckpoint::new(
             order,
-            [("a.x".to_string(), 1), ("b.y".to_string(), 7), ("b.y".to_string(), 8)],
+            [
+                ("a.x".to_string(), 1),
+                ("b.y".to_string(), 7),
+                ("b.y".to_string(), 8),
+            ],
             "a.x",
         );
         let back = StreamCheckpoint::from_json(&two.to_json()).unwrap();

@@ -493,3 +493,104 @@ async fn current_clickhouse_runs_what_the_sink_sends() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Any table's statements on 26.9: its DDL, a JSONEachRow insert (Decimals bare, DateTime64 text),
+/// the ALTERs of a schema change and the re-created view.
+#[test]
+fn current_clickhouse_runs_a_generic_tables_statements() {
+    use cdc_relay::sink::clickhouse::evolve::plan;
+    use cdc_relay::sink::clickhouse::table::{
+        create_table_sql, create_truncates_sql, create_view_sql, drop_view_sql, insert_body,
+        TableNames,
+    };
+    use cdc_relay::types::{ColumnSchema, RelationSchema};
+    let python = common::env("CDC_RELAY_CHDB_PYTHON");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join(format!(".local/current-generic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let version = ServerVersion::parse("26.9").unwrap();
+    let col = |n: &str, oid, typmod, t: &str, nullable, attnum| ColumnSchema {
+        attnum: Some(attnum),
+        ..ColumnSchema::builtin(n, oid, typmod, t, nullable)
+    };
+    let v1 = RelationSchema {
+        schema: "public".into(),
+        table: "orders".into(),
+        columns: vec![
+            col("tenant", 23, -1, "integer", false, 1),
+            col("code", 25, -1, "text", false, 2),
+            col(
+                "amount",
+                1700,
+                (38 << 16) + 10 + 4,
+                "numeric(38,10)",
+                true,
+                3,
+            ),
+            col("at", 1184, -1, "timestamp with time zone", true, 4),
+            col("n", 23, -1, "integer", false, 5),
+        ],
+        key: vec![0, 1],
+    };
+    let mut v2 = v1.clone();
+    v2.columns[4] = col("n", 20, -1, "bigint", false, 5);
+    v2.columns.push(col("tags", 1009, -1, "text[]", true, 6));
+    let names = TableNames::new("gen", "orders");
+    let p1 = plan(&names, &[], &v1, &[], version).unwrap();
+    let event = |json: Value| ChangeEvent::from_json(&serde_json::to_vec(&json).unwrap()).unwrap();
+    let row = p1
+        .state
+        .row(event(
+            json!({"op":"insert","lsn":"0/1","version":1,"columns":{
+            "tenant":1,"code":"a","amount":"-1234567890123456789012345678.0123456789",
+            "at":"2024-01-01T12:00:00.5Z","n":7}}),
+        ))
+        .unwrap()
+        .row;
+    let (cols, body) = insert_body(&[row]);
+    let cols: Vec<String> = cols.iter().map(|c| format!("`{c}`")).collect();
+    let mut steps = vec![
+        json!({"kind":"sql","sql":"CREATE DATABASE IF NOT EXISTS gen"}),
+        json!({"kind":"sql","sql":create_table_sql(&names, &v1, version)}),
+        json!({"kind":"sql","sql":create_truncates_sql(&names)}),
+        json!({"kind":"sql","sql":create_view_sql(&names, &["tenant".into(),"code".into(),"amount".into(),"at".into(),"n".into()])}),
+        json!({"kind":"sql","sql":format!("INSERT INTO {} ({}) FORMAT JSONEachRow {}", names.qualified(), cols.join(", "), String::from_utf8(body).unwrap())}),
+    ];
+    let existing: Vec<(String, String)> = (0..v1.columns.len())
+        .map(|i| {
+            let caps = cdc_relay::sink::clickhouse::table::caps_of(version);
+            (
+                v1.columns[i].name.clone(),
+                cdc_relay::sink::clickhouse::table::column_type(&v1, i, caps),
+            )
+        })
+        .collect();
+    let history = vec![
+        std::sync::Arc::new(v1.clone()),
+        std::sync::Arc::new(v2.clone()),
+    ];
+    let p2 = plan(&names, &existing, &v2, &history, version).unwrap();
+    assert_eq!(p2.changes.len(), 2, "{:?}", p2.changes);
+    for c in &p2.changes {
+        steps.push(json!({"kind":"sql","sql":c.sql(&names)}));
+    }
+    steps.push(json!({"kind":"sql","sql":drop_view_sql(&names)}));
+    steps.push(json!({"kind":"sql","sql":create_view_sql(&names, &["tenant".into(),"code".into(),"amount".into(),"at".into(),"n".into(),"tags".into()])}));
+    steps.push(json!({"kind":"sql","sql":"SELECT tenant, code, toString(amount), at, n, tags, toTypeName(n) FROM gen.orders_current",
+        "expect_tsv":"1\ta\t-1234567890123456789012345678.0123456789\t2024-01-01 12:00:00.500000\t7\t[]\tInt64\n"}));
+    let manifest = dir.join("steps.json");
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&steps).unwrap()).unwrap();
+    let out = Command::new(&python)
+        .arg(root.join("tests/chdb/check_sink_sql.py"))
+        .arg(&manifest)
+        .arg(dir.join("chdb"))
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e}"));
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "chdb check failed; steps in {}",
+        dir.display()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -30,9 +30,7 @@ pub fn table_topics(cfg: &SourceConfig, kafka: &KafkaArgs) -> Result<Vec<String>
     let mut routes = std::collections::HashMap::new();
     for route in &kafka.routes {
         let (table, topic) = route.split_once('=').ok_or_else(|| {
-            Error::Config(format!(
-                "--route {route:?} must be `schema.table=topic`"
-            ))
+            Error::Config(format!("--route {route:?} must be `schema.table=topic`"))
         })?;
         let table = crate::source::postgres::TableSpec::parse(table.trim())?.name();
         if !cfg.tables.iter().any(|t| t.name() == table) {
@@ -165,4 +163,51 @@ pub fn clickhouse_config(
         table: table.to_string(),
         tls: tls_for_url(url, ca_file).map_err(Error::Config)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(topic: Option<&str>, routes: &[&str]) -> KafkaArgs {
+        KafkaArgs {
+            kafka_brokers: "k:1".into(),
+            topic: topic.map(str::to_string),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            security: Default::default(),
+        }
+    }
+
+    fn cfg(tables: &[&str]) -> SourceConfig {
+        let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+        SourceConfig::new(
+            "postgres://u@h/db",
+            &tables,
+            "s",
+            "p",
+            PublishOps(vec!["insert"]),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn each_table_goes_to_its_topic() {
+        // The seed's contract, and <schema>.<table> for any other table.
+        let two = cfg(&["user_logins", "app.orders"]);
+        assert_eq!(
+            table_topics(&two, &kafka(None, &[])).unwrap(),
+            vec!["user_events", "app.orders"]
+        );
+        assert_eq!(
+            table_topics(&two, &kafka(None, &["app.orders=orders"])).unwrap(),
+            vec!["user_events", "orders"]
+        );
+        assert_eq!(
+            table_topics(&cfg(&["app.orders"]), &kafka(Some("t"), &[])).unwrap(),
+            vec!["t"]
+        );
+        assert!(table_topics(&two, &kafka(Some("t"), &[])).is_err());
+        assert!(table_topics(&two, &kafka(None, &["other.t=x"])).is_err());
+        assert!(table_topics(&two, &kafka(None, &["no-equals"])).is_err());
+    }
 }

@@ -45,7 +45,13 @@ pub async fn setup(args: SetupArgs) -> Result<(), Error> {
         .await?
         .client_config();
     for topic in super::table_topics(&cfg, &args.kafka)? {
-        let n = ensure_topic(&kafka, &topic, args.topic_partitions, args.topic_replication).await?;
+        let n = ensure_topic(
+            &kafka,
+            &topic,
+            args.topic_partitions,
+            args.topic_replication,
+        )
+        .await?;
         println!("topic {topic}: {n} partitions");
         let schemas = crate::event::schemas_topic(&topic);
         ensure_topic_with(

@@ -22,8 +22,30 @@ pub struct KafkaArgs {
     pub security: KafkaSecurityArgs,
 }
 
-/// TLS and SASL towards the brokers (librdkafka's `security.protocol`, `sasl.*`, `ssl.*`).
+/// The sink's brokers and topics: like [`KafkaArgs`], but `--topic` may be given several times
+/// (or `CDC_RELAY_TOPIC=a,b`), all consumed in one group.
 #[derive(Debug, Clone, Args)]
+pub struct SinkKafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "CDC_RELAY_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Topic that carries the change events; repeat it (or separate with commas) to consume
+    /// several. Each topic's schemas are read from `<topic>.schemas`.
+    #[arg(
+        long = "topic",
+        env = "CDC_RELAY_TOPIC",
+        default_value = "user_events",
+        value_delimiter = ','
+    )]
+    pub topics: Vec<String>,
+
+    #[command(flatten)]
+    pub security: KafkaSecurityArgs,
+}
+
+/// TLS and SASL towards the brokers (librdkafka's `security.protocol`, `sasl.*`, `ssl.*`).
+#[derive(Debug, Clone, Default, Args)]
 pub struct KafkaSecurityArgs {
     /// plaintext (default), ssl, sasl_plaintext or sasl_ssl.
     #[arg(long, env = "CDC_RELAY_KAFKA_SECURITY_PROTOCOL")]

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub use clickhouse::{ClickHouseArgs, ClickHouseVersion};
 pub use file::{apply_config_file, known_settings};
-pub use kafka::{KafkaArgs, KafkaSecurityArgs};
+pub use kafka::{KafkaArgs, KafkaSecurityArgs, SinkKafkaArgs};
 pub use postgres::{Op, PostgresArgs};
 pub use secret::{mask, read_secret};
 pub use subcommands::{LedgerOrigin, SetupArgs, SinkArgs, StatusArgs, StreamArgs, TeardownArgs};
@@ -147,6 +147,8 @@ mod tests {
         };
         assert_eq!(args.ops, vec![Op::Insert, Op::Update, Op::Delete]);
         assert_eq!(args.postgres.slot, "cdc_relay");
-        assert_eq!(args.kafka.topic, "user_events");
+        // The topic follows the table (commands::table_topics): user_events for the seed's.
+        assert_eq!(args.kafka.topic, None);
+        assert_eq!(args.postgres.tables, vec!["public.user_logins".to_string()]);
     }
 }

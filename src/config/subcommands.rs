@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::{parse_millis, parse_secs};
-use super::{ClickHouseArgs, KafkaArgs, KafkaSecurityArgs, Op, PostgresArgs};
+use super::{ClickHouseArgs, KafkaArgs, KafkaSecurityArgs, Op, PostgresArgs, SinkKafkaArgs};
 
 #[derive(Debug, Clone, Args)]
 pub struct StreamArgs {
@@ -115,7 +115,7 @@ pub enum LedgerOrigin {
 #[derive(Debug, Clone, Args)]
 pub struct SinkArgs {
     #[command(flatten)]
-    pub kafka: KafkaArgs,
+    pub kafka: SinkKafkaArgs,
 
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
@@ -139,6 +139,11 @@ pub struct SinkArgs {
     /// Longest time a consumed message waits before its batch is inserted, in milliseconds.
     #[arg(long, env = "CDC_RELAY_BATCH_INTERVAL_MS", default_value = "100", value_parser = parse_millis)]
     pub batch_interval: Duration,
+
+    /// Longest wait, in seconds, for the schema record a message names to appear in
+    /// `<topic>.schemas`; after it the message goes to the dead-letter topic.
+    #[arg(long = "schema-wait-secs", env = "CDC_RELAY_SCHEMA_WAIT_SECS", default_value = "30", value_parser = parse_secs)]
+    pub schema_wait: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

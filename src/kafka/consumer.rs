@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -24,22 +24,62 @@ use super::{KafkaConnection, KafkaError};
 /// the sink's time.
 #[derive(Debug, Clone)]
 pub struct Consumed {
+    /// Set only when the key and payload are (see [`KafkaConsumer::recv_parsed`]).
     pub topic: String,
+    /// Which of the subscribed topics ([`KafkaConsumer::topics`]) it came from.
+    pub topic_index: usize,
     pub partition: i32,
     pub offset: i64,
     /// Payload size in bytes.
     pub len: usize,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    /// The [`crate::event::SCHEMA_HEADER`] of the message.
+    pub schema: SchemaHeader,
+}
+
+/// The schema id a message names, kept without allocating (ids are 16 hex digits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchemaHeader {
+    /// Written by a stream of an earlier release: the seed's form, for the seed's table.
+    Absent,
+    Id([u8; 16]),
+    /// Not 16 ASCII characters: no schema can be found by it.
+    Malformed,
+}
+
+impl SchemaHeader {
+    fn of(value: Option<&[u8]>) -> Self {
+        match value {
+            None => SchemaHeader::Absent,
+            Some(v) => match <[u8; 16]>::try_from(v) {
+                Ok(id) if id.is_ascii() => SchemaHeader::Id(id),
+                _ => SchemaHeader::Malformed,
+            },
+        }
+    }
+
+    /// The id as text, if there is a well-formed one.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            SchemaHeader::Id(id) => std::str::from_utf8(id).ok(),
+            _ => None,
+        }
+    }
 }
 
 pub struct KafkaConsumer {
     consumer: Arc<StreamConsumer>,
-    topic: String,
+    topics: Vec<String>,
 }
 
 impl KafkaConsumer {
-    pub fn new(connection: &KafkaConnection, group: &str, topic: &str) -> Result<Self, KafkaError> {
+    /// A member of `group` subscribed to every one of `topics`.
+    pub fn new(
+        connection: &KafkaConnection,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Self, KafkaError> {
         let consumer: StreamConsumer = connection
             .client_config()
             .set("group.id", group)
@@ -60,29 +100,51 @@ impl KafkaConsumer {
             .set("fetch.queue.backoff.ms", "10")
             .create()
             .map_err(KafkaError::client("creating the consumer"))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
-            .subscribe(&[topic])
-            .map_err(KafkaError::client(format!("subscribing to {topic}")))?;
+            .subscribe(&names)
+            .map_err(KafkaError::client(format!(
+                "subscribing to {}",
+                names.join(", ")
+            )))?;
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
-            topic: topic.to_string(),
+            topics: topics.to_vec(),
         })
     }
 
-    /// The next message, parsed by `parse` straight from librdkafka's buffer. Cancel-safe.
+    pub fn topics(&self) -> &[String] {
+        &self.topics
+    }
+
+    /// The next message, parsed by `parse` straight from librdkafka's buffer. Its key and payload
+    /// are copied out when parsing failed or `keep` asks for them (a message whose fate is decided
+    /// later, which may send it to the dead-letter topic). Cancel-safe.
     pub async fn recv_parsed<T, E>(
         &self,
         parse: impl FnOnce(&[u8]) -> Result<T, E>,
+        keep: impl FnOnce(&T) -> bool,
     ) -> Result<(Consumed, Result<T, E>), KafkaError> {
         let m = self
             .consumer
             .recv()
             .await
-            .map_err(KafkaError::client(format!("reading {}", self.topic)))?;
+            .map_err(KafkaError::client(format!(
+                "reading {}",
+                self.topics.join(", ")
+            )))?;
         let payload = m.payload().unwrap_or_default();
         let parsed = parse(payload);
-        let failed = parsed.is_err();
+        let failed = parsed.as_ref().map_or(true, keep);
+        let schema = SchemaHeader::of(m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == crate::event::SCHEMA_HEADER)
+                .and_then(|h| h.value)
+        }));
+        let topic_index = self.topics.iter().position(|t| t == m.topic()).unwrap_or(0);
         let consumed = Consumed {
+            schema,
+            topic_index,
             topic: if failed {
                 m.topic().to_string()
             } else {
@@ -97,15 +159,16 @@ impl KafkaConsumer {
         Ok((consumed, parsed))
     }
 
-    /// Commits, per partition, the offset after the highest message handled, and waits (off the
-    /// runtime's threads) until the coordinator answered.
-    pub async fn commit(&self, handled: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+    /// Commits, per (topic index, partition), the offset after the highest message handled, and
+    /// waits (off the runtime's threads) until the coordinator answered.
+    pub async fn commit(&self, handled: &BTreeMap<(usize, i32), i64>) -> Result<(), KafkaError> {
         if handled.is_empty() {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in handled {
-            tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(offset + 1))
+        for ((topic, partition), offset) in handled {
+            let topic = &self.topics[*topic];
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
                 .map_err(KafkaError::client("building the offsets to commit"))?;
         }
         let consumer = Arc::clone(&self.consumer);

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod consumer;
 pub mod inspect;
 pub mod producer;
+pub mod schemas;
 pub mod topic;
 
 pub use rdkafka::error::KafkaError as RdKafkaError;

@@ -60,9 +60,7 @@ impl KafkaProducer {
         for topic in &cfg.topics {
             limit = limit.min(max_message_bytes(&cfg.connection, topic).await?);
         }
-        let limit = limit
-            .saturating_sub(BATCH_OVERHEAD)
-            .max(1000);
+        let limit = limit.saturating_sub(BATCH_OVERHEAD).max(1000);
         let mut producer = cfg.connection.client_config();
         producer
             .set("enable.idempotence", "true")

@@ -109,6 +109,39 @@ pub fn clickhouse_json(kind: &PgType, value: &Value, caps: ServerCaps) -> Result
     convert(kind, value, caps).map_err(|reason| TypeError::new(kind, &excerpt(value), reason))
 }
 
+/// [`clickhouse_json`] as the text of the value in a `JSONEachRow` row. A Decimal (also inside an
+/// array) is written as a bare number, its exact text: ClickHouse 18.16 refuses a quoted Decimal
+/// ("Cannot parse input: expected ,"), and every server reads the bare text exactly, with no double
+/// in between. Everything else is the value's JSON.
+pub fn clickhouse_json_text(
+    kind: &PgType,
+    value: &Value,
+    caps: ServerCaps,
+) -> Result<String, TypeError> {
+    let v = clickhouse_json(kind, value, caps)?;
+    let mut out = String::new();
+    render(kind, &v, &mut out);
+    Ok(out)
+}
+
+fn render(kind: &PgType, v: &Value, out: &mut String) {
+    match (kind.resolved(), v) {
+        // check_numeric let only `-?digits[.digits]` through: safe to write bare.
+        (PgType::Numeric { .. }, Value::String(s)) if decimal(kind).is_some() => out.push_str(s),
+        (PgType::Array { element }, Value::Array(items)) if decimal(element).is_some() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                render(element, item, out);
+            }
+            out.push(']');
+        }
+        _ => out.push_str(&v.to_string()),
+    }
+}
+
 fn excerpt(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
@@ -163,7 +196,8 @@ fn convert(kind: &PgType, value: &Value, caps: ServerCaps) -> Result<Value, Stri
             if decimal(kind).is_some() && matches!(s, "NaN" | "Infinity" | "-Infinity") {
                 return Err("Decimal has no NaN or infinity".into());
             }
-            // Quoted: a Decimal(38, s) does not fit a double, and the text is already exact.
+            // Kept as the exact text: a Decimal(38, s) does not fit a double. An insert writes it
+            // unquoted ([`clickhouse_json_text`]): ClickHouse 18.16 refuses a quoted Decimal.
             Value::from(s)
         }
         PgType::Timestamp | PgType::TimestampTz => {
@@ -208,4 +242,37 @@ fn timestamp(stamp: datetime::Stamp, caps: ServerCaps) -> Result<Value, String> 
             .filter(|&m| m != i64::MAX && m != i64::MIN)
             .ok_or("outside Int64 microseconds")?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn decimals_are_written_bare_everything_else_as_json() {
+        let dec = PgType::Numeric {
+            precision: Some(38),
+            scale: Some(10),
+        };
+        let caps = ServerCaps::LEGACY;
+        let text = |k: &PgType, v: Value| clickhouse_json_text(k, &v, caps).unwrap();
+        assert_eq!(
+            text(&dec, json!("-1234567890123456789012345678.0123456789")),
+            "-1234567890123456789012345678.0123456789"
+        );
+        let arr = PgType::Array {
+            element: Box::new(dec.clone()),
+        };
+        assert_eq!(text(&arr, json!(["1.5", null, "-2"])), "[1.5,null,-2]");
+        assert_eq!(text(&dec, Value::Null), "null");
+        let any = PgType::Numeric {
+            precision: None,
+            scale: None,
+        };
+        assert_eq!(text(&any, json!("1e5".replace('e', ""))), "\"15\"");
+        assert_eq!(text(&PgType::Float8, json!("NaN")), "\"nan\"");
+        assert_eq!(text(&PgType::Int8, json!(i64::MAX)), i64::MAX.to_string());
+        assert!(clickhouse_json_text(&dec, &json!("1e5"), caps).is_err());
+    }
 }

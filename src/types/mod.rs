@@ -23,7 +23,7 @@ mod round_trip;
 use serde::{Deserialize, Serialize};
 
 pub use array::{format_array, parse_array, ArrayElem};
-pub use clickhouse::{clickhouse_json, clickhouse_type, ServerCaps};
+pub use clickhouse::{clickhouse_json, clickhouse_json_text, clickhouse_type, ServerCaps};
 pub use json::to_json;
 pub use kind::{oid, PgType};
 

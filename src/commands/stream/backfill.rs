@@ -15,7 +15,10 @@ use crate::source::postgres::{SourceConfig, SourceError, TableId};
 /// What the backfill task tells the main loop.
 pub(super) enum BackfillMsg {
     /// The backfill of this table begins (its watermarks carry `run`).
-    Table { table: TableId, run: String },
+    Table {
+        table: TableId,
+        run: String,
+    },
     /// How many rows are to do, for progress reports (counted in the task: on a large table the
     /// count takes long, and the main loop must keep answering the server meanwhile).
     Total(u64),

@@ -121,7 +121,9 @@ impl ExactlyOnce {
                 for (table, id) in cp.backfill_rows(&self.tables[0]) {
                     match self.tables.iter().position(|t| *t == table) {
                         Some(t) => self.repair.push((t, id)),
-                        None => tracing::warn!(%table, id, "exactly-once: the last checkpoint names a backfilled row of a table this stream no longer relays; its ledger is left as it is"),
+                        None => {
+                            tracing::warn!(%table, id, "exactly-once: the last checkpoint names a backfilled row of a table this stream no longer relays; its ledger is left as it is")
+                        }
                     }
                 }
             }

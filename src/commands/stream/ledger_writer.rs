@@ -44,7 +44,8 @@ async fn mark_sent(
             continue;
         };
         let o: LedgerOutcome = ledger.mark_sent(&mut ids).await?;
-        out.locked.extend(o.locked.into_iter().map(|id| (table, id)));
+        out.locked
+            .extend(o.locked.into_iter().map(|id| (table, id)));
         out.table_locked |= o.table_locked;
     }
     Ok(out)

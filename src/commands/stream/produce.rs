@@ -31,8 +31,11 @@ impl StreamCommand {
                 Ok(())
             }
             Err(e @ KafkaError::TooLarge { .. }) => {
-                let dead =
-                    StreamDeadLetter::of_event(event, &self.cfg.tables[table].name(), e.to_string());
+                let dead = StreamDeadLetter::of_event(
+                    event,
+                    &self.cfg.tables[table].name(),
+                    e.to_string(),
+                );
                 self.dead_letter(t, &dead, ledger_id, from_backfill, order)
                     .await
             }

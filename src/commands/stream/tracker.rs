@@ -319,7 +319,7 @@ mod tests {
         t.on_ack(r);
         assert_eq!(t.confirmed, Lsn(5), "acknowledged, not yet in the ledger");
         let batch = t.take_ledger_batch(100);
-        assert_eq!(batch, vec![(0, 1)]);
+        assert_eq!(batch, vec![(0, (0, 1))]);
         assert_eq!(t.unrecorded_stream_ids(0).collect::<Vec<_>>(), [1]);
         t.recorded(batch.iter().map(|(s, _)| *s));
         assert_eq!(t.confirmed, Lsn(10));

@@ -2,9 +2,13 @@
 //! current-rows view, turns change events into rows and inserts batches. Knows nothing of Kafka: it
 //! takes [`crate::event::ChangeEvent`]s and says when they are stored.
 
+pub mod batch;
 pub mod config;
+pub mod evolve;
 pub mod row;
 pub mod schema;
+pub mod table;
+pub mod tables;
 pub mod writer;
 
 pub use config::ClickHouseConfig;

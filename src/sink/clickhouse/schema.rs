@@ -35,6 +35,14 @@ impl ServerVersion {
         }
     }
 
+    /// `ALTER TABLE … RENAME COLUMN` exists from 20.4 on (18.16 refuses it: Code 62).
+    pub fn has_rename_column(self) -> bool {
+        self >= ServerVersion {
+            major: 20,
+            minor: 4,
+        }
+    }
+
     /// `ReplacingMergeTree(ver, is_deleted)` exists from 23.2 on.
     pub fn has_is_deleted(self) -> bool {
         self >= ServerVersion {

@@ -17,8 +17,8 @@ use super::pgoutput::{decode, OldTuple, PgOutput, Relation, RelationCache, Value
 use super::relation::{describe, RelationShape, TupleColumn};
 use super::replication::{ReplicationMessage, ReplicationStream};
 use super::{
-    SourceConfig, SourceError, TableId, TableSpec, HEARTBEAT_MESSAGE_PREFIX,
-    LEDGER_MESSAGE_PREFIX, WATERMARK_MESSAGE_PREFIX,
+    SourceConfig, SourceError, TableId, TableSpec, HEARTBEAT_MESSAGE_PREFIX, LEDGER_MESSAGE_PREFIX,
+    WATERMARK_MESSAGE_PREFIX,
 };
 
 /// Most version bumps (TRUNCATEs) inside one transaction; later ones share the last bump.
@@ -393,7 +393,7 @@ impl ReplicationSource {
         let moved_from = shape.key_of(old);
         let delete = self.row(Op::Delete, relation, old, wal_start)?;
         let mut update = self.row(Op::Update, relation, &new, wal_start)?;
-        if let Some(SourceMessage::Change(event, _)) = &mut update {
+        if let Some(SourceMessage::Change(_, event, _)) = &mut update {
             event.moved_from = moved_from;
         }
         self.queued = update;

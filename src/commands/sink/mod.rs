@@ -5,6 +5,10 @@
 //! from the last commit; re-inserted rows carry the same `_version` and collapse. A panic in the
 //! insert task ends the sink with an error (exit 1) and commits nothing past the last stored batch.
 
+mod batch;
+mod generic;
+mod metrics;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -14,90 +18,20 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::commands::Error;
 use crate::config::SinkArgs;
-use crate::event::{ChangeEvent, Op};
 use crate::failpoints;
 use crate::kafka::consumer::{Consumed, DeadLetters, KafkaConsumer};
-use crate::kafka::inspect;
+use crate::kafka::schemas::SchemaRegistry;
 use crate::kafka::topic::ensure_topic;
-use crate::kafka::KafkaConnection;
-use crate::metrics::{Counter, Gauge, Registry, Seconds};
-use crate::sink::clickhouse::writer::{
+use crate::metrics::{Counter, Registry};
+use crate::sink::clickhouse::batch::{
     fill_from_batch, fill_from_stored, keep_last_of_equal_versions, Unfilled,
 };
-use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError, UserLoginRow};
+use crate::sink::clickhouse::table::GenericRow;
+use crate::sink::clickhouse::tables::{GenericTables, GenericWriter};
+use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError};
 
-struct Batch {
-    rows: Vec<UserLoginRow>,
-    /// Rows whose update left TOASTed columns out (index into `rows`, the columns).
-    unchanged: Vec<Unfilled>,
-    /// Highest handled offset per partition.
-    handled: BTreeMap<i32, i64>,
-    deadline: Option<Instant>,
-}
-
-impl Batch {
-    fn new() -> Self {
-        Batch {
-            rows: Vec::new(),
-            unchanged: Vec::new(),
-            handled: BTreeMap::new(),
-            deadline: None,
-        }
-    }
-
-    fn mark(&mut self, msg: &Consumed, interval: Duration) {
-        let e = self.handled.entry(msg.partition).or_insert(msg.offset);
-        *e = (*e).max(msg.offset);
-        self.deadline
-            .get_or_insert_with(|| Instant::now() + interval);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.handled.is_empty()
-    }
-}
-
-/// What `sink` exports at /metrics.
-#[derive(Clone)]
-struct SinkMetrics {
-    messages: Counter,
-    bytes: Counter,
-    rows_inserted: Counter,
-    batches: Counter,
-    insert_seconds: Seconds,
-    dead_lettered: Counter,
-    retries: Counter,
-    commits: Counter,
-    consumer_lag: Gauge,
-}
-
-impl SinkMetrics {
-    fn new(r: &Registry) -> Self {
-        SinkMetrics {
-            messages: r.counter("sink_messages_total", "Messages consumed from Kafka."),
-            bytes: r.counter("sink_bytes_total", "Payload bytes consumed."),
-            rows_inserted: r.counter("sink_rows_inserted_total", "Rows inserted into ClickHouse."),
-            batches: r.counter("sink_batches_total", "ClickHouse inserts."),
-            insert_seconds: r.seconds(
-                "sink_insert_seconds_total",
-                "Time spent in ClickHouse inserts.",
-            ),
-            dead_lettered: r.counter(
-                "sink_dead_lettered_total",
-                "Messages sent to the dead-letter topic.",
-            ),
-            retries: r.counter(
-                "sink_retries_total",
-                "Retried operations (inserts, dead letters, truncates).",
-            ),
-            commits: r.counter("sink_commits_total", "Offset commits."),
-            consumer_lag: r.gauge(
-                "sink_consumer_lag",
-                "Messages of the topic the group has not committed.",
-            ),
-        }
-    }
-}
+use batch::{parse, Batch, Parsed};
+use metrics::{spawn_lag_probe, SinkMetrics};
 
 struct SinkCommand {
     metrics: SinkMetrics,
@@ -117,6 +51,10 @@ struct SinkCommand {
     unsigned_id: bool,
     /// The highest truncate version this sink knows of: rows below it are gone.
     watermark: u64,
+    /// Every other table, from the schemas its messages name.
+    tables: GenericTables,
+    /// The schemas of each consumed topic, in the consumer's topic order.
+    registries: Vec<SchemaRegistry>,
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -146,22 +84,38 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     let watermark = writer.truncate_watermark().await?;
     tracing::info!(%version, table = %ch.qualified_table(), view = %ch.qualified_view(), truncated_below = watermark, "ClickHouse ready");
 
+    let tables = GenericTables::new(&ch, version);
+
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
     let kafka = connection.client_config();
+    let topics = &args.kafka.topics;
     // As `stream` and `setup` create them, whoever starts first: 3 partitions (1 for dead letters),
     // replication min(3, brokers).
-    ensure_topic(&kafka, &args.kafka.topic, 3, None).await?;
+    for topic in topics {
+        ensure_topic(&kafka, topic, 3, None).await?;
+    }
     ensure_topic(&kafka, &args.dlq_topic, 1, None).await?;
-    let consumer = KafkaConsumer::new(&connection, &args.group, &args.kafka.topic)?;
+    let mut registries = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let mut r = SchemaRegistry::new(&connection, topic)?;
+        r.read_to_end().await;
+        registries.push(r);
+    }
+    let consumer = KafkaConsumer::new(&connection, &args.group, topics)?;
     let dead_letters = DeadLetters::new(&connection, &args.dlq_topic)?;
-    tracing::info!(topic = %args.kafka.topic, group = %args.group, dead_letters = %args.dlq_topic, "sink starting");
+    tracing::info!(topics = %topics.join(","), group = %args.group, dead_letters = %args.dlq_topic, "sink starting");
 
     let registry = Registry::default();
     let metrics = SinkMetrics::new(&registry);
     super::serve_metrics(&registry, args.metrics_addr).await?;
     if args.metrics_addr.is_some() {
-        spawn_lag_probe(&args, &connection, metrics.consumer_lag.clone());
+        spawn_lag_probe(
+            &connection,
+            topics,
+            &args.group,
+            metrics.consumer_lag.clone(),
+        );
     }
     let mut cmd = SinkCommand {
         metrics,
@@ -177,6 +131,8 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
         failed: None,
         unsigned_id: table.unsigned_id,
         watermark,
+        tables,
+        registries,
     };
     cmd.run().await
 }
@@ -186,7 +142,7 @@ impl SinkCommand {
         let mut batch = Batch::new();
         loop {
             let deadline = batch.deadline;
-            let room = batch.rows.len() < self.args.batch_rows;
+            let room = batch.len() < self.args.batch_rows;
             let unsigned_id = self.unsigned_id;
             tokio::select! {
                 biased;
@@ -198,7 +154,7 @@ impl SinkCommand {
                         break;
                     }
                 }
-                msg = self.consumer.recv_parsed(|p| parse(p, unsigned_id)), if room => {
+                msg = self.consumer.recv_parsed(|p| parse(p, unsigned_id), Parsed::decided_later), if room => {
                     match msg {
                         Ok((msg, parsed)) => self.handle(msg, parsed, &mut batch).await?,
                         Err(e) => {
@@ -213,7 +169,7 @@ impl SinkCommand {
                     }
                 }
             }
-            if batch.rows.len() >= self.args.batch_rows && !self.flush(&mut batch).await {
+            if batch.len() >= self.args.batch_rows && !self.flush(&mut batch).await {
                 break;
             }
         }
@@ -263,6 +219,11 @@ impl SinkCommand {
                     return Ok(()); // shutting down: not marked, so read again next time
                 }
                 self.watermark = self.watermark.max(version);
+            }
+            Ok(Parsed::Columns(event)) => {
+                if !self.columns_message(&msg, *event, batch).await {
+                    return Ok(()); // shutting down: not marked, so read again next time
+                }
             }
             Err(reason) => {
                 if !self.dead_letter(&msg, &reason).await {
@@ -334,31 +295,26 @@ impl SinkCommand {
             }
         }
         keep_last_of_equal_versions(&mut batch.rows);
+        if !self.complete_generic(batch).await {
+            return false;
+        }
         let batch = std::mem::replace(batch, Batch::new());
-        let (writer, metrics, shutdown) = (
+        let (writer, generic, metrics, shutdown) = (
             self.writer.clone(),
+            self.tables.writer().clone(),
             self.metrics.clone(),
             self.shutdown.clone(),
         );
         let rows = batch.rows;
-        let count = rows.len();
+        let tables: Vec<(String, Vec<GenericRow>)> = batch
+            .tables
+            .into_iter()
+            .map(|(name, t)| (name, t.rows))
+            .collect();
+        let count = rows.len() + tables.iter().map(|(_, r)| r.len()).sum::<usize>();
         let task = tokio::spawn(async move {
             failpoints::panic_if_armed(failpoints::SINK_INSERT_PANIC);
-            let started = Instant::now();
-            let done = retry(
-                "inserting into ClickHouse",
-                &metrics.retries,
-                shutdown,
-                || writer.insert(&rows),
-            )
-            .await;
-            if done.is_some() {
-                metrics.insert_seconds.record(started.elapsed());
-                metrics.batches.inc();
-                metrics.rows_inserted.add(rows.len() as u64);
-                tracing::debug!(rows = rows.len(), "batch inserted");
-            }
-            done
+            insert_all(&writer, &generic, &metrics, shutdown, &rows, &tables).await
         });
         self.pending = Some(PendingInsert {
             task,
@@ -413,33 +369,45 @@ impl SinkCommand {
     }
 }
 
-/// What one message means to the sink.
-enum Parsed {
-    /// The row to store, the columns the change left out (unchanged TOAST values), and the id a
-    /// key update moved the row from.
-    Row(UserLoginRow, Vec<String>, Option<i64>),
-    /// Hide every row stored before this version.
-    Truncate { version: u64 },
-}
-
-/// A message as the sink uses it; `Err` sends it to the dead-letter topic with the reason.
-/// `unsigned_id`: the table's id is UInt64, so a negative id cannot be stored.
-fn parse(payload: &[u8], unsigned_id: bool) -> Result<Parsed, String> {
-    let (mut event, micros) =
-        ChangeEvent::from_json_with_time(payload).map_err(|e| e.to_string())?;
-    if event.op == Op::Truncate {
-        return Ok(Parsed::Truncate {
-            version: event.version,
-        });
+/// Inserts the seed's rows, then each table's, each retried until ClickHouse confirms it (an
+/// insert that landed is not repeated for another table's failure). `None` if shutdown came first.
+async fn insert_all(
+    writer: &ClickHouseWriter,
+    generic: &GenericWriter,
+    metrics: &SinkMetrics,
+    shutdown: watch::Receiver<bool>,
+    rows: &[crate::sink::clickhouse::UserLoginRow],
+    tables: &[(String, Vec<GenericRow>)],
+) -> Option<()> {
+    let record = |started: Instant, n: usize| {
+        metrics.insert_seconds.record(started.elapsed());
+        metrics.batches.inc();
+        metrics.rows_inserted.add(n as u64);
+        tracing::debug!(rows = n, "batch inserted");
+    };
+    if !rows.is_empty() {
+        let started = Instant::now();
+        retry(
+            "inserting into ClickHouse",
+            &metrics.retries,
+            shutdown.clone(),
+            || writer.insert(rows),
+        )
+        .await?;
+        record(started, rows.len());
     }
-    let unchanged = std::mem::take(&mut event.unchanged);
-    let moved_from = event
-        .moved_from
-        .as_ref()
-        .and_then(crate::event::RowKey::as_int);
-    let row = UserLoginRow::from_parts(event, micros).map_err(|e| e.to_string())?;
-    row.check_storable(unsigned_id).map_err(|e| e.to_string())?;
-    Ok(Parsed::Row(row, unchanged, moved_from))
+    for (table, rows) in tables {
+        let started = Instant::now();
+        retry(
+            "inserting into ClickHouse",
+            &metrics.retries,
+            shutdown.clone(),
+            || generic.insert(table, rows),
+        )
+        .await?;
+        record(started, rows.len());
+    }
+    Some(())
 }
 
 type InsertResult = Result<Option<()>, tokio::task::JoinError>;
@@ -457,7 +425,7 @@ struct PendingInsert {
     /// `None` if it gave up because of shutdown.
     task: tokio::task::JoinHandle<Option<()>>,
     rows: usize,
-    handled: BTreeMap<i32, i64>,
+    handled: BTreeMap<(usize, i32), i64>,
 }
 
 /// Retries `op` with backoff until it succeeds or shutdown is asked for (then gives up; the offsets
@@ -498,24 +466,4 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Refreshes the consumer-lag gauge every 10 s (watermarks and committed offsets, off the runtime).
-fn spawn_lag_probe(args: &SinkArgs, connection: &KafkaConnection, gauge: Gauge) {
-    let (connection, topic, group) = (
-        connection.clone(),
-        args.kafka.topic.clone(),
-        args.group.clone(),
-    );
-    tokio::spawn(async move {
-        loop {
-            let (c, t, g) = (connection.clone(), topic.clone(), group.clone());
-            if let Ok(Ok(parts)) =
-                tokio::task::spawn_blocking(move || inspect::group_lag(&c, &t, &g)).await
-            {
-                gauge.set(parts.iter().map(|p| p.lag).sum());
-            }
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        }
-    });
 }

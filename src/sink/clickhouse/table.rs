@@ -1,0 +1,383 @@
+//! Any table's ClickHouse shape, from the [`RelationSchema`] the stream publishes: its DDL per
+//! server version, and its change events as rows ([`GenericRow`]) for a `JSONEachRow` insert.
+//!
+//! The table is named after the source table, in the sink's database. Every schema column keeps its
+//! PostgreSQL name and gets [`clickhouse_type`] (key columns never Nullable); the sink's own columns
+//! start with an underscore (`_op`, `_lsn`, `_version`, `_deleted`, `_ingested_at`), so a user
+//! column named `op` or `version` never collides. Truncates and the current-rows view work as the
+//! seed table's (schema.rs).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::event::{ChangeEvent, Op, Row, RowKey};
+use crate::types::{clickhouse_json_text, clickhouse_type, PgType, RelationSchema, ServerCaps};
+
+use super::config::{quote_ident, quote_string};
+use super::schema::ServerVersion;
+
+/// The sink's columns of a generic table, after the user's.
+pub const META_COLUMNS: &[(&str, &str)] = &[
+    ("_op", "String"),
+    ("_lsn", "String"),
+    ("_version", "UInt64"),
+    ("_deleted", "UInt8"),
+];
+
+/// Set by ClickHouse on insert; not in the view.
+pub const INGESTED_AT: &str = "_ingested_at";
+
+/// Whether a ClickHouse column is one of the sink's own.
+pub fn is_meta(name: &str) -> bool {
+    name == INGESTED_AT || META_COLUMNS.iter().any(|(n, _)| *n == name)
+}
+
+/// The names of one table's ClickHouse objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableNames {
+    pub database: String,
+    pub table: String,
+}
+
+impl TableNames {
+    pub fn new(database: &str, table: &str) -> Self {
+        TableNames {
+            database: database.to_string(),
+            table: table.to_string(),
+        }
+    }
+
+    fn qualify(&self, name: &str) -> String {
+        format!("{}.{}", quote_ident(&self.database), quote_ident(name))
+    }
+
+    pub fn qualified(&self) -> String {
+        self.qualify(&self.table)
+    }
+
+    pub fn truncates(&self) -> String {
+        self.qualify(&format!("{}_truncates", self.table))
+    }
+
+    pub fn view(&self) -> String {
+        self.qualify(&format!("{}_current", self.table))
+    }
+}
+
+/// The ClickHouse type of `rel`'s column `idx` in a new table.
+pub fn column_type(rel: &RelationSchema, idx: usize, caps: ServerCaps) -> String {
+    let c = &rel.columns[idx];
+    clickhouse_type(&c.kind, c.nullable && !rel.key.contains(&idx), caps)
+}
+
+/// The type a column gets when it is added to an existing table: Nullable (older rows have no
+/// value), unless it is an array (ClickHouse has no Nullable(Array); older rows get `[]`).
+pub fn added_column_type(kind: &PgType, caps: ServerCaps) -> String {
+    clickhouse_type(kind, true, caps)
+}
+
+pub fn create_table_sql(
+    names: &TableNames,
+    rel: &RelationSchema,
+    version: ServerVersion,
+) -> String {
+    let caps = caps_of(version);
+    let cols: Vec<String> = (0..rel.columns.len())
+        .map(|i| {
+            format!(
+                "    {} {}",
+                quote_ident(&rel.columns[i].name),
+                column_type(rel, i, caps)
+            )
+        })
+        .chain(META_COLUMNS.iter().map(|(n, t)| format!("    {n} {t}")))
+        .chain(std::iter::once(format!(
+            "    {INGESTED_AT} DateTime DEFAULT now()"
+        )))
+        .collect();
+    let engine = if version.has_is_deleted() {
+        "ReplacingMergeTree(_version, _deleted)"
+    } else {
+        "ReplacingMergeTree(_version)"
+    };
+    let key: Vec<String> = rel
+        .key
+        .iter()
+        .filter_map(|&i| rel.columns.get(i))
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n{}\n) ENGINE = {engine} ORDER BY ({})",
+        names.qualified(),
+        cols.join(",\n"),
+        key.join(", ")
+    )
+}
+
+pub fn create_truncates_sql(names: &TableNames) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (\n    version UInt64,\n    applied_at DateTime DEFAULT now()\n) ENGINE = MergeTree ORDER BY version",
+        names.truncates()
+    )
+}
+
+/// The view over `user_columns` (every non-meta column the ClickHouse table has, dropped ones
+/// too: older rows keep their values there). A view of 18.16 records its column types when it is
+/// created, so it is re-created whenever the table's columns change.
+pub fn create_view_sql(names: &TableNames, user_columns: &[String]) -> String {
+    let cols: Vec<String> = user_columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .chain(["_op", "_lsn", "_version"].map(String::from))
+        .collect();
+    format!(
+        "CREATE VIEW IF NOT EXISTS {} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
+        names.view(),
+        cols.join(", "),
+        names.qualified(),
+        names.truncates()
+    )
+}
+
+pub fn drop_view_sql(names: &TableNames) -> String {
+    format!("DROP TABLE IF EXISTS {}", names.view())
+}
+
+pub fn columns_sql(names: &TableNames) -> String {
+    format!(
+        "SELECT name, type FROM system.columns WHERE database = {} AND table = {} FORMAT TSV",
+        quote_string(&names.database),
+        quote_string(&names.table)
+    )
+}
+
+/// What a server of `version` stores (DateTime64 or not).
+pub fn caps_of(version: ServerVersion) -> ServerCaps {
+    ServerCaps::from_version(&version.to_string()).unwrap_or(ServerCaps::LEGACY)
+}
+
+/// One column of a schema as the sink writes it.
+#[derive(Debug, Clone)]
+pub struct Column {
+    /// The ClickHouse column it is written to (its PostgreSQL name, or on servers without RENAME
+    /// COLUMN after a rename, the name it had).
+    pub ch_name: Arc<str>,
+    pub kind: PgType,
+}
+
+/// A schema applied to its ClickHouse table: how its messages become rows.
+#[derive(Debug, Clone)]
+pub struct TableState {
+    pub names: TableNames,
+    pub caps: ServerCaps,
+    /// By PostgreSQL name.
+    pub columns: HashMap<String, Column>,
+    /// PostgreSQL names of the key columns, in key order.
+    pub key: Vec<String>,
+}
+
+/// Why a message of a generic table cannot become a row (it goes to the dead-letter topic).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenericRowError {
+    #[error("the message is in the seed's form, but its schema names table {0}")]
+    NotColumns(String),
+    #[error("column {column} is not in the schema of {table} the message names")]
+    UnknownColumn { table: String, column: String },
+    #[error("{op} of {table} without a value for key column {column}")]
+    NoKey {
+        op: &'static str,
+        table: String,
+        column: String,
+    },
+    #[error("moved_from does not hold key column {column} of {table}")]
+    BadMovedFrom { table: String, column: String },
+    #[error(transparent)]
+    Type(#[from] crate::types::TypeError),
+}
+
+/// One change of a generic table, as its `JSONEachRow` insert writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenericRow {
+    /// The key columns' values as canonical JSON text (`[3,"a"]`): what rows are compared by.
+    pub key: String,
+    /// ClickHouse column, JSON text of the value. A column without a value is not listed: the
+    /// insert leaves it at its default (NULL, `[]`).
+    pub cells: Vec<(Arc<str>, String)>,
+    pub op: Op,
+    pub lsn: String,
+    pub version: u64,
+    pub deleted: bool,
+}
+
+/// A generic row and what the batch must still do for it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub row: GenericRow,
+    /// ClickHouse columns the update left out (unchanged TOAST values), to fill from earlier rows.
+    pub unchanged: Vec<String>,
+    /// The key to fill them from: the row's own, or after a key update the old key.
+    pub fill_from: String,
+}
+
+/// Canonical key text from the JSON texts of the key columns' values.
+pub fn key_text<'a>(texts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("[");
+    for (i, t) in texts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(t);
+    }
+    out.push(']');
+    out
+}
+
+impl TableState {
+    fn column(&self, name: &str) -> Result<&Column, GenericRowError> {
+        self.columns
+            .get(name)
+            .ok_or_else(|| GenericRowError::UnknownColumn {
+                table: self.names.table.clone(),
+                column: name.to_string(),
+            })
+    }
+
+    /// The row of a change in the columns form (not a truncate).
+    pub fn row(&self, event: ChangeEvent) -> Result<Prepared, GenericRowError> {
+        let Row::Columns(columns) = event.row else {
+            return Err(GenericRowError::NotColumns(self.names.table.clone()));
+        };
+        let mut cells = Vec::with_capacity(columns.len());
+        for (name, value) in &columns {
+            let col = self.column(name)?;
+            if value.is_null() && !matches!(col.kind.resolved(), PgType::Array { .. }) {
+                continue;
+            }
+            if value.is_null() && event.unchanged.iter().any(|u| u == name) {
+                continue;
+            }
+            let text =
+                clickhouse_json_text(&col.kind, value, self.caps).map_err(|e| e.in_column(name))?;
+            cells.push((col.ch_name.clone(), text));
+        }
+        let mut key_texts = Vec::with_capacity(self.key.len());
+        for k in &self.key {
+            let ch = &self.column(k)?.ch_name;
+            match cells.iter().find(|(n, _)| n == ch) {
+                Some((_, t)) if t != "null" => key_texts.push(t.as_str()),
+                _ => {
+                    return Err(GenericRowError::NoKey {
+                        op: event.op.as_str(),
+                        table: self.names.table.clone(),
+                        column: k.clone(),
+                    })
+                }
+            }
+        }
+        let key = key_text(key_texts);
+        let fill_from = match &event.moved_from {
+            Some(old) => self.key_of(old)?,
+            None => key.clone(),
+        };
+        let unchanged = event
+            .unchanged
+            .iter()
+            .map(|u| self.column(u).map(|c| c.ch_name.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Prepared {
+            row: GenericRow {
+                key,
+                cells,
+                op: event.op,
+                lsn: event.lsn,
+                version: event.version,
+                deleted: event.op == Op::Delete,
+            },
+            unchanged,
+            fill_from,
+        })
+    }
+
+    /// The canonical key text of a `moved_from`: the scalar of a one-column key, or an object of
+    /// the key columns.
+    fn key_of(&self, old: &RowKey) -> Result<String, GenericRowError> {
+        let value = old.to_json();
+        let mut texts = Vec::with_capacity(self.key.len());
+        for k in &self.key {
+            let v = if self.key.len() == 1 && !value.is_object() {
+                &value
+            } else {
+                value.get(k).ok_or_else(|| GenericRowError::BadMovedFrom {
+                    table: self.names.table.clone(),
+                    column: k.clone(),
+                })?
+            };
+            let col = self.column(k)?;
+            texts.push(clickhouse_json_text(&col.kind, v, self.caps).map_err(|e| e.in_column(k))?);
+        }
+        Ok(key_text(texts.iter().map(String::as_str)))
+    }
+}
+
+impl super::batch::VersionedRow for GenericRow {
+    type Key = String;
+    fn key(&self) -> &String {
+        &self.key
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn deleted(&self) -> bool {
+        self.deleted
+    }
+    fn copy_columns(&mut self, from: &Self, cols: &[String]) {
+        for c in cols {
+            self.cells.retain(|(n, _)| &**n != c.as_str());
+            if let Some(cell) = from.cells.iter().find(|(n, _)| &**n == c.as_str()) {
+                self.cells.push(cell.clone());
+            }
+        }
+    }
+}
+
+/// The `JSONEachRow` body of `rows`, and the columns it names (in first-seen order, then the
+/// sink's).
+pub fn insert_body(rows: &[GenericRow]) -> (Vec<Arc<str>>, Vec<u8>) {
+    let mut names: Vec<Arc<str>> = Vec::new();
+    let mut body = Vec::with_capacity(rows.len() * 128);
+    for r in rows {
+        body.push(b'{');
+        for (name, text) in &r.cells {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.clone());
+            }
+            push_json_string(&mut body, name);
+            body.push(b':');
+            body.extend_from_slice(text.as_bytes());
+            body.push(b',');
+        }
+        body.extend_from_slice(b"\"_op\":");
+        push_json_string(&mut body, r.op.as_str());
+        body.extend_from_slice(b",\"_lsn\":");
+        push_json_string(&mut body, &r.lsn);
+        body.extend_from_slice(
+            format!(
+                ",\"_version\":{},\"_deleted\":{}}}\n",
+                r.version,
+                u8::from(r.deleted)
+            )
+            .as_bytes(),
+        );
+    }
+    names.extend(META_COLUMNS.iter().map(|(n, _)| Arc::from(*n)));
+    (names, body)
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serialising a str cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+#[path = "table_tests.rs"]
+pub(crate) mod tests;

@@ -1,0 +1,381 @@
+//! Any table's ClickHouse side at run time: creating it, applying each new schema to it
+//! ([`super::evolve`]), inserting its rows, recording its truncates and reading stored rows back for
+//! unchanged TOAST columns. Schemas are named by an opaque id (the caller's; the same schema has
+//! the same id); each is applied once per process, before its first row is written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use crate::types::RelationSchema;
+
+use super::config::{quote_ident, quote_string};
+use super::evolve::{plan, Refusal};
+use super::schema::ServerVersion;
+use super::table::{
+    columns_sql, create_table_sql, create_truncates_sql, create_view_sql, drop_view_sql,
+    insert_body, is_meta, key_text, GenericRow, TableNames, TableState,
+};
+use super::{ClickHouseConfig, SinkError};
+
+/// What became of a schema.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    Ready(Arc<TableState>),
+    /// Its rows go to the dead-letter topic with this reason.
+    Refused(Arc<Refusal>),
+}
+
+/// The generic tables of one sink.
+pub struct GenericTables {
+    writer: GenericWriter,
+    version: ServerVersion,
+    applied: HashMap<String, Applied>,
+    /// Truncate watermark per table whose objects exist.
+    watermarks: HashMap<String, u64>,
+}
+
+/// Counts of what [`GenericTables::apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub changes: usize,
+    pub refused: bool,
+}
+
+impl GenericTables {
+    pub fn new(cfg: &ClickHouseConfig, version: ServerVersion) -> Self {
+        GenericTables {
+            writer: GenericWriter::new(cfg),
+            version,
+            applied: HashMap::new(),
+            watermarks: HashMap::new(),
+        }
+    }
+
+    pub fn writer(&self) -> &GenericWriter {
+        &self.writer
+    }
+
+    /// The schema's state once [`Self::apply`] ran for it.
+    pub fn applied(&self, id: &str) -> Option<&Applied> {
+        self.applied.get(id)
+    }
+
+    pub fn watermark(&self, table: &str) -> u64 {
+        self.watermarks.get(table).copied().unwrap_or(0)
+    }
+
+    pub fn raise_watermark(&mut self, table: &str, version: u64) {
+        let w = self.watermarks.entry(table.to_string()).or_insert(0);
+        *w = (*w).max(version);
+    }
+
+    /// Creates the table if missing and brings it to `rel` (the caller has stored every row
+    /// written before: a change may rename a column earlier rows are written under). `history`:
+    /// the table's schemas known to the caller, oldest first. A refusal is an outcome, not an
+    /// error; errors are ClickHouse's, to retry.
+    pub async fn apply(
+        &mut self,
+        id: &str,
+        rel: &RelationSchema,
+        history: &[Arc<RelationSchema>],
+    ) -> Result<ApplyOutcome, SinkError> {
+        let w = &self.writer;
+        let names = TableNames::new(&w.database, &rel.table);
+        let mut existing = w.columns(&names).await?;
+        let created = existing.is_empty();
+        if created {
+            if let Err(refusal) = plan(&names, &[], rel, history, self.version) {
+                return Ok(self.refuse(id, refusal));
+            }
+            w.execute(
+                &create_table_sql(&names, rel, self.version),
+                "creating a table",
+            )
+            .await?;
+            existing = w.columns(&names).await?;
+        }
+        let p = match plan(&names, &existing, rel, history, self.version) {
+            Ok(p) => p,
+            Err(refusal) => return Ok(self.refuse(id, refusal)),
+        };
+        for change in &p.changes {
+            tracing::info!(table = %names.qualified(), change = ?change, "applying a schema change");
+            w.execute(&change.sql(&names), "changing a table's columns")
+                .await?;
+        }
+        if !self.watermarks.contains_key(&rel.table) {
+            w.execute(&create_truncates_sql(&names), "creating a truncates table")
+                .await?;
+            let mark = w.truncate_watermark(&names).await?;
+            self.watermarks.insert(rel.table.clone(), mark);
+        }
+        if !p.changes.is_empty() || created || !w.has_view(&names).await? {
+            let cols: Vec<String> = w
+                .columns(&names)
+                .await?
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| !is_meta(n))
+                .collect();
+            w.execute(&drop_view_sql(&names), "dropping the current-rows view")
+                .await?;
+            w.execute(
+                &create_view_sql(&names, &cols),
+                "creating the current-rows view",
+            )
+            .await?;
+        }
+        self.applied
+            .insert(id.to_string(), Applied::Ready(p.state.clone()));
+        Ok(ApplyOutcome {
+            changes: p.changes.len(),
+            refused: false,
+        })
+    }
+
+    fn refuse(&mut self, id: &str, refusal: Refusal) -> ApplyOutcome {
+        tracing::error!(error = %refusal, "schema change refused");
+        self.applied
+            .insert(id.to_string(), Applied::Refused(Arc::new(refusal)));
+        ApplyOutcome {
+            changes: 0,
+            refused: true,
+        }
+    }
+}
+
+/// The statements of generic tables; cheap to clone into the insert task.
+#[derive(Clone)]
+pub struct GenericWriter {
+    client: clickhouse::Client,
+    url: String,
+    database: String,
+}
+
+impl GenericWriter {
+    pub fn new(cfg: &ClickHouseConfig) -> Self {
+        GenericWriter {
+            client: cfg.client(),
+            url: cfg.url.clone(),
+            database: cfg.database.clone(),
+        }
+    }
+
+    fn err(
+        &self,
+        context: impl Into<String>,
+    ) -> impl FnOnce(clickhouse::error::Error) -> SinkError {
+        let (url, context) = (self.url.clone(), context.into());
+        move |source| SinkError::Client {
+            url,
+            context,
+            source,
+        }
+    }
+
+    async fn execute(&self, sql: &str, context: &str) -> Result<(), SinkError> {
+        // Raw: names and values in the SQL may hold `?`, which bound queries would take as a
+        // placeholder.
+        self.client
+            .query_raw(sql)
+            .execute()
+            .await
+            .map_err(self.err(context))
+    }
+
+    async fn text(&self, sql: &str, context: &str) -> Result<String, SinkError> {
+        let mut cursor = self
+            .client
+            .query_raw(sql)
+            .with_setting("output_format_json_quote_64bit_integers", "0")
+            .with_setting("output_format_json_quote_denormals", "1")
+            .fetch_bytes("TSV")
+            .map_err(self.err(context))?;
+        let mut out = Vec::new();
+        while let Some(chunk) = cursor.next().await.map_err(self.err(context))? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The table's columns (name, type); empty when there is no such table.
+    pub async fn columns(&self, names: &TableNames) -> Result<Vec<(String, String)>, SinkError> {
+        let tsv = self
+            .text(&columns_sql(names), "reading a table's columns")
+            .await?;
+        Ok(tsv
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(n, t)| (unescape_tsv(n), unescape_tsv(t)))
+            .collect())
+    }
+
+    async fn has_view(&self, names: &TableNames) -> Result<bool, SinkError> {
+        let sql = format!(
+            "SELECT count() FROM system.tables WHERE database = {} AND name = {} FORMAT TSV",
+            quote_string(&names.database),
+            quote_string(&format!("{}_current", names.table))
+        );
+        Ok(self
+            .text(&sql, "looking for the current-rows view")
+            .await?
+            .trim()
+            != "0")
+    }
+
+    pub async fn truncate_watermark(&self, names: &TableNames) -> Result<u64, SinkError> {
+        let sql = format!("SELECT max(version) FROM {} FORMAT TSV", names.truncates());
+        let text = self.text(&sql, "reading the truncate watermark").await?;
+        Ok(text.trim().parse().unwrap_or(0))
+    }
+
+    /// Records a truncate of `table` (see [`super::ClickHouseWriter::truncate_before`]).
+    pub async fn truncate_before(&self, table: &str, version: u64) -> Result<(), SinkError> {
+        let names = TableNames::new(&self.database, table);
+        let sql = format!(
+            "INSERT INTO {} (version) VALUES ({version})",
+            names.truncates()
+        );
+        self.execute(&sql, "recording a truncate").await
+    }
+
+    pub async fn insert(&self, table: &str, rows: &[GenericRow]) -> Result<(), SinkError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let names = TableNames::new(&self.database, table);
+        let (columns, body) = insert_body(rows);
+        let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+        let sql = format!(
+            "INSERT INTO {} ({}) FORMAT JSONEachRow",
+            names.qualified(),
+            cols.join(", ")
+        );
+        let context = format!("inserting {} rows into {}", rows.len(), names.qualified());
+        let mut insert = self.client.insert_formatted_with(sql);
+        insert
+            .send(Bytes::from(body))
+            .await
+            .map_err(self.err(context.clone()))?;
+        insert.end().await.map_err(self.err(context))
+    }
+
+    /// Stored rows of `keys` (canonical key texts) with a `_version` below `below` and at or above
+    /// the truncate watermark, with the columns `cols` (for unchanged TOAST values).
+    pub async fn rows_below(
+        &self,
+        state: &TableState,
+        keys: &[String],
+        cols: &[String],
+        below: u64,
+    ) -> Result<Vec<GenericRow>, SinkError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key_cols: Vec<String> = state
+            .key
+            .iter()
+            .filter_map(|k| state.columns.get(k))
+            .map(|c| c.ch_name.to_string())
+            .collect();
+        let mut literals = Vec::with_capacity(keys.len());
+        for k in keys {
+            // A key text is a JSON array of the key's values, which we made.
+            let values: Vec<serde_json::Value> = serde_json::from_str(k).unwrap_or_default();
+            let lits: Vec<String> = values.iter().map(sql_literal).collect();
+            literals.push(format!("({})", lits.join(", ")));
+        }
+        let mut select: Vec<String> = key_cols.iter().map(|c| quote_ident(c)).collect();
+        select.extend(cols.iter().map(|c| quote_ident(c)));
+        let names = &state.names;
+        let sql = format!(
+            "SELECT {}, _version, _deleted FROM {} WHERE ({}) IN ({}) AND _version < {below} \
+             AND _version >= (SELECT max(version) FROM {}) FORMAT JSONEachRow",
+            select.join(", "),
+            names.qualified(),
+            key_cols
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            literals.join(", "),
+            names.truncates(),
+        );
+        let text = self
+            .text(&sql, "reading earlier rows for unchanged TOAST columns")
+            .await?;
+        let mut rows = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let Ok(map) = serde_json::from_str::<HashMap<String, Box<RawValue>>>(line) else {
+                continue;
+            };
+            let key = key_text(
+                key_cols
+                    .iter()
+                    .map(|c| map.get(c).map_or("null", |v| v.get()))
+                    .map(canonical)
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(String::as_str),
+            );
+            let num = |c: &str| {
+                map.get(c)
+                    .and_then(|v| v.get().trim_matches('"').parse::<u64>().ok())
+            };
+            rows.push(GenericRow {
+                key,
+                cells: cols
+                    .iter()
+                    .filter_map(|c| {
+                        map.get(c)
+                            .map(|v| (Arc::from(c.as_str()), v.get().to_string()))
+                    })
+                    .collect(),
+                op: crate::event::Op::Update,
+                lsn: String::new(),
+                version: num("_version").unwrap_or(0),
+                deleted: num("_deleted").unwrap_or(0) != 0,
+            });
+        }
+        Ok(rows)
+    }
+}
+
+/// A JSON value ClickHouse printed, as our own serialisation prints it: strings re-escaped
+/// (ClickHouse escapes `/`), numbers as they are.
+fn canonical(raw: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(v @ serde_json::Value::String(_)) => v.to_string(),
+        _ => raw.to_string(),
+    }
+}
+
+fn sql_literal(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => quote_string(s),
+        other => other.to_string(),
+    }
+}
+
+/// TSV's escapes of names and types (`\t`, `\n`, `\\`).
+fn unescape_tsv(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('0') => out.push('\0'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
