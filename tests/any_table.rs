@@ -411,3 +411,85 @@ async fn a_thousand_columns_and_near_megabyte_jsonb_values_arrive_whole_in_bound
     assert_eq!(relay.stop(), 0);
     t.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_added_to_the_list_later_is_backfilled_then_streamed_and_the_other_loses_nothing() {
+    let a = AnyTable::new(
+        "anyadda",
+        "CREATE TABLE {t} (id integer PRIMARY KEY, v text)",
+    )
+    .await;
+    let b = Table::new("anyaddb").await;
+    let ops = ["--ops", "insert,update,delete,truncate"];
+    let first = Relay::start(&a.name, &stream_args(&a.name, &ops), &[]);
+    wait_slot_streaming(&a.pg, &a.name, Duration::from_secs(30)).await;
+    a.exec("INSERT INTO {t} SELECT g, 'a' FROM generate_series(1, 50) g")
+        .await;
+    let seen = read_topic(
+        &a.name,
+        50,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    );
+    assert_eq!(seen.len(), 50);
+    assert_eq!(first.stop(), 0);
+
+    // While it is stopped: more rows in A, and B's rows (unsent) before B is relayed at all.
+    a.exec("INSERT INTO {t} SELECT g, 'a' FROM generate_series(51, 100) g")
+        .await;
+    b.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'b' || g, 'login', now() FROM generate_series(1, 30) g")
+        .await;
+    // Adding a table to the publication is its owner's to do (the relay role gets the statement).
+    a.exec(&format!("ALTER PUBLICATION {{t}} ADD TABLE {}", b.name))
+        .await;
+    let (route_a, route_b) = (
+        format!("public.{0}={0}", a.name),
+        format!("public.{0}={0}", b.name),
+    );
+    let args = [
+        "stream",
+        "--table",
+        &a.name,
+        "--table",
+        &b.name,
+        "--slot",
+        &a.name,
+        "--publication",
+        &a.name,
+        "--route",
+        &route_a,
+        "--route",
+        &route_b,
+        ops[0],
+        ops[1],
+    ];
+    let second = Relay::start(&a.name, &args, &[]);
+    wait_slot_streaming(&a.pg, &a.name, Duration::from_secs(30)).await;
+    a.exec("INSERT INTO {t} SELECT g, 'a' FROM generate_series(101, 120) g")
+        .await;
+    b.exec("INSERT INTO {t} (username, event_type, event_time) SELECT 'b' || g, 'login', now() FROM generate_series(31, 60) g")
+        .await;
+    b.wait_all_sent(Duration::from_secs(30)).await;
+
+    let in_a = read_topic(
+        &a.name,
+        120,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    );
+    let counts = by_key(&in_a);
+    assert_eq!(counts.len(), 120, "every row of A");
+    assert!(counts.values().all(|&n| n == 1), "none twice: {counts:?}");
+    let in_b = read_topic(&b.name, 60, Duration::from_secs(30), Duration::from_secs(1));
+    let counts = by_key(&in_b);
+    assert_eq!(counts.len(), 60, "every row of B");
+    assert!(counts.values().all(|&n| n == 1), "none twice: {counts:?}");
+    let snapshots = in_b.iter().filter(|m| m.value["op"] == "snapshot").count();
+    assert_eq!(
+        snapshots, 30,
+        "B's earlier rows are backfilled, the later streamed"
+    );
+    assert_eq!(second.stop(), 0);
+    b.drop().await;
+    a.drop().await;
+}
