@@ -290,6 +290,13 @@ pub struct StreamDeadLetter {
 }
 
 impl StreamDeadLetter {
+    /// The row's key, as far as the dead letter names it.
+    pub fn row_key(&self) -> Option<RowKey> {
+        self.id
+            .map(RowKey::Int)
+            .or_else(|| self.key.clone().map(|k| RowKey::Json(k.into())))
+    }
+
     /// For an event that could not be produced: the event itself is the row.
     pub fn of_event(event: &ChangeEvent, table: &str, error: String) -> Self {
         StreamDeadLetter {

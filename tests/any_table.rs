@@ -185,16 +185,20 @@ async fn composite_and_uuid_keys_key_their_messages_and_a_key_change_is_a_delete
     ))
     .await
     .unwrap();
-    let msgs = read_topic(&u, 1, Duration::from_secs(30), Duration::from_secs(1));
-    assert_eq!(
-        msgs.len(),
-        1,
-        "a table without the ledger has no backfill: {msgs:?}"
-    );
+    let mut msgs = read_topic(&u, 2, Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    msgs.sort_by_key(|m| m.key.clone());
+    // The row from before the slot comes with the initial snapshot, the later one streamed.
     assert_eq!(
         msgs[0].key.as_deref(),
         Some("00000000-0000-0000-0000-000000000001")
     );
+    assert_eq!(msgs[0].value["op"], "insert");
+    assert_eq!(
+        msgs[1].key.as_deref(),
+        Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+    );
+    assert_eq!(msgs[1].value["op"], "snapshot");
     assert_eq!(relay.stop(), 0);
     drop_pipeline(&t.pg, &u).await;
     t.drop().await;
@@ -492,4 +496,158 @@ async fn a_table_added_to_the_list_later_is_backfilled_then_streamed_and_the_oth
     assert_eq!(second.stop(), 0);
     b.drop().await;
     a.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_initial_snapshot_reads_a_whole_table_once_merged_with_its_concurrent_changes() {
+    let t = AnyTable::new(
+        "anysnap",
+        "CREATE TABLE {t} (tenant integer, code text, v integer, PRIMARY KEY (tenant, code)); \
+         INSERT INTO {t} SELECT g % 7, 'c' || g, g FROM generate_series(1, 6000) g; \
+         CREATE TABLE {t}_never (id integer PRIMARY KEY); INSERT INTO {t}_never VALUES (1);",
+    )
+    .await;
+    let relay = Relay::start(
+        &t.name,
+        &stream_args(
+            &t.name,
+            &[
+                "--ops",
+                "insert,update,delete,truncate",
+                "--backfill-chunk",
+                "500",
+            ],
+        ),
+        &[],
+    );
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    // Changes while the chunks are read: each row's last message must be its final state.
+    for round in 0..20 {
+        t.exec(&format!(
+            "UPDATE {{t}} SET v = -v WHERE v % 97 = {round}; \
+             DELETE FROM {{t}} WHERE v % 89 = {round}; \
+             INSERT INTO {{t}} VALUES (100, 'new{round}', {round})"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let want: std::collections::HashMap<String, i64> =
+        t.pg.query(&format!("SELECT tenant, code, v FROM {}", t.name), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let key = json!({"tenant": r.get::<_, i32>(0), "code": r.get::<_, String>(1)});
+                (key.to_string(), i64::from(r.get::<_, i32>(2)))
+            })
+            .collect();
+    let total = eventually(
+        "every row's final state",
+        Duration::from_secs(60),
+        || async {
+            let msgs = read_topic(
+                &t.name,
+                want.len(),
+                Duration::from_secs(5),
+                Duration::from_secs(1),
+            );
+            // Per key, the messages are in order on its partition: the last one is the state.
+            let mut last: std::collections::HashMap<String, &Received> = Default::default();
+            for m in &msgs {
+                last.insert(m.key.clone().unwrap(), m);
+            }
+            let current: std::collections::HashMap<String, i64> = last
+                .iter()
+                .filter(|(_, m)| m.value["op"] != "delete")
+                .map(|(k, m)| (k.clone(), m.value["columns"]["v"].as_i64().unwrap()))
+                .collect();
+            (current == want).then_some(msgs)
+        },
+    )
+    .await;
+    // A row nobody touched during the test: one message, from the snapshot. A row the stream
+    // carried while the snapshot ran is not read a second time by a later chunk.
+    let mut per_key: std::collections::HashMap<String, Vec<&str>> = Default::default();
+    for m in &total {
+        per_key
+            .entry(m.key.clone().unwrap())
+            .or_default()
+            .push(m.value["op"].as_str().unwrap());
+    }
+    let untouched: Vec<String> = (1..=6000)
+        .filter(|g| g % 97 >= 20 && g % 89 >= 20)
+        .map(|g| json!({"tenant": g % 7, "code": format!("c{g}")}).to_string())
+        .collect();
+    assert!(untouched.len() > 3500, "{}", untouched.len());
+    for key in &untouched {
+        assert_eq!(per_key.get(key), Some(&vec!["snapshot"]), "{key}");
+    }
+    let snapshot_rows = total.iter().filter(|m| m.value["op"] == "snapshot").count();
+    let snapshot_keys: std::collections::HashSet<&String> = total
+        .iter()
+        .filter(|m| m.value["op"] == "snapshot")
+        .filter_map(|m| m.key.as_ref())
+        .collect();
+    assert_eq!(snapshot_keys.len(), snapshot_rows, "each row read once");
+    assert_eq!(relay.stop(), 0);
+
+    // Restarted with a second table that asks for no snapshot: the done one is not read again,
+    // the new one streams only what comes now.
+    let never = format!("{}_never", t.name);
+    t.exec(&format!(
+        "GRANT SELECT ON {never} TO cdc_relay; ALTER PUBLICATION {{t}} ADD TABLE {never}"
+    ))
+    .await;
+    let (route_t, route_n) = (
+        format!("public.{0}={0}", t.name),
+        format!("public.{0}={0}", never),
+    );
+    let again = Relay::start(
+        &t.name,
+        &[
+            "stream",
+            "--table",
+            &t.name,
+            "--table",
+            &never,
+            "--slot",
+            &t.name,
+            "--publication",
+            &t.name,
+            "--route",
+            &route_t,
+            "--route",
+            &route_n,
+            "--ops",
+            "insert,update,delete,truncate",
+            "--snapshot",
+            "never",
+        ],
+        &[],
+    );
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    t.exec(&format!("INSERT INTO {never} VALUES (2)")).await;
+    let in_never = read_topic(&never, 1, Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(
+        in_never
+            .iter()
+            .map(|m| m.key.clone().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["2"],
+        "--snapshot never: only changes from now on"
+    );
+    let after = read_topic(
+        &t.name,
+        total.len(),
+        Duration::from_secs(5),
+        Duration::from_secs(2),
+    );
+    assert_eq!(
+        after.len(),
+        total.len(),
+        "the done snapshot is not read again"
+    );
+    assert_eq!(again.stop(), 0);
+    drop_pipeline(&t.pg, &never).await;
+    t.drop().await;
 }

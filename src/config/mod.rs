@@ -23,7 +23,9 @@ pub use file::{apply_config_file, known_settings};
 pub use kafka::{KafkaArgs, KafkaSecurityArgs, SinkKafkaArgs};
 pub use postgres::{Op, PostgresArgs};
 pub use secret::{mask, read_secret};
-pub use subcommands::{LedgerOrigin, SetupArgs, SinkArgs, StatusArgs, StreamArgs, TeardownArgs};
+pub use subcommands::{
+    LedgerOrigin, SetupArgs, SinkArgs, SnapshotMode, StatusArgs, StreamArgs, TeardownArgs,
+};
 
 #[derive(Debug, Parser)]
 #[command(

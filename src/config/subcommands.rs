@@ -56,7 +56,8 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_TRANSACTION_MAX_MS", default_value = "100", value_parser = parse_millis)]
     pub transaction_max_ms: Duration,
 
-    /// With --exactly-once: the compacted topic of checkpoints. Default: `<topic>.checkpoints`.
+    /// The compacted topic of checkpoints (exactly-once checkpoints; which initial snapshots are
+    /// done). Default: `<topic>.checkpoints` of the first table's topic.
     #[arg(long, env = "CDC_RELAY_CHECKPOINT_TOPIC")]
     pub checkpoint_topic: Option<String>,
 
@@ -83,6 +84,17 @@ pub struct StreamArgs {
     )]
     pub ledger_origin: LedgerOrigin,
 
+    /// Tables without the ledger column: read each whole table once, on the first start and when
+    /// the table is added to --table later, merged into the stream (`initial`), or stream only
+    /// the changes from now on (`never`).
+    #[arg(
+        long,
+        env = "CDC_RELAY_SNAPSHOT",
+        value_enum,
+        default_value = "initial"
+    )]
+    pub snapshot: SnapshotMode,
+
     /// Rows read per backfill chunk.
     #[arg(long, env = "CDC_RELAY_BACKFILL_CHUNK", default_value_t = 10_000)]
     pub backfill_chunk: i64,
@@ -103,6 +115,13 @@ pub struct StreamArgs {
     /// Seconds between heartbeats that keep the slot's confirmed position moving on a quiet table.
     #[arg(long, env = "CDC_RELAY_HEARTBEAT_SECS", default_value = "10", value_parser = parse_secs)]
     pub heartbeat_interval: Duration,
+}
+
+/// `--snapshot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
 }
 
 /// Whether the ledger's own writes are filtered by origin (`--ledger-origin`).

@@ -3,6 +3,7 @@
 //! the transactional id. A restarted stream reads the last one back, as a `read_committed`
 //! consumer sees it, and drops every replayed change at or below it.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -23,9 +24,28 @@ pub fn read_last(
     topic: &str,
     key: &str,
 ) -> Result<Option<StreamCheckpoint>, KafkaError> {
+    let mut last = read_latest(connection, topic, |k| k == key.as_bytes())?;
+    let Some((offset, payload)) = last.remove(key.as_bytes()) else {
+        return Ok(None);
+    };
+    StreamCheckpoint::from_json(&payload)
+        .map(Some)
+        .map_err(|e| KafkaError::Topic {
+            topic: topic.to_string(),
+            reason: format!("checkpoint at offset {offset} is not valid: {e}"),
+        })
+}
+
+/// The newest committed value (and its offset) of every key `wanted` accepts, as a
+/// `read_committed` consumer reads the topic's one partition to its end. Blocking.
+pub fn read_latest(
+    connection: &KafkaConnection,
+    topic: &str,
+    wanted: impl Fn(&[u8]) -> bool,
+) -> Result<HashMap<Vec<u8>, (i64, Vec<u8>)>, KafkaError> {
     let consumer: BaseConsumer = connection
         .client_config()
-        .set("group.id", format!("{key}.checkpoint-reader"))
+        .set("group.id", format!("{topic}.checkpoint-reader"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
@@ -38,7 +58,7 @@ pub fn read_last(
         .assign(&tpl)
         .map_err(KafkaError::client("assigning the checkpoint topic"))?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = None;
+    let mut last = HashMap::new();
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
@@ -50,18 +70,9 @@ pub fn read_last(
                     source: e,
                 })
             }
-            Some(Ok(m)) if m.key() == Some(key.as_bytes()) => {
-                let payload = m.payload().unwrap_or_default();
-                last =
-                    Some(
-                        StreamCheckpoint::from_json(payload).map_err(|e| KafkaError::Topic {
-                            topic: topic.to_string(),
-                            reason: format!(
-                                "checkpoint at offset {} is not valid: {e}",
-                                m.offset()
-                            ),
-                        })?,
-                    );
+            Some(Ok(m)) if m.key().is_some_and(&wanted) => {
+                let payload = m.payload().unwrap_or_default().to_vec();
+                last.insert(m.key().unwrap_or_default().to_vec(), (m.offset(), payload));
             }
             Some(Ok(_)) => {}
         }

@@ -6,10 +6,10 @@
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::event::{ChangeEvent, Lsn, Op};
+use crate::event::{ChangeEvent, Lsn, Op, RowKey};
 use crate::failpoints;
 use crate::progress::Progress;
-use crate::source::postgres::backfill::{Backfill, Chunk, ChunkWindow};
+use crate::source::postgres::backfill::{Backfill, Chunk, ChunkWindow, Scope};
 use crate::source::postgres::{SourceConfig, SourceError, TableId};
 
 /// What the backfill task tells the main loop.
@@ -17,6 +17,7 @@ pub(super) enum BackfillMsg {
     /// The backfill of this table begins (its watermarks carry `run`).
     Table {
         table: TableId,
+        scope: Scope,
         run: String,
     },
     /// How many rows are to do, for progress reports (counted in the task: on a large table the
@@ -38,6 +39,9 @@ pub(super) struct BackfillRun {
     pub window: ChunkWindow,
     /// The table being backfilled: the window notes only its changes.
     table: Option<TableId>,
+    /// Windows of whole-table snapshots still to come, noting their tables' changes from the
+    /// session's start, so a row the stream delivers meanwhile is not read a second time.
+    early: Vec<(TableId, ChunkWindow)>,
     /// The go-ahead of the chunk waiting for its watermark.
     release: Option<oneshot::Sender<()>>,
     /// The go-ahead of a released chunk, kept until the main loop lets it go.
@@ -49,18 +53,41 @@ pub(super) struct BackfillRun {
 }
 
 impl BackfillRun {
-    /// Starts backfilling `tables`, one after the other.
-    pub fn start(&mut self, cfg: &SourceConfig, tables: Vec<TableId>, chunk: i64, hold: bool) {
+    /// Starts backfilling `tables` (each in its scope), one after the other.
+    pub fn start(
+        &mut self,
+        cfg: &SourceConfig,
+        tables: Vec<(TableId, Scope)>,
+        chunk: i64,
+        hold: bool,
+    ) {
         self.hold = hold;
         let (tx, rx) = mpsc::channel(1);
         self.task = Some(tokio::spawn(read_chunks(cfg.clone(), tables, chunk, tx)));
         self.rx = Some(rx);
     }
 
+    /// Starts noting the changes of the whole tables among `tables` now, before their turn.
+    pub fn note_early(&mut self, tables: &[(TableId, Scope)]) {
+        for &(table, scope) in tables {
+            if scope == Scope::Whole {
+                let mut window = ChunkWindow::default();
+                window.start("", scope);
+                self.early.push((table, window));
+            }
+        }
+    }
+
     /// A table's backfill begins: from now on the window notes its changes.
-    pub fn on_table(&mut self, table: TableId, run: &str) {
+    pub fn on_table(&mut self, table: TableId, scope: Scope, run: &str) {
         self.table = Some(table);
-        self.window.start(run);
+        match self.early.iter().position(|(t, _)| *t == table) {
+            Some(i) => {
+                self.window = self.early.swap_remove(i).1;
+                self.window.set_run(run);
+            }
+            None => self.window.start(run, scope),
+        }
     }
 
     /// The table being backfilled.
@@ -69,9 +96,18 @@ impl BackfillRun {
     }
 
     /// Notes a change for the chunk window, if it is of the table being backfilled.
-    pub fn note(&mut self, table: TableId, op: Op, id: Option<i64>, partial: bool, version: u64) {
+    pub fn note(
+        &mut self,
+        table: TableId,
+        op: Op,
+        key: Option<&RowKey>,
+        partial: bool,
+        version: u64,
+    ) {
         if self.table == Some(table) {
-            self.window.note(op, id, partial, version);
+            self.window.note(op, key, partial, version);
+        } else if let Some((_, w)) = self.early.iter_mut().find(|(t, _)| *t == table) {
+            w.note(op, key, partial, version);
         }
     }
 
@@ -155,19 +191,20 @@ impl BackfillRun {
         self.rx = None;
         self.release = None;
         self.held = None;
-        self.table = None;
+        // `table` stays: the caller asks which table the run ended with.
+        self.early.clear();
         self.window.close();
     }
 }
 
 async fn read_chunks(
     cfg: SourceConfig,
-    tables: Vec<TableId>,
+    tables: Vec<(TableId, Scope)>,
     chunk: i64,
     tx: mpsc::Sender<BackfillMsg>,
 ) {
-    for table in tables {
-        let backfill = match Backfill::new(&cfg, table, chunk).await {
+    for (table, scope) in tables {
+        let backfill = match Backfill::new(&cfg, table, scope, chunk).await {
             Ok(b) => b,
             Err(e) => {
                 let _ = tx.send(BackfillMsg::Failed(e)).await;
@@ -175,7 +212,10 @@ async fn read_chunks(
             }
         };
         let run = backfill.run().to_string();
-        if tx.send(BackfillMsg::Table { table, run }).await.is_err()
+        if tx
+            .send(BackfillMsg::Table { table, scope, run })
+            .await
+            .is_err()
             || !read_table(backfill, &tx).await
         {
             return;

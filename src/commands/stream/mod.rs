@@ -16,6 +16,7 @@ mod housekeeping;
 mod ledger_writer;
 mod metrics;
 mod produce;
+mod snapshot;
 mod tracker;
 
 use backfill::{BackfillMsg, BackfillRun};
@@ -26,7 +27,7 @@ use tracker::Tracker;
 
 use crate::backoff::Backoff;
 use crate::commands::Error;
-use crate::config::{LedgerOrigin, StreamArgs};
+use crate::config::{LedgerOrigin, SnapshotMode, StreamArgs};
 use crate::event::{schemas_topic, Lsn};
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
@@ -36,7 +37,7 @@ use crate::metrics::Registry;
 use crate::source::postgres::client::{ReplicationClient, SystemIdentity};
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
 use crate::source::postgres::{catalog, origin};
-use crate::source::postgres::{SourceConfig, SourceError, TableSpec};
+use crate::source::postgres::{SourceConfig, SourceError, TableId, TableSpec};
 
 /// Why a streaming session ended.
 enum SessionEnd {
@@ -58,6 +59,13 @@ struct StreamCommand {
     cfg: SourceConfig,
     /// Each table's topic, by [`TableId`].
     topics: Vec<String>,
+    /// Exactly-once checkpoints and the snapshot records.
+    checkpoint_topic: String,
+    /// Tables without the ledger whose initial snapshot is still to be read.
+    snapshot_pending: Vec<TableId>,
+    /// Snapshots whose every row was produced, with the delivery boundary after their last row:
+    /// recorded done once Kafka acknowledged everything below it.
+    snapshot_produced: Vec<(TableId, u64)>,
     producer: KafkaProducer,
     /// For heartbeats and retention checks (the ledger has its own session).
     sql: Option<tokio_postgres::Client>,
@@ -102,28 +110,28 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         .clone()
         .unwrap_or_else(|| format!("{first_topic}.stream-dlq"));
     ensure_topic(&kafka, &dead_letter_topic, 1, args.topic_replication).await?;
+    let checkpoint_topic = args
+        .checkpoint_topic
+        .clone()
+        .unwrap_or_else(|| format!("{first_topic}.checkpoints"));
+    let checkpoint_partitions = ensure_topic_with(
+        &kafka,
+        &checkpoint_topic,
+        1,
+        args.topic_replication,
+        &[("cleanup.policy", "compact")],
+    )
+    .await?;
+    if checkpoint_partitions != 1 {
+        return Err(Error::Config(format!(
+            "checkpoint topic {checkpoint_topic} has {checkpoint_partitions} partitions; it needs exactly one (delete it, or name another with --checkpoint-topic)"
+        )));
+    }
     let eo = if args.exactly_once {
-        let topic = args
-            .checkpoint_topic
-            .clone()
-            .unwrap_or_else(|| format!("{first_topic}.checkpoints"));
-        let partitions = ensure_topic_with(
-            &kafka,
-            &topic,
-            1,
-            args.topic_replication,
-            &[("cleanup.policy", "compact")],
-        )
-        .await?;
-        if partitions != 1 {
-            return Err(Error::Config(format!(
-                "checkpoint topic {topic} has {partitions} partitions; it needs exactly one (delete it, or name another with --checkpoint-topic)"
-            )));
-        }
         Some(ExactlyOnce::new(
             &cfg.database(),
             &args.postgres.slot,
-            topic,
+            checkpoint_topic.clone(),
             connection.clone(),
             args.transaction_max_changes,
             args.transaction_max_ms,
@@ -190,6 +198,25 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         }
     };
 
+    // Tables without the ledger whose whole-table read is not recorded done (all of them on a
+    // first start; one added to --table later).
+    let snapshot_pending = match args.snapshot {
+        SnapshotMode::Never => Vec::new(),
+        SnapshotMode::Initial => {
+            let candidates = (0..cfg.tables.len())
+                .filter(|&t| cfg.tables[t].ledger_column.is_none())
+                .map(|t| (t, cfg.tables[t].name()))
+                .collect();
+            snapshot::pending(
+                &connection,
+                &checkpoint_topic,
+                &cfg.database(),
+                &cfg.slot,
+                candidates,
+            )
+            .await?
+        }
+    };
     // After the slot: the origin goes with it, and is dropped when found without one.
     cfg.ledger_origin =
         origin::ledger_origin(&cfg, &sql, args.ledger_origin == LedgerOrigin::Auto).await;
@@ -204,6 +231,9 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         args,
         cfg,
         topics,
+        checkpoint_topic,
+        snapshot_pending,
+        snapshot_produced: Vec::new(),
         producer,
         sql: Some(sql),
         shutdown,
@@ -221,8 +251,8 @@ impl StreamCommand {
         start: Lsn,
     ) -> Result<(), Error> {
         let mut confirmed = start;
-        // A table without the ledger has no unsent rows to read.
-        let mut backfill = if self.ledger_tables().next().is_some() {
+        // Unsent rows of the tables with the ledger, whole tables still to snapshot.
+        let mut backfill = if !self.backfill_tables().is_empty() {
             BackfillState::Pending
         } else {
             BackfillState::Done
@@ -300,6 +330,9 @@ impl StreamCommand {
         let mut t = Tracker::new(*confirmed, self.eo.is_some());
         let mut ledger = LedgerWriter::start(&self.cfg);
         let mut backfill = BackfillRun::default();
+        if *backfill_state == BackfillState::Pending {
+            backfill.note_early(&self.backfill_tables());
+        }
         // The backfill starts once the stream has passed this marker, written now: rows the stream
         // still has to deliver are then not read twice.
         let mut catch_up_at = None;
@@ -335,8 +368,14 @@ impl StreamCommand {
                 catch_up_at = None;
                 tracing::info!("stream caught up; backfilling rows still marked unsent");
                 let hold = self.eo.is_some();
-                let tables = self.ledger_tables().collect();
+                let tables = self.backfill_tables();
                 backfill.start(&self.cfg, tables, self.args.backfill_chunk, hold);
+            }
+            if let Err(e) = self.record_done_snapshots(&t).await {
+                if matches!(e, KafkaError::Fatal(_)) {
+                    return Err(e.into());
+                }
+                break SessionEnd::Retry(e.to_string());
             }
             if t.broken && t.in_flight == 0 {
                 break SessionEnd::Retry("a Kafka delivery failed".into());
@@ -387,7 +426,7 @@ impl StreamCommand {
                 msg = source.next(), if read_more => {
                     match msg {
                         Ok(Some(SourceMessage::Change(table, event, order))) => {
-                            backfill.note(table, event.op, event.id(), !event.unchanged.is_empty(), event.version);
+                            backfill.note(table, event.op, event.key.as_ref(), !event.unchanged.is_empty(), event.version);
                             if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
                                 t.push_committed(self.ledger_id(table, event.op, event.id()));
                             } else {
@@ -395,7 +434,7 @@ impl StreamCommand {
                             }
                         }
                         Ok(Some(SourceMessage::DeadLetter(table, dead, order))) => {
-                            backfill.note(table, dead.op, dead.id, false, dead.version);
+                            backfill.note(table, dead.op, dead.row_key().as_ref(), false, dead.version);
                             let ledger_id = self.ledger_id(table, dead.op, dead.id);
                             if self.eo.as_ref().is_some_and(|eo| eo.replayed(order)) {
                                 t.push_committed(ledger_id);
@@ -431,9 +470,10 @@ impl StreamCommand {
                 }
                 msg = backfill.next(), if read_more => {
                     match msg {
-                        BackfillMsg::Table { table, run } => {
-                            tracing::info!(table = %self.cfg.tables[table].name(), "backfilling rows still marked unsent");
-                            backfill.on_table(table, &run);
+                        BackfillMsg::Table { table, scope, run } => {
+                            self.snapshot_produced_upto(backfill.table(), &t);
+                            tracing::info!(table = %self.cfg.tables[table].name(), ?scope, "backfilling");
+                            backfill.on_table(table, scope, &run);
                         }
                         BackfillMsg::Total(total) => backfill.set_total(total),
                         BackfillMsg::Open(reply) => {
@@ -448,6 +488,7 @@ impl StreamCommand {
                             }
                         }
                         BackfillMsg::Done => {
+                            self.snapshot_produced_upto(backfill.table(), &t);
                             if !t.backfill_failed {
                                 *backfill_state = BackfillState::Done;
                             }
@@ -549,6 +590,15 @@ impl StreamCommand {
         *confirmed = t.confirmed;
         if t.backfill_failed {
             *backfill_state = BackfillState::Pending;
+        }
+        // Done once recorded: what is not, is read again by the next session. (In exactly-once
+        // mode only a committed transaction records it: no new one is begun here.)
+        let recorded = self.eo.is_some() || self.record_done_snapshots(&t).await.is_ok();
+        if !recorded || !self.snapshot_produced.is_empty() {
+            self.snapshot_produced.clear();
+            if !self.snapshot_pending.is_empty() {
+                *backfill_state = BackfillState::Pending;
+            }
         }
         self.metrics.confirmed_lsn.set(t.confirmed.0 as i64);
         tracing::info!(produced = t.produced, acknowledged = t.acked, confirmed = %t.confirmed, skipped_ledger_changes, "session ended");

@@ -6,6 +6,7 @@ use super::StreamCommand;
 use crate::commands::Error;
 use crate::event::{ChangeEvent, ChangeOrder, Lsn, Op, StreamDeadLetter};
 use crate::kafka::KafkaError;
+use crate::source::postgres::backfill::Scope;
 use crate::source::postgres::TableId;
 
 impl StreamCommand {
@@ -108,8 +109,27 @@ impl StreamCommand {
         }
     }
 
-    /// The tables that have the ledger (and so a backfill of unsent rows).
-    pub(super) fn ledger_tables(&self) -> impl Iterator<Item = TableId> + '_ {
-        (0..self.cfg.tables.len()).filter(|&t| self.cfg.tables[t].ledger_column.is_some())
+    /// What the backfill reads, in table order: the unsent rows of every table with the ledger,
+    /// and each whole table whose initial snapshot is still to do.
+    pub(super) fn backfill_tables(&self) -> Vec<(TableId, Scope)> {
+        (0..self.cfg.tables.len())
+            .filter_map(|t| {
+                if self.cfg.tables[t].ledger_column.is_some() {
+                    Some((t, Scope::Unsent))
+                } else {
+                    self.snapshot_pending
+                        .contains(&t)
+                        .then_some((t, Scope::Whole))
+                }
+            })
+            .collect()
+    }
+
+    /// The backfill of `table` produced its last row: a whole-table snapshot is done once Kafka
+    /// has acknowledged everything produced so far.
+    pub(super) fn snapshot_produced_upto(&mut self, table: Option<TableId>, t: &Tracker) {
+        if let Some(table) = table.filter(|t| self.snapshot_pending.contains(t)) {
+            self.snapshot_produced.push((table, t.next_seq()));
+        }
     }
 }

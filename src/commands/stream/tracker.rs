@@ -223,6 +223,22 @@ impl Tracker {
         self.advance();
     }
 
+    /// The sequence number the next delivery gets: a boundary for [`Self::acked_below`].
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Every delivery queued before `boundary` was acknowledged.
+    pub fn acked_below(&self, boundary: u64) -> bool {
+        self.queue
+            .iter()
+            .find_map(|item| match item {
+                Item::Delivery { seq, .. } => Some(*seq),
+                Item::Position { .. } => None,
+            })
+            .is_none_or(|lowest| lowest >= boundary)
+    }
+
     pub fn has_delivery_at_head(&self) -> bool {
         matches!(self.queue.front(), Some(Item::Delivery { .. }))
     }

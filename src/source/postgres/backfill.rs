@@ -20,11 +20,12 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::event::{ChangeEvent, Lsn, Op};
+use crate::event::{ChangeEvent, Lsn, Op, RowKey};
 
 use super::pgoutput::Value;
 use super::relation::{describe, RelationShape, TupleColumn};
 use super::{SourceConfig, SourceError, TableId, TableSpec, WATERMARK_MESSAGE_PREFIX};
+use crate::types::ColumnSchema;
 
 /// Rows read by one chunk, waiting for their watermark.
 #[derive(Debug)]
@@ -40,17 +41,29 @@ pub struct Chunk {
     pub last: bool,
 }
 
+/// Which rows a backfill reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Rows the ledger column does not mark sent (a table with the ledger; an integer key).
+    Unsent,
+    /// Every row: the initial snapshot of a table without the ledger (any key).
+    Whole,
+}
+
 pub struct Backfill {
     client: Client,
     table: TableId,
     spec: TableSpec,
+    scope: Scope,
     /// The table's columns when the chunk query was made; read again when a column it names is
     /// dropped meanwhile.
     shape: RelationShape,
-    query: String,
+    query: ChunkQuery,
     count_query: String,
     chunk: i64,
     after_id: i64,
+    /// [`Scope::Whole`]: the text of the last row's key columns (none before the first chunk).
+    after_key: Option<Vec<String>>,
     /// Prefix of this run's watermarks: the slot and a random number.
     run: String,
     next_chunk: u64,
@@ -58,17 +71,29 @@ pub struct Backfill {
 }
 
 impl Backfill {
-    /// A backfill of what is unsent now in `table` (which has the ledger column), each chunk in
-    /// its own statement.
-    pub async fn new(cfg: &SourceConfig, table: TableId, chunk: i64) -> Result<Self, SourceError> {
+    /// A backfill of `table`'s rows in `scope`, each chunk in its own statement.
+    pub async fn new(
+        cfg: &SourceConfig,
+        table: TableId,
+        scope: Scope,
+        chunk: i64,
+    ) -> Result<Self, SourceError> {
         let spec = &cfg.tables[table];
         let client = cfg.connect_sql().await?;
-        let (shape, query) = chunk_query(spec, &client).await?;
-        let count_query = format!(
-            "SELECT count(*) FROM {} WHERE {} IS NOT TRUE",
-            spec.qualified(),
-            spec.ledger().unwrap_or_default()
-        );
+        let (shape, query) = chunk_query(spec, &client, scope).await?;
+        let count_query = match scope {
+            Scope::Unsent => format!(
+                "SELECT count(*) FROM {} WHERE {} IS NOT TRUE",
+                spec.qualified(),
+                spec.ledger().unwrap_or_default()
+            ),
+            // The planner's estimate: a count of a large table takes long, and it only feeds
+            // the progress report.
+            Scope::Whole => format!(
+                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = {}::regclass",
+                super::client::quote_literal(&spec.qualified())
+            ),
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -76,11 +101,13 @@ impl Backfill {
             client,
             table,
             spec: spec.clone(),
+            scope,
             shape,
             query,
             count_query,
             chunk: chunk.max(1),
             after_id: i64::MIN,
+            after_key: None,
             run: format!("{}/{:x}{:x}/", cfg.slot, std::process::id(), nanos),
             next_chunk: 1,
             done: false,
@@ -108,13 +135,13 @@ impl Backfill {
         if self.done {
             return Ok(None);
         }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.after_id, &self.chunk];
-        let rows = match self.client.query(&self.query, &params).await {
+        let rows = match self.query_chunk().await {
             // A column the query names was dropped (or retyped) since: read the shape again.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
                 tracing::info!(table = %self.spec.name(), "the table's columns changed during the backfill; reading them again");
-                (self.shape, self.query) = chunk_query(&self.spec, &self.client).await?;
-                self.client.query(&self.query, &params).await
+                (self.shape, self.query) =
+                    chunk_query(&self.spec, &self.client, self.scope).await?;
+                self.query_chunk().await
             }
             other => other,
         }
@@ -136,6 +163,15 @@ impl Backfill {
                 self.after_id = id;
             }
             events.push(event);
+        }
+        if let Some(row) = rows.last() {
+            self.after_key = Some(
+                self.shape
+                    .key_indexes()
+                    .iter()
+                    .map(|&i| row.get::<_, Option<String>>(i).unwrap_or_default())
+                    .collect(),
+            );
         }
         let tag = format!("{}{}", self.run, self.next_chunk);
         self.next_chunk += 1;
@@ -161,14 +197,45 @@ impl Backfill {
     }
 }
 
+impl Backfill {
+    async fn query_chunk(&self) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        match (&self.query, &self.after_key) {
+            (ChunkQuery::Unsent(q), _) => {
+                self.client.query(q, &[&self.after_id, &self.chunk]).await
+            }
+            (ChunkQuery::Whole { first, .. }, None) => {
+                self.client.query(first, &[&self.chunk]).await
+            }
+            (ChunkQuery::Whole { next, .. }, Some(after)) => {
+                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    after.iter().map(|k| k as _).collect();
+                params.push(&self.chunk);
+                self.client.query(next, &params).await
+            }
+        }
+    }
+}
+
+/// The statements a backfill reads its chunks with.
+enum ChunkQuery {
+    /// `$1` the last id, `$2` the chunk size.
+    Unsent(String),
+    /// The first chunk (`$1` the size), then those after a key (`$1…$k` its columns' text,
+    /// `$k+1` the size).
+    Whole { first: String, next: String },
+}
+
 /// The table's shape and the chunk query over its columns as they are now: every column as
 /// text, the same text pgoutput sends whatever the column's type (an ENUM or a domain read as
 /// `&str` made the read fail). Ordered by the key qualified: a bare name would sort the `::text`
-/// output column as text ("10" < "9"), which breaks the keyset and skips rows.
+/// output column as text ("10" < "9"), which breaks the keyset and skips rows. The whole-table
+/// read goes by the primary key as a row (`(a, b) > ($1, $2)`), in its columns' own types and
+/// collations, the order of its index.
 async fn chunk_query(
     spec: &TableSpec,
     client: &Client,
-) -> Result<(RelationShape, String), SourceError> {
+    scope: Scope,
+) -> Result<(RelationShape, ChunkQuery), SourceError> {
     let table = spec.qualified();
     let rows = client
         .query(
@@ -202,14 +269,46 @@ async fn chunk_query(
         .iter()
         .map(|c| format!("t.{}::text", super::client::quote_ident(&c.name)))
         .collect();
-    let (key, ledger) = (spec.key(), spec.ledger().unwrap_or_default());
-    let query = format!(
-        "SELECT {} FROM {table} AS t WHERE t.{key} > $1::int8 AND t.{ledger} IS NOT TRUE \
-         ORDER BY t.{key} LIMIT $2",
-        select.join(", ")
-    );
+    let select = select.join(", ");
+    let query = match scope {
+        Scope::Unsent => {
+            let (key, ledger) = (spec.key(), spec.ledger().unwrap_or_default());
+            ChunkQuery::Unsent(format!(
+                "SELECT {select} FROM {table} AS t WHERE t.{key} > $1::int8 AND t.{ledger} IS NOT TRUE \
+                 ORDER BY t.{key} LIMIT $2"
+            ))
+        }
+        Scope::Whole => {
+            let key: Vec<&ColumnSchema> = shape
+                .key_indexes()
+                .iter()
+                .map(|&i| &shape.schema().columns[shape.slot_of(i).unwrap_or(0)])
+                .collect();
+            let names: Vec<String> = key
+                .iter()
+                .map(|c| format!("t.{}", super::client::quote_ident(&c.name)))
+                .collect();
+            let params: Vec<String> = key
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("${}::text::{}", i + 1, c.type_name))
+                .collect();
+            let order = names.join(", ");
+            ChunkQuery::Whole {
+                first: format!("SELECT {select} FROM {table} AS t ORDER BY {order} LIMIT $1"),
+                next: format!(
+                    "SELECT {select} FROM {table} AS t WHERE ({order}) > ({}) ORDER BY {order} LIMIT ${}",
+                    params.join(", "),
+                    key.len() + 1
+                ),
+            }
+        }
+    };
     Ok((shape, query))
 }
+
+/// Most notes a whole-table snapshot keeps for keys without an order the relay knows.
+pub const MAX_KEPT_NOTES: usize = 1_000_000;
 
 /// What the stream did to a key while a chunk that may hold its row was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,9 +327,12 @@ enum Noted {
 pub struct ChunkWindow {
     /// Noting changes (a backfill runs).
     active: bool,
-    /// Keys at or below this were read by earlier chunks: later chunks cannot hold them.
+    /// Integer keys at or below this were read by earlier chunks: later chunks cannot hold them.
     floor: Option<i64>,
-    noted: HashMap<i64, Noted>,
+    /// By the key's text ([`RowKey::kafka_key`]), whatever the key's type.
+    noted: HashMap<String, Noted>,
+    /// Notes outlive a chunk ([`Scope::Whole`]).
+    keep_notes: bool,
     truncated: bool,
     pending: Option<Chunk>,
     /// A watermark of this run that came by before its chunk arrived (the stream can be quicker
@@ -241,9 +343,23 @@ pub struct ChunkWindow {
 
 impl ChunkWindow {
     /// A backfill starts: note changes from now on. `run` prefixes its watermarks.
-    pub fn start(&mut self, run: &str) {
+    ///
+    /// [`Scope::Whole`] keeps its notes from one chunk to the next: with no ledger to say which
+    /// rows the stream already carried, a row the stream delivered (inserted or changed since the
+    /// snapshot began) is left out of the later chunk that reads it too, instead of going out a
+    /// second time with the same values. Integer keys at or below the last chunk's are dropped
+    /// from the notes; other keys are kept up to [`MAX_KEPT_NOTES`], past which such rows may be
+    /// sent twice (same values, the later copy wins).
+    pub fn start(&mut self, run: &str, scope: Scope) {
         self.close();
         self.active = true;
+        self.keep_notes = scope == Scope::Whole;
+        self.run = run.to_string();
+    }
+
+    /// Names the run whose watermarks this window takes (a window started before its run was
+    /// known keeps what it noted).
+    pub fn set_run(&mut self, run: &str) {
         self.run = run.to_string();
     }
 
@@ -251,7 +367,7 @@ impl ChunkWindow {
     /// ledger: the read may still see their rows as unsent.
     pub fn open(&mut self, unrecorded: impl IntoIterator<Item = i64>) {
         for id in unrecorded {
-            self.note_key(id, Noted::Superseded);
+            self.note_key(&RowKey::Int(id), Noted::Superseded);
         }
     }
 
@@ -262,23 +378,31 @@ impl ChunkWindow {
 
     /// The stream handed out a change of `id` (a truncate has none). `partial`: an update that
     /// left unchanged TOASTed columns out; `version`: the change's version.
-    pub fn note(&mut self, op: Op, id: Option<i64>, partial: bool, version: u64) {
+    pub fn note(&mut self, op: Op, key: Option<&RowKey>, partial: bool, version: u64) {
         if !self.active {
             return;
         }
-        match (op, id) {
+        match (op, key) {
             (Op::Truncate, _) => self.truncated = true,
-            (Op::Update, Some(id)) if partial => self.note_key(id, Noted::Partial(version)),
-            (_, Some(id)) => self.note_key(id, Noted::Superseded),
+            (Op::Update, Some(key)) if partial => self.note_key(key, Noted::Partial(version)),
+            (_, Some(key)) => self.note_key(key, Noted::Superseded),
             _ => {}
         }
     }
 
-    fn note_key(&mut self, id: i64, what: Noted) {
-        if self.floor.is_some_and(|f| id <= f) {
-            return;
+    fn note_key(&mut self, key: &RowKey, what: Noted) {
+        if let (Some(floor), Some(id)) = (self.floor, key.as_int()) {
+            if id <= floor {
+                return;
+            }
         }
-        let entry = self.noted.entry(id).or_insert(what);
+        if self.keep_notes && self.noted.len() >= MAX_KEPT_NOTES {
+            let key = key.kafka_key();
+            if !self.noted.contains_key(&key) {
+                return;
+            }
+        }
+        let entry = self.noted.entry(key.kafka_key()).or_insert(what);
         *entry = match (*entry, what) {
             (Noted::Partial(a), Noted::Partial(b)) => Noted::Partial(a.min(b)),
             _ => Noted::Superseded,
@@ -316,9 +440,11 @@ impl ChunkWindow {
         // record (24 bytes) below, every one after at or above it.
         let version = lsn.0.saturating_sub(1);
         rows.retain_mut(|r| {
-            let Some(id) = r.id() else { return false };
+            let Some(key) = r.key.as_ref() else {
+                return false;
+            };
             r.lsn = lsn.to_string();
-            match self.noted.get(&id) {
+            match self.noted.get(&key.kafka_key()) {
                 None => r.version = version,
                 Some(Noted::Superseded) => return false,
                 Some(Noted::Partial(v)) => r.version = v.saturating_sub(1).min(version),
@@ -328,7 +454,14 @@ impl ChunkWindow {
         // Later chunks start above this one's last key, so keys at or below it need no notes; the
         // rest start afresh: the next window is opened at once and seeded again.
         self.floor = top.or(self.floor);
-        self.noted.clear();
+        if self.keep_notes {
+            if let Some(floor) = self.floor {
+                self.noted
+                    .retain(|k, _| k.parse::<i64>().map_or(true, |id| id > floor));
+            }
+        } else {
+            self.noted.clear();
+        }
         self.truncated = false;
         Some((rows, lsn))
     }
@@ -371,14 +504,14 @@ mod tests {
     #[test]
     fn keys_the_stream_carries_are_left_out_and_the_rest_versioned_below_the_watermark() {
         let mut w = ChunkWindow::default();
-        w.start("slot/run/");
+        w.start("slot/run/", Scope::Unsent);
         w.open([2]);
-        w.note(Op::Update, Some(3), false, 70);
-        w.note(Op::Delete, Some(5), false, 71);
+        w.note(Op::Update, Some(&RowKey::Int(3)), false, 70);
+        w.note(Op::Delete, Some(&RowKey::Int(5)), false, 71);
         assert!(w.on_chunk(chunk(7, &[1, 2, 3, 4, 5, 6])).is_none());
-        w.note(Op::Insert, Some(4), false, 80);
+        w.note(Op::Insert, Some(&RowKey::Int(4)), false, 80);
         // An update that left a TOASTed column out: the chunk's row goes out just below it.
-        w.note(Op::Update, Some(6), true, 90);
+        w.note(Op::Update, Some(&RowKey::Int(6)), true, 90);
         assert!(
             w.on_watermark("slot/run/6", Lsn(95)).is_none(),
             "another chunk's mark"
@@ -392,7 +525,7 @@ mod tests {
         assert_eq!((rows[0].version, rows[0].lsn.as_str()), (99, "0/64"));
         assert_eq!(rows[1].version, 89);
         // Keys up to the chunk's last are never read again: no notes for them.
-        w.note(Op::Insert, Some(6), false, 110);
+        w.note(Op::Insert, Some(&RowKey::Int(6)), false, 110);
         w.open([]);
         assert!(w.on_chunk(chunk(8, &[7])).is_none());
         assert_eq!(ids(&w.on_watermark("slot/run/8", Lsn(120)).unwrap().0), [7]);
@@ -401,7 +534,7 @@ mod tests {
     #[test]
     fn a_watermark_before_its_chunk_and_a_truncate() {
         let mut w = ChunkWindow::default();
-        w.start("slot/run/");
+        w.start("slot/run/", Scope::Unsent);
         w.open([]);
         assert!(w.on_watermark("slot/run/1", Lsn(50)).is_none());
         assert_eq!(w.on_chunk(chunk(1, &[5])).unwrap().0[0].version, 49);
@@ -417,5 +550,28 @@ mod tests {
             [10],
             "a truncate counts for its chunk only"
         );
+    }
+
+    #[test]
+    fn rows_of_any_key_that_changed_before_the_watermark_are_left_out() {
+        let mut w = ChunkWindow::default();
+        w.start("slot/run/", Scope::Unsent);
+        let composite = RowKey::Json(serde_json::json!({"a": 1, "b": "x"}));
+        let text = RowKey::Json("y".into());
+        let (mut changed, mut kept) = (row(0), row(0));
+        changed.key = Some(composite.clone());
+        kept.key = Some(text.clone());
+        w.note(Op::Update, Some(&composite), false, 5);
+        let c = Chunk {
+            table: 0,
+            tag: "slot/run/1".into(),
+            rows: vec![changed, kept],
+            last: false,
+        };
+        assert!(w.on_chunk(c).is_none());
+        let (rows, _) = w.on_watermark("slot/run/1", Lsn(100)).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].key, Some(text));
+        assert_eq!(rows[0].version, 99);
     }
 }

@@ -181,6 +181,16 @@ impl RelationShape {
         &self.schema
     }
 
+    /// Tuple indexes of the primary key's columns, in key order.
+    pub fn key_indexes(&self) -> &[usize] {
+        &self.key
+    }
+
+    /// The index in [`Self::schema`]'s columns of tuple column `tuple_index`.
+    pub fn slot_of(&self, tuple_index: usize) -> Option<usize> {
+        self.slots.get(tuple_index).copied().flatten()
+    }
+
     /// The key is one integer column (what the ledger and the backfill need).
     pub fn has_int_key(&self) -> bool {
         self.int_key
