@@ -36,13 +36,16 @@ pub fn read_last(
         })
 }
 
+/// Each key's newest committed value, with its offset.
+pub type Latest = HashMap<Vec<u8>, (i64, Vec<u8>)>;
+
 /// The newest committed value (and its offset) of every key `wanted` accepts, as a
 /// `read_committed` consumer reads the topic's one partition to its end. Blocking.
 pub fn read_latest(
     connection: &KafkaConnection,
     topic: &str,
     wanted: impl Fn(&[u8]) -> bool,
-) -> Result<HashMap<Vec<u8>, (i64, Vec<u8>)>, KafkaError> {
+) -> Result<Latest, KafkaError> {
     let consumer: BaseConsumer = connection
         .client_config()
         .set("group.id", format!("{topic}.checkpoint-reader"))
