@@ -183,3 +183,309 @@ async fn three_tables_one_sink_each_current_view_equals_postgres_row_by_row() {
         t.drop().await;
     }
 }
+
+/// (column, its type, a PostgreSQL literal, the value ClickHouse 18.16 gives back as JSON).
+const TYPES: &[(&str, &str, &str, &str)] = &[
+    ("i8", "bigint", "9007199254740993", "9007199254740993"),
+    ("num", "numeric(10,2)", "-12345678.90", "-12345678.90"),
+    (
+        "num_any",
+        "numeric",
+        "123456789012345678901234567890.123456789",
+        "\"123456789012345678901234567890.123456789\"",
+    ),
+    ("f_nan", "double precision", "NaN", "\"nan\""),
+    ("f_inf", "real", "Infinity", "\"inf\""),
+    ("f_ninf", "double precision", "-Infinity", "\"-inf\""),
+    ("f", "double precision", "0.1", "0.1"),
+    ("b", "boolean", "true", "1"),
+    (
+        "txt",
+        "text",
+        "héllo \"q\" /slash\ttab",
+        "\"héllo \\\"q\\\" /slash\\ttab\"",
+    ),
+    ("vc", "varchar(20)", "varchar", "\"varchar\""),
+    ("ch", "char(5)", "ab", "\"ab   \""),
+    (
+        "u",
+        "uuid",
+        "9b2f0c4e-1111-4a5b-8c6d-000000000001",
+        "\"9b2f0c4e-1111-4a5b-8c6d-000000000001\"",
+    ),
+    ("d", "date", "2024-02-29", "\"2024-02-29\""),
+    ("tm", "time", "12:34:56.789", "\"12:34:56.789\""),
+    ("tmz", "timetz", "12:34:56+02", "\"12:34:56+02\""),
+    (
+        "ts",
+        "timestamp",
+        "2024-01-01 12:00:00.123456",
+        "1704110400123456",
+    ),
+    (
+        "tsz",
+        "timestamptz",
+        "2024-01-01 12:00:00+02",
+        "1704103200000000",
+    ),
+    (
+        "iv",
+        "interval",
+        "1 year 2 mons 3 days 04:05:06",
+        "\"1 year 2 mons 3 days 04:05:06\"",
+    ),
+    ("by", "bytea", "\\x00ff10", "\"00ff10\""),
+    (
+        "js",
+        "json",
+        "{\"b\": 1, \"a\": [1, 2]}",
+        "\"{\\\"a\\\":[1,2],\\\"b\\\":1}\"",
+    ),
+    (
+        "jb",
+        "jsonb",
+        "{\"a\": [1, 2], \"b\": 1}",
+        "\"{\\\"a\\\":[1,2],\\\"b\\\":1}\"",
+    ),
+    ("ia", "integer[]", "{1,NULL,3}", "[1,null,3]"),
+    ("ta", "text[]", "{a,NULL,\"b c\"}", "[\"a\",null,\"b c\"]"),
+    ("e", "{mood}", "happy", "\"happy\""),
+    ("ip", "inet", "192.168.0.1/24", "\"192.168.0.1/24\""),
+    (
+        "n38",
+        "numeric(38,10)",
+        "-1234567890123456789012345678.0123456789",
+        "-1234567890123456789012345678.0123456789",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_type_round_trips_postgres_to_clickhouse_backfilled_snapshotted_and_streamed() {
+    let name = unique("ptypes");
+    let pg = pg().await;
+    let (ledger, plain) = (format!("{name}_l"), format!("{name}_p"));
+    let columns: Vec<String> = TYPES
+        .iter()
+        .map(|(c, ty, _, _)| format!("{c} {}", ty.replace("{mood}", &format!("{name}_mood"))))
+        .collect();
+    pg.batch_execute(&format!(
+        "CREATE TYPE {name}_mood AS ENUM ('sad', 'happy'); \
+         CREATE TABLE {ledger} (id bigint PRIMARY KEY, {cols}, sent_to_kafka boolean DEFAULT false); \
+         CREATE TABLE {plain} (id bigint PRIMARY KEY, {cols}); \
+         GRANT SELECT, UPDATE (sent_to_kafka) ON {ledger} TO cdc_relay; GRANT SELECT ON {plain} TO cdc_relay; \
+         CREATE PUBLICATION {name} FOR TABLE {ledger}, {plain} WITH (publish = 'insert')",
+        cols = columns.join(", ")
+    ))
+    .await
+    .unwrap();
+    let names: Vec<&str> = TYPES.iter().map(|(c, ..)| *c).collect();
+    let insert = |table: &str, id: i64| {
+        let values: Vec<String> = TYPES
+            .iter()
+            .map(|(_, _, v, _)| format!("'{}'", v.replace('\'', "''")))
+            .collect();
+        format!(
+            "INSERT INTO {table} (id, {}) VALUES ({id}, {})",
+            names.join(", "),
+            values.join(", ")
+        )
+    };
+    // Row 1 exists before the stream: the ledger table backfills it, the other snapshots it.
+    pg.batch_execute(&format!("{}; {}", insert(&ledger, 1), insert(&plain, 1)))
+        .await
+        .unwrap();
+    let routes = [
+        format!("public.{ledger}={ledger}"),
+        format!("public.{plain}={plain}"),
+    ];
+    let stream = Relay::start(
+        &name,
+        &[
+            "stream",
+            "--table",
+            &ledger,
+            "--table",
+            &plain,
+            "--slot",
+            &name,
+            "--publication",
+            &name,
+            "--route",
+            &routes[0],
+            "--route",
+            &routes[1],
+        ],
+        &[],
+    );
+    wait_slot_streaming(&pg, &name, Duration::from_secs(30)).await;
+    // Row 2 is streamed.
+    pg.batch_execute(&format!("{}; {}", insert(&ledger, 2), insert(&plain, 2)))
+        .await
+        .unwrap();
+    let seed_table = format!("{name}_seed");
+    let dlq = format!("{name}.sink-dlq");
+    let sink = Relay::start(
+        &format!("{name}_sink"),
+        &[
+            "sink",
+            "--group",
+            &name,
+            "--clickhouse-table",
+            &seed_table,
+            "--dlq-topic",
+            &dlq,
+            "--topic",
+            &ledger,
+            "--topic",
+            &plain,
+        ],
+        &[],
+    );
+    let expected: std::collections::HashMap<String, String> = TYPES
+        .iter()
+        .map(|(c, _, _, v)| (c.to_string(), v.to_string()))
+        .chain([("id".to_string(), String::new())])
+        .collect();
+    let select = format!("id, {}", names.join(", "));
+    for table in [&ledger, &plain] {
+        let got = eventually(
+            &format!("both rows of {table} in ClickHouse"),
+            Duration::from_secs(60),
+            || async {
+                let rows = clickhouse_current(&format!("default.{table}"), &select, "id").await;
+                (rows.len() == 2).then_some(rows)
+            },
+        )
+        .await;
+        for (i, row) in got.iter().enumerate() {
+            assert_eq!(row["id"], (i + 1).to_string());
+            for (column, want) in &expected {
+                if column != "id" {
+                    assert_eq!(&row[column], want, "{table} row {} column {column}", i + 1);
+                }
+            }
+        }
+    }
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&pg, &name).await;
+    let _ = pg
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {ledger}, {plain}; DROP TYPE IF EXISTS {name}_mood"
+        ))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_under_a_steady_load_land_every_row_with_its_columns_without_a_restart() {
+    let t = AnyTable::new(
+        "ptddl",
+        "CREATE TABLE {t} (id integer PRIMARY KEY, a integer, gone text DEFAULT 'g', old text DEFAULT 'o')",
+    )
+    .await;
+    let stream = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let seed_table = format!("{}_seed", t.name);
+    let dlq = format!("{}.sink-dlq", t.name);
+    let sink = Relay::start(
+        &format!("{}_sink", t.name),
+        &[
+            "sink",
+            "--group",
+            &t.name,
+            "--clickhouse-table",
+            &seed_table,
+            "--dlq-topic",
+            &dlq,
+            "--topic",
+            &t.name,
+        ],
+        &[],
+    );
+    let writer = {
+        let name = t.name.clone();
+        tokio::spawn(async move {
+            let pg = pg().await;
+            for i in 1..=800 {
+                pg.batch_execute(&format!("INSERT INTO {name} (id, a) VALUES ({i}, {i})"))
+                    .await
+                    .unwrap();
+                if i % 4 == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        })
+    };
+    for ddl in [
+        "ALTER TABLE {t} ADD COLUMN c1 text DEFAULT 'dflt'",
+        "ALTER TABLE {t} ALTER COLUMN a TYPE bigint",
+        "ALTER TABLE {t} DROP COLUMN gone",
+        "ALTER TABLE {t} RENAME COLUMN old TO renamed",
+        "ALTER TABLE {t} ADD COLUMN c2 numeric(12,3)",
+    ] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        t.exec(ddl).await;
+    }
+    writer.await.unwrap();
+    t.exec("INSERT INTO {t} (id, a, c2) VALUES (1000, 5000000000, 1.5); UPDATE {t} SET c1 = 'upd' WHERE id % 100 = 0")
+        .await;
+    // ClickHouse holds PostgreSQL's current rows, column by column of what PostgreSQL has now.
+    let want: Vec<std::collections::HashMap<String, String>> =
+        t.pg.query(
+            &format!(
+                "SELECT id, a, c1, renamed, c2::text FROM {} ORDER BY id",
+                t.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let text = |v: Option<String>| v.map_or("null".to_string(), |s| json_str(&s));
+            [
+                ("id".to_string(), r.get::<_, i32>(0).to_string()),
+                ("a".to_string(), r.get::<_, i64>(1).to_string()),
+                ("c1".to_string(), text(r.get(2))),
+                ("renamed".to_string(), text(r.get(3))),
+                (
+                    "c2".to_string(),
+                    r.get::<_, Option<String>>(4).unwrap_or("null".into()),
+                ),
+            ]
+            .into_iter()
+            .collect()
+        })
+        .collect();
+    assert_eq!(want.len(), 801);
+    let table = format!("default.{}", t.name);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = clickhouse_current(&table, "id, a, c1, renamed, c2", "id").await;
+        if got == want {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let differ: Vec<_> = want
+                .iter()
+                .filter(|w| !got.contains(w))
+                .take(5)
+                .map(|w| (w, got.iter().find(|g| g["id"] == w["id"])))
+                .collect();
+            panic!(
+                "ClickHouse has {} rows, PostgreSQL {}; first differences (PostgreSQL, ClickHouse): {differ:#?}\nsink log: {}",
+                got.len(),
+                want.len(),
+                sink.log_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    t.drop().await;
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}

@@ -14,7 +14,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 fn col(
@@ -130,35 +129,6 @@ impl Setup {
 
 /// The `_current` view of `table`, ordered by `order`, each row as column → JSON text as
 /// ClickHouse prints it (strings re-serialised, so escapes compare equal).
-async fn current(table: &str, columns: &str, order: &str) -> Vec<HashMap<String, String>> {
-    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
-    let sql = format!("SELECT {columns} FROM {table}_current ORDER BY {order}");
-    let Ok(mut cursor) = ch
-        .query(&sql)
-        .with_setting("output_format_json_quote_64bit_integers", "0")
-        .with_setting("output_format_json_quote_denormals", "1")
-        .fetch_bytes("JSONEachRow")
-    else {
-        return Vec::new();
-    };
-    let mut text = Vec::new();
-    while let Ok(Some(chunk)) = cursor.next().await {
-        text.extend_from_slice(&chunk);
-    }
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<HashMap<String, Box<RawValue>>>(l).ok())
-        .map(|m| m.into_iter().map(|(k, v)| (k, canon(v.get()))).collect())
-        .collect()
-}
-
-fn canon(raw: &str) -> String {
-    match serde_json::from_str::<Value>(raw) {
-        Ok(v @ Value::String(_)) => v.to_string(),
-        _ => raw.to_string(),
-    }
-}
-
 fn row(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
         .iter()
@@ -175,7 +145,7 @@ async fn wait_rows(
 ) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let got = current(table, columns, order).await;
+        let got = clickhouse_current(table, columns, order).await;
         if got == expected {
             return;
         }

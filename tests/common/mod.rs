@@ -427,3 +427,40 @@ impl AnyTable {
         drop_pipeline(&self.pg, &self.name).await;
     }
 }
+
+/// The rows of `<table>_current` (`table` as `db.name`), each column's JSON as ClickHouse prints it
+/// (64-bit integers unquoted, strings re-quoted canonically); empty while the view does not exist.
+pub async fn clickhouse_current(
+    table: &str,
+    columns: &str,
+    order: &str,
+) -> Vec<HashMap<String, String>> {
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
+    let sql = format!("SELECT {columns} FROM {table}_current ORDER BY {order}");
+    let Ok(mut cursor) = ch
+        .query(&sql)
+        .with_setting("output_format_json_quote_64bit_integers", "0")
+        .with_setting("output_format_json_quote_denormals", "1")
+        .fetch_bytes("JSONEachRow")
+    else {
+        return Vec::new();
+    };
+    let mut text = Vec::new();
+    while let Ok(Some(chunk)) = cursor.next().await {
+        text.extend_from_slice(&chunk);
+    }
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<HashMap<String, Box<serde_json::value::RawValue>>>(l).ok()
+        })
+        .map(|m| m.into_iter().map(|(k, v)| (k, canon(v.get()))).collect())
+        .collect()
+}
+
+pub fn canon(raw: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(raw) {
+        Ok(v @ serde_json::Value::String(_)) => v.to_string(),
+        _ => raw.to_string(),
+    }
+}

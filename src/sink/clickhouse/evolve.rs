@@ -8,7 +8,8 @@
 //! - a dropped column stays (older rows keep their values) and is not written any more; a
 //!   non-Nullable one becomes Nullable so new rows can leave it out;
 //! - a rename (same `attnum`, new name): `RENAME COLUMN` from 20.4; on older servers (18.16) the new
-//!   name is added and the old column keeps the older rows' values;
+//!   name is added with `DEFAULT CAST(old AS …)`, so the rows stored before the rename read their
+//!   value under the new name too (computed on read, kept by merges), and new rows write it;
 //! - anything else (String → Int32, a key column's type or the primary key itself): refused.
 
 use std::collections::HashMap;
@@ -28,6 +29,9 @@ pub enum Change {
     Add {
         column: String,
         ty: String,
+        /// The column whose values the rows stored before read as this one's (a rename on a
+        /// server without `RENAME COLUMN`).
+        copy_of: Option<String>,
     },
     Modify {
         column: String,
@@ -44,9 +48,20 @@ impl Change {
     pub fn sql(&self, names: &TableNames) -> String {
         let t = names.qualified();
         match self {
-            Change::Add { column, ty } => {
-                format!("ALTER TABLE {t} ADD COLUMN {} {ty}", quote_ident(column))
-            }
+            Change::Add {
+                column,
+                ty,
+                copy_of: None,
+            } => format!("ALTER TABLE {t} ADD COLUMN {} {ty}", quote_ident(column)),
+            Change::Add {
+                column,
+                ty,
+                copy_of: Some(old),
+            } => format!(
+                "ALTER TABLE {t} ADD COLUMN {} {ty} DEFAULT CAST({} AS {ty})",
+                quote_ident(column),
+                quote_ident(old)
+            ),
             Change::Modify { column, to, .. } => {
                 format!("ALTER TABLE {t} MODIFY COLUMN {} {to}", quote_ident(column))
             }
@@ -244,10 +259,15 @@ pub fn plan(
                 }
                 // A schema older than the rename: its rows write the column's current name.
                 Some((old, _)) if version.has_rename_column() => (old.clone(), old),
-                _ => {
+                other => {
+                    // Without RENAME COLUMN (18.16) a rename reads the old column's values.
+                    let copy_of = other
+                        .filter(|_| !version.has_rename_column())
+                        .map(|(old, _)| old);
                     changes.push(Change::Add {
                         column: c.name.clone(),
                         ty: added_column_type(&c.kind, caps),
+                        copy_of,
                     });
                     column(&c.name);
                     continue;

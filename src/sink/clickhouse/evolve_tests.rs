@@ -105,7 +105,8 @@ fn add_widen_and_drop() {
             },
             Change::Add {
                 column: "note".into(),
-                ty: "Nullable(String)".into()
+                ty: "Nullable(String)".into(),
+                copy_of: None,
             },
         ]
     );
@@ -144,8 +145,13 @@ fn renames_follow_the_server() {
         old.changes,
         vec![Change::Add {
             column: "kind".into(),
-            ty: "Nullable(String)".into()
+            ty: "Nullable(String)".into(),
+            copy_of: Some("op".into()),
         }]
+    );
+    assert_eq!(
+        old.changes[0].sql(&names()),
+        "ALTER TABLE `db`.`orders` ADD COLUMN `kind` Nullable(String) DEFAULT CAST(`op` AS Nullable(String))"
     );
     let have = existing_on(&v1, "26.9");
     let new = plan(&names(), &have, &v2, &history, v("26.9")).unwrap();

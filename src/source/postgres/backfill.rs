@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use crate::event::{ChangeEvent, Lsn, Op, RowKey};
 
@@ -152,7 +152,7 @@ impl Backfill {
         for row in &rows {
             values.clear();
             for i in 0..row.len() {
-                values.push(match row.get::<_, Option<&str>>(i) {
+                values.push(match row.get(i) {
                     Some(text) => Value::Text(bytes::Bytes::copy_from_slice(text.as_bytes())),
                     None => Value::Null,
                 });
@@ -169,7 +169,7 @@ impl Backfill {
                 self.shape
                     .key_indexes()
                     .iter()
-                    .map(|&i| row.get::<_, Option<String>>(i).unwrap_or_default())
+                    .map(|&i| row.get(i).unwrap_or_default().to_string())
                     .collect(),
             );
         }
@@ -198,39 +198,66 @@ impl Backfill {
 }
 
 impl Backfill {
-    async fn query_chunk(&self) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        match (&self.query, &self.after_key) {
-            (ChunkQuery::Unsent(q), _) => {
-                self.client.query(q, &[&self.after_id, &self.chunk]).await
+    /// The next chunk's rows, each value the text of its type's output function (the simple
+    /// query protocol), which is what pgoutput sends: a `::text` cast differs for some types
+    /// (`char(n)` loses its padding, `inet` gains a `/32`). The values bound into the statement
+    /// are integers or quoted literals.
+    async fn query_chunk(&self) -> Result<Vec<SimpleQueryRow>, tokio_postgres::Error> {
+        let q = &self.query;
+        let sql = match (&q.after, &self.after_key) {
+            (After::Id { key, ledger }, _) => format!(
+                "{} WHERE t.{key} > {} AND t.{ledger} IS NOT TRUE ORDER BY t.{key} LIMIT {}",
+                q.select, self.after_id, self.chunk
+            ),
+            (After::Key { order, .. }, None) => {
+                format!("{} ORDER BY {order} LIMIT {}", q.select, self.chunk)
             }
-            (ChunkQuery::Whole { first, .. }, None) => {
-                self.client.query(first, &[&self.chunk]).await
+            (After::Key { order, types }, Some(after)) => {
+                let values: Vec<String> = after
+                    .iter()
+                    .zip(types)
+                    .map(|(v, ty)| format!("{}::{ty}", super::client::quote_literal(v)))
+                    .collect();
+                format!(
+                    "{} WHERE ({order}) > ({}) ORDER BY {order} LIMIT {}",
+                    q.select,
+                    values.join(", "),
+                    self.chunk
+                )
             }
-            (ChunkQuery::Whole { next, .. }, Some(after)) => {
-                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                    after.iter().map(|k| k as _).collect();
-                params.push(&self.chunk);
-                self.client.query(next, &params).await
-            }
-        }
+        };
+        Ok(self
+            .client
+            .simple_query(&sql)
+            .await?
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect())
     }
 }
 
-/// The statements a backfill reads its chunks with.
-enum ChunkQuery {
-    /// `$1` the last id, `$2` the chunk size.
-    Unsent(String),
-    /// The first chunk (`$1` the size), then those after a key (`$1…$k` its columns' text,
-    /// `$k+1` the size).
-    Whole { first: String, next: String },
+/// How a backfill reads its chunks: every column of the table, after the last row read.
+struct ChunkQuery {
+    /// `SELECT <every column> FROM <table> AS t`.
+    select: String,
+    after: After,
 }
 
-/// The table's shape and the chunk query over its columns as they are now: every column as
-/// text, the same text pgoutput sends whatever the column's type (an ENUM or a domain read as
-/// `&str` made the read fail). Ordered by the key qualified: a bare name would sort the `::text`
-/// output column as text ("10" < "9"), which breaks the keyset and skips rows. The whole-table
-/// read goes by the primary key as a row (`(a, b) > ($1, $2)`), in its columns' own types and
-/// collations, the order of its index.
+/// What "after the last row" means.
+enum After {
+    /// [`Scope::Unsent`]: above the last id, among rows the ledger does not mark sent.
+    Id { key: String, ledger: String },
+    /// [`Scope::Whole`]: above the last key, compared as a row in its columns' own types and
+    /// collations (`(a, b) > ('1'::integer, 'x'::text)`), the order of the key's index.
+    Key { order: String, types: Vec<String> },
+}
+
+/// The table's shape and the chunk query over its columns as they are now (read as text whatever
+/// their type: an ENUM or a domain read as `&str` made the read fail). Ordered by the key
+/// qualified (`t.id`), so the order is the key's own, never its text's ("10" < "9").
 async fn chunk_query(
     spec: &TableSpec,
     client: &Client,
@@ -267,43 +294,31 @@ async fn chunk_query(
     .await?;
     let select: Vec<String> = columns
         .iter()
-        .map(|c| format!("t.{}::text", super::client::quote_ident(&c.name)))
+        .map(|c| format!("t.{}", super::client::quote_ident(&c.name)))
         .collect();
-    let select = select.join(", ");
-    let query = match scope {
-        Scope::Unsent => {
-            let (key, ledger) = (spec.key(), spec.ledger().unwrap_or_default());
-            ChunkQuery::Unsent(format!(
-                "SELECT {select} FROM {table} AS t WHERE t.{key} > $1::int8 AND t.{ledger} IS NOT TRUE \
-                 ORDER BY t.{key} LIMIT $2"
-            ))
-        }
+    let select = format!("SELECT {} FROM {table} AS t", select.join(", "));
+    let after = match scope {
+        Scope::Unsent => After::Id {
+            key: spec.key(),
+            ledger: spec.ledger().unwrap_or_default(),
+        },
         Scope::Whole => {
             let key: Vec<&ColumnSchema> = shape
                 .key_indexes()
                 .iter()
-                .map(|&i| &shape.schema().columns[shape.slot_of(i).unwrap_or(0)])
+                .filter_map(|&i| shape.slot_of(i).map(|s| &shape.schema().columns[s]))
                 .collect();
-            let names: Vec<String> = key
-                .iter()
-                .map(|c| format!("t.{}", super::client::quote_ident(&c.name)))
-                .collect();
-            let params: Vec<String> = key
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("${}::text::{}", i + 1, c.type_name))
-                .collect();
-            let order = names.join(", ");
-            ChunkQuery::Whole {
-                first: format!("SELECT {select} FROM {table} AS t ORDER BY {order} LIMIT $1"),
-                next: format!(
-                    "SELECT {select} FROM {table} AS t WHERE ({order}) > ({}) ORDER BY {order} LIMIT ${}",
-                    params.join(", "),
-                    key.len() + 1
-                ),
+            After::Key {
+                order: key
+                    .iter()
+                    .map(|c| format!("t.{}", super::client::quote_ident(&c.name)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                types: key.iter().map(|c| c.type_name.clone()).collect(),
             }
         }
     };
+    let query = ChunkQuery { select, after };
     Ok((shape, query))
 }
 
