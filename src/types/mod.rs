@@ -72,6 +72,11 @@ pub struct ColumnSchema {
     /// `RENAME COLUMN`, so a reader can tell a rename from a drop and an add.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attnum: Option<i16>,
+    /// What rows stored before the column was added read (PostgreSQL's fast default,
+    /// `attmissingval`), as PostgreSQL prints it: `ADD COLUMN … DEFAULT 'x'` writes no row
+    /// change for the rows already there, so a reader must fill them from this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
 }
 
 impl ColumnSchema {
@@ -93,6 +98,7 @@ impl ColumnSchema {
             nullable,
             kind: PgType::from_catalog(type_oid, typmod, type_name),
             attnum: None,
+            missing: None,
         }
     }
 }

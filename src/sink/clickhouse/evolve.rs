@@ -29,9 +29,10 @@ pub enum Change {
     Add {
         column: String,
         ty: String,
-        /// The column whose values the rows stored before read as this one's (a rename on a
-        /// server without `RENAME COLUMN`).
-        copy_of: Option<String>,
+        /// What the rows stored before read (`DEFAULT …`): the old column of a rename on a
+        /// server without `RENAME COLUMN`, or PostgreSQL's value for the rows that were there
+        /// when the column was added with a default.
+        default: Option<String>,
     },
     Modify {
         column: String,
@@ -51,16 +52,15 @@ impl Change {
             Change::Add {
                 column,
                 ty,
-                copy_of: None,
+                default: None,
             } => format!("ALTER TABLE {t} ADD COLUMN {} {ty}", quote_ident(column)),
             Change::Add {
                 column,
                 ty,
-                copy_of: Some(old),
+                default: Some(value),
             } => format!(
-                "ALTER TABLE {t} ADD COLUMN {} {ty} DEFAULT CAST({} AS {ty})",
-                quote_ident(column),
-                quote_ident(old)
+                "ALTER TABLE {t} ADD COLUMN {} {ty} DEFAULT CAST({value} AS {ty})",
+                quote_ident(column)
             ),
             Change::Modify { column, to, .. } => {
                 format!("ALTER TABLE {t} MODIFY COLUMN {} {to}", quote_ident(column))
@@ -80,6 +80,21 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// The table as the schema's rows are written to it once the changes are made.
     pub state: Arc<TableState>,
+}
+
+/// PostgreSQL's value for the rows already there when `c` was added with a default, as a
+/// ClickHouse literal; `None` when there is none or it is not a scalar.
+fn missing_literal(
+    c: &crate::types::ColumnSchema,
+    caps: crate::types::ServerCaps,
+) -> Option<String> {
+    let value = crate::types::to_json(&c.kind, c.missing.as_deref()?).ok()?;
+    match crate::types::clickhouse_json(&c.kind, &value, caps).ok()? {
+        serde_json::Value::String(s) => Some(super::config::quote_string(&s)),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(u8::from(b).to_string()),
+        _ => None,
+    }
 }
 
 /// Whether a ClickHouse column of type `from` can take `to`'s values with `MODIFY COLUMN`, every
@@ -261,13 +276,14 @@ pub fn plan(
                 Some((old, _)) if version.has_rename_column() => (old.clone(), old),
                 other => {
                     // Without RENAME COLUMN (18.16) a rename reads the old column's values.
-                    let copy_of = other
-                        .filter(|_| !version.has_rename_column())
-                        .map(|(old, _)| old);
+                    let default = match other.filter(|_| !version.has_rename_column()) {
+                        Some((old, _)) => Some(quote_ident(&old)),
+                        None => missing_literal(c, caps),
+                    };
                     changes.push(Change::Add {
                         column: c.name.clone(),
                         ty: added_column_type(&c.kind, caps),
-                        copy_of,
+                        default,
                     });
                     column(&c.name);
                     continue;

@@ -106,7 +106,7 @@ fn add_widen_and_drop() {
             Change::Add {
                 column: "note".into(),
                 ty: "Nullable(String)".into(),
-                copy_of: None,
+                default: None,
             },
         ]
     );
@@ -146,7 +146,7 @@ fn renames_follow_the_server() {
         vec![Change::Add {
             column: "kind".into(),
             ty: "Nullable(String)".into(),
-            copy_of: Some("op".into()),
+            default: Some("`op`".into()),
         }]
     );
     assert_eq!(
@@ -222,4 +222,21 @@ fn unsafe_changes_are_refused_with_what_to_do() {
     let mut keyless = v1.clone();
     keyless.key = vec![];
     assert!(plan(&names(), &[], &keyless, &[], v("18.16")).is_err());
+}
+
+#[test]
+fn a_column_added_with_a_default_gives_the_rows_already_there_its_value() {
+    let v1 = orders();
+    let mut v2 = v1.clone();
+    v2.columns.push(ColumnSchema {
+        attnum: Some(40),
+        missing: Some("it's".into()),
+        ..ColumnSchema::builtin("note", 25, -1, "text", true)
+    });
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    let p = plan(&names(), &existing(&v1), &v2, &history, v("18.16")).unwrap();
+    assert_eq!(
+        p.changes[0].sql(&names()),
+        r"ALTER TABLE `db`.`orders` ADD COLUMN `note` Nullable(String) DEFAULT CAST('it\'s' AS Nullable(String))"
+    );
 }

@@ -242,7 +242,33 @@ impl GenericWriter {
         self.execute(&sql, "recording a truncate").await
     }
 
+    /// Inserts `rows`, one statement per set of columns: a row of an older schema must leave
+    /// out the columns it lacks, so that ClickHouse gives them their `DEFAULT` (the value an added
+    /// or renamed column has for it), not the type's zero, which is what a field missing from a
+    /// JSONEachRow line gets on 18.16.
     pub async fn insert(&self, table: &str, rows: &[GenericRow]) -> Result<(), SinkError> {
+        let same = |a: &GenericRow, b: &GenericRow| {
+            a.cells.len() == b.cells.len()
+                && a.cells.iter().zip(&b.cells).all(|((x, _), (y, _))| x == y)
+        };
+        if rows.iter().all(|r| same(r, &rows[0])) {
+            return self.insert_alike(table, rows).await;
+        }
+        let mut groups: Vec<Vec<GenericRow>> = Vec::new();
+        for row in rows {
+            match groups.iter_mut().find(|g| same(&g[0], row)) {
+                Some(group) => group.push(row.clone()),
+                None => groups.push(vec![row.clone()]),
+            }
+        }
+        for group in groups {
+            self.insert_alike(table, &group).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts rows that all have the same columns.
+    async fn insert_alike(&self, table: &str, rows: &[GenericRow]) -> Result<(), SinkError> {
         if rows.is_empty() {
             return Ok(());
         }

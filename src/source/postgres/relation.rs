@@ -50,7 +50,8 @@ pub async fn describe(
             "SELECT c.name, format_type(c.typid, c.typmod), t.typtype::text, \
                     t.typbasetype, t.typtypmod, format_type(t.typbasetype, t.typtypmod), \
                     coalesce(NOT a.attnotnull, true), a.attnum, \
-                    array_position(pk.indkey::int2[], a.attnum) \
+                    array_position(pk.indkey::int2[], a.attnum), \
+                    CASE WHEN a.atthasmissing THEN a.attmissingval::text END \
              FROM unnest($2::text[], $3::oid[], $4::int4[]) WITH ORDINALITY AS c(name, typid, typmod, ord) \
              JOIN pg_type t ON t.oid = c.typid \
              LEFT JOIN pg_attribute a ON a.attrelid = $1 AND a.attname = c.name \
@@ -97,13 +98,31 @@ pub async fn describe(
             type_name,
             typmod: col.typmod,
             nullable: row.get(6),
-            kind,
             attnum: row.get(7),
+            missing: row
+                .get::<_, Option<String>>(9)
+                .and_then(|one| missing_value(&one)),
+            kind,
         });
     }
     key.sort_unstable();
     let key: Vec<usize> = key.into_iter().map(|(_, i)| i).collect();
     RelationShape::new(namespace, name, described, key, ledger_column)
+}
+
+/// The element of `attmissingval`, a one-element array literal of the column's type (`{dflt}`,
+/// `{"a b"}`), as the column's own text; `None` for NULL or what does not parse.
+fn missing_value(array: &str) -> Option<String> {
+    let elem = PgType::Array {
+        element: Box::new(PgType::Text),
+    };
+    match crate::types::to_json(&elem, array).ok()? {
+        serde_json::Value::Array(mut v) if v.len() == 1 => match v.pop()? {
+            serde_json::Value::String(s) => Some(s),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// How one relation's tuples become events.
