@@ -189,6 +189,10 @@ pub struct StreamCheckpoint {
     /// ledger when this checkpoint was written: of the stream's first table.
     #[serde(default)]
     pub backfill_unrecorded: Vec<[i64; 2]>,
+    /// The table of [`Self::backfill_unrecorded`] (`schema.table`); absent in checkpoints of
+    /// earlier releases, whose one table it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill_unrecorded_table: Option<String>,
     /// The same for the stream's other tables, by `schema.table`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub backfill_unrecorded_of: std::collections::BTreeMap<String, Vec<[i64; 2]>>,
@@ -231,6 +235,7 @@ impl StreamCheckpoint {
         StreamCheckpoint {
             lsn: order.lsn.to_string(),
             index: order.index,
+            backfill_unrecorded_table: (!first_ids.is_empty()).then(|| first.to_string()),
             backfill_unrecorded: id_ranges(first_ids),
             backfill_unrecorded_of: by_table
                 .into_iter()
@@ -257,8 +262,10 @@ impl StreamCheckpoint {
     /// (`schema.table`, id) of every backfilled row the checkpoint names; `first` is the table
     /// of [`Self::backfill_unrecorded`].
     pub fn backfill_rows(&self, first: &str) -> Vec<(String, i64)> {
+        // Named in the checkpoint, so a reordered --table cannot move them to another table.
+        let table = self.backfill_unrecorded_table.as_deref().unwrap_or(first);
         let mut rows: Vec<(String, i64)> = range_ids(&self.backfill_unrecorded)
-            .map(|id| (first.to_string(), id))
+            .map(|id| (table.to_string(), id))
             .collect();
         for (table, ranges) in &self.backfill_unrecorded_of {
             rows.extend(range_ids(ranges).map(|id| (table.clone(), id)));
@@ -529,6 +536,7 @@ mod tests {
             .unwrap()
             .contains("backfill_unrecorded_of"));
         let back = StreamCheckpoint::from_json(&cp.to_json()).unwrap();
+        assert_eq!(back.backfill_rows("other.first")[0].0, "public.t");
         assert_eq!(back.order().unwrap(), order);
         let ids: Vec<i64> = back
             .backfill_rows("public.t")

@@ -48,6 +48,10 @@ pub struct ProducerConfig {
     pub transactional_id: Option<String>,
 }
 
+/// Longest wait for a schema record's acknowledgement: the stream waits for it before the
+/// message that names it, and must keep answering the server.
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long one transaction call may take; a retriable failure is tried once more.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -237,8 +241,16 @@ impl KafkaProducer {
         let id = schema.id();
         if !self.lock_published().iter().any(|(_, known)| *known == id) {
             let record = serde_json::to_vec(schema.as_ref()).unwrap_or_default();
-            self.send_and_wait(&schemas_topic(topic), &id, record)
-                .await?;
+            let schemas = schemas_topic(topic);
+            let send = self.send_and_wait(&schemas, &id, record);
+            match tokio::time::timeout(SCHEMA_TIMEOUT, send).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(KafkaError::Delivery(format!(
+                        "the schema record {id} was not acknowledged within {SCHEMA_TIMEOUT:?}"
+                    )))
+                }
+            }
             tracing::info!(table = %schema.qualified_name(), schema_id = %id, columns = schema.columns.len(), "schema published");
         }
         self.lock_published().push((schema.clone(), id.clone()));

@@ -6,7 +6,7 @@
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::event::{ChangeEvent, Lsn, Op, RowKey};
+use crate::event::{ChangeEvent, Lsn, Op, RowKey, StreamDeadLetter};
 use crate::failpoints;
 use crate::progress::Progress;
 use crate::source::postgres::backfill::{Backfill, Chunk, ChunkWindow, Scope};
@@ -30,6 +30,14 @@ pub(super) enum BackfillMsg {
     /// Every table is done.
     Done,
     Failed(SourceError),
+}
+
+/// A chunk's rows let go at its watermark's position `lsn`, and its rows that did not convert.
+pub(super) struct Released {
+    pub table: TableId,
+    pub rows: Vec<ChangeEvent>,
+    pub dead: Vec<StreamDeadLetter>,
+    pub lsn: Lsn,
 }
 
 #[derive(Default)]
@@ -136,14 +144,14 @@ impl BackfillRun {
         &mut self,
         chunk: Chunk,
         release: oneshot::Sender<()>,
-    ) -> Option<(TableId, Vec<ChangeEvent>, Lsn)> {
+    ) -> Option<Released> {
         if let Some(p) = self.progress.as_mut() {
-            p.add(chunk.rows.len() as u64);
+            p.add((chunk.rows.len() + chunk.dead.len()) as u64);
         }
         self.release = Some(release);
         let table = chunk.table;
         let (rows, lsn) = self.window.on_chunk(chunk)?;
-        Some((table, self.released(rows), lsn))
+        Some(self.released(table, rows, lsn))
     }
 
     /// The stream reached a watermark: the chunk's rows (and the watermark's position) if it was
@@ -152,10 +160,10 @@ impl BackfillRun {
         &mut self,
         tag: &str,
         lsn: Lsn,
-    ) -> Option<(TableId, Vec<ChangeEvent>, Lsn)> {
+    ) -> Option<Released> {
         let table = self.table?;
         let (rows, lsn) = self.window.on_watermark(tag, lsn)?;
-        Some((table, self.released(rows), lsn))
+        Some(self.released(table, rows, lsn))
     }
 
     /// Lets the backfill read its next chunk, if a released chunk holds it back.
@@ -170,7 +178,7 @@ impl BackfillRun {
         self.progress = Some(Progress::new("backfill", Some(total)));
     }
 
-    fn released(&mut self, rows: Vec<ChangeEvent>) -> Vec<ChangeEvent> {
+    fn released(&mut self, table: TableId, rows: Vec<ChangeEvent>, lsn: Lsn) -> Released {
         if self.released > 0 {
             // A chunk is in flight or in the ledger: a crash here leaves a partly done backfill.
             failpoints::hit(failpoints::STREAM_MID_BACKFILL);
@@ -180,7 +188,12 @@ impl BackfillRun {
         if !self.hold {
             self.let_next_chunk_go();
         }
-        rows
+        Released {
+            table,
+            rows,
+            dead: self.window.take_dead(),
+            lsn,
+        }
     }
 
     /// Ends the run (shutdown, session end): what was not released is read again next time.

@@ -140,6 +140,10 @@ impl ExactlyOnce {
             if ids.is_empty() {
                 continue;
             }
+            if spec.ledger_column.is_none() {
+                tracing::warn!(table = %spec.name(), rows = ids.len(), "exactly-once: the last checkpoint names backfilled rows of a table that has no ledger column any more; nothing to record");
+                continue;
+            }
             let outcome = Ledger::new(cfg, spec)
                 .mark_sent(&mut ids)
                 .await

@@ -32,7 +32,7 @@ use crate::event::{schemas_topic, Lsn};
 use crate::kafka::inspect;
 use crate::kafka::producer::{KafkaProducer, ProducerConfig};
 use crate::kafka::topic::{ensure_topic, ensure_topic_with};
-use crate::kafka::KafkaError;
+use crate::kafka::{KafkaConnection, KafkaError};
 use crate::metrics::Registry;
 use crate::source::postgres::client::{ReplicationClient, SystemIdentity};
 use crate::source::postgres::stream::{ReplicationSource, SourceMessage};
@@ -61,8 +61,13 @@ struct StreamCommand {
     topics: Vec<String>,
     /// Exactly-once checkpoints and the snapshot records.
     checkpoint_topic: String,
+    connection: KafkaConnection,
     /// Tables without the ledger whose initial snapshot is still to be read.
     snapshot_pending: Vec<TableId>,
+    /// Candidates whose records are still to be read (the first session does).
+    snapshot_unresolved: Vec<TableId>,
+    /// Exactly-once: snapshots recorded done in the open transaction, done once it commits.
+    snapshot_uncommitted: Vec<TableId>,
     /// Snapshots whose every row was produced, with the delivery boundary after their last row:
     /// recorded done once Kafka acknowledged everything below it.
     snapshot_produced: Vec<(TableId, u64)>,
@@ -198,24 +203,19 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         }
     };
 
-    // Tables without the ledger whose whole-table read is not recorded done (all of them on a
-    // first start; one added to --table later).
-    let snapshot_pending = match args.snapshot {
+    // Tables without the ledger to read whole: all of them with a new slot (whatever earlier
+    // slots recorded); with an existing one, those not recorded done (one added to --table
+    // later), looked up at the first session (after exactly-once fenced an older producer, whose
+    // open transaction would hold a read_committed reader back).
+    let candidates: Vec<TableId> = match args.snapshot {
         SnapshotMode::Never => Vec::new(),
-        SnapshotMode::Initial => {
-            let candidates = (0..cfg.tables.len())
-                .filter(|&t| cfg.tables[t].ledger_column.is_none())
-                .map(|t| (t, cfg.tables[t].name()))
-                .collect();
-            snapshot::pending(
-                &connection,
-                &checkpoint_topic,
-                &cfg.database(),
-                &cfg.slot,
-                candidates,
-            )
-            .await?
-        }
+        SnapshotMode::Initial => (0..cfg.tables.len())
+            .filter(|&t| cfg.tables[t].ledger_column.is_none())
+            .collect(),
+    };
+    let (snapshot_pending, snapshot_unresolved) = match client {
+        Some(_) => (candidates, Vec::new()),
+        None => (Vec::new(), candidates),
     };
     // After the slot: the origin goes with it, and is dropped when found without one.
     cfg.ledger_origin =
@@ -232,8 +232,11 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         cfg,
         topics,
         checkpoint_topic,
+        connection,
         snapshot_pending,
+        snapshot_unresolved,
         snapshot_produced: Vec::new(),
+        snapshot_uncommitted: Vec::new(),
         producer,
         sql: Some(sql),
         shutdown,
@@ -327,6 +330,14 @@ impl StreamCommand {
                 Err(SessionStart::Source(e)) => return Err(e.into()),
             }
         }
+        if !self.snapshot_unresolved.is_empty() {
+            match self.resolve_snapshots().await {
+                Ok(()) if self.snapshot_pending.is_empty() => {}
+                Ok(()) => *backfill_state = BackfillState::Pending,
+                Err(e @ KafkaError::Fatal(_)) => return Err(e.into()),
+                Err(e) => return Ok(SessionEnd::Retry(e.to_string())),
+            }
+        }
         let mut t = Tracker::new(*confirmed, self.eo.is_some());
         let mut ledger = LedgerWriter::start(&self.cfg);
         let mut backfill = BackfillRun::default();
@@ -389,6 +400,7 @@ impl StreamCommand {
                         eo.abort(&self.producer, &mut t).await;
                         break SessionEnd::Retry(e.to_string());
                     }
+                    snapshot::committed(&mut self.snapshot_pending, &mut self.snapshot_uncommitted);
                 }
                 // Rows of a chunk go out only once the previous chunk's are in the ledger, so a
                 // checkpoint never has to name more than one chunk's rows.
@@ -443,8 +455,8 @@ impl StreamCommand {
                             }
                         }
                         Ok(Some(SourceMessage::Watermark { tag, lsn })) => {
-                            if let Some((table, rows, at)) = backfill.on_watermark(&tag, lsn) {
-                                self.produce_backfill(&mut t, table, rows, at).await?;
+                            if let Some(released) = backfill.on_watermark(&tag, lsn) {
+                                self.produce_backfill(&mut t, released).await?;
                             }
                             if !source.in_transaction() {
                                 t.push_position(lsn);
@@ -483,8 +495,8 @@ impl StreamCommand {
                             let _ = reply.send(());
                         }
                         BackfillMsg::Chunk(chunk, release) => {
-                            if let Some((table, rows, lsn)) = backfill.on_chunk(chunk, release) {
-                                self.produce_backfill(&mut t, table, rows, lsn).await?;
+                            if let Some(released) = backfill.on_chunk(chunk, release) {
+                                self.produce_backfill(&mut t, released).await?;
                             }
                         }
                         BackfillMsg::Done => {
@@ -569,11 +581,17 @@ impl StreamCommand {
                 } else {
                     Err(KafkaError::Delivery("the session failed".into()))
                 };
-                if let Err(e) = committed {
-                    if clean {
-                        tracing::warn!(error = %e, "could not commit the last Kafka transaction; it is aborted and replayed on the next start");
+                match committed {
+                    Ok(()) => snapshot::committed(
+                        &mut self.snapshot_pending,
+                        &mut self.snapshot_uncommitted,
+                    ),
+                    Err(e) => {
+                        if clean {
+                            tracing::warn!(error = %e, "could not commit the last Kafka transaction; it is aborted and replayed on the next start");
+                        }
+                        eo.abort(&self.producer, &mut t).await;
                     }
-                    eo.abort(&self.producer, &mut t).await;
                 }
             }
         }
@@ -591,14 +609,15 @@ impl StreamCommand {
         if t.backfill_failed {
             *backfill_state = BackfillState::Pending;
         }
-        // Done once recorded: what is not, is read again by the next session. (In exactly-once
-        // mode only a committed transaction records it: no new one is begun here.)
-        let recorded = self.eo.is_some() || self.record_done_snapshots(&t).await.is_ok();
-        if !recorded || !self.snapshot_produced.is_empty() {
-            self.snapshot_produced.clear();
-            if !self.snapshot_pending.is_empty() {
-                *backfill_state = BackfillState::Pending;
-            }
+        // Done once recorded (in exactly-once mode, once committed: no transaction is begun
+        // here); what is not is read again by the next session.
+        if self.eo.is_none() {
+            let _ = self.record_done_snapshots(&t).await;
+        }
+        self.snapshot_produced.clear();
+        self.snapshot_uncommitted.clear();
+        if !self.snapshot_pending.is_empty() {
+            *backfill_state = BackfillState::Pending;
         }
         self.metrics.confirmed_lsn.set(t.confirmed.0 as i64);
         tracing::info!(produced = t.produced, acknowledged = t.acked, confirmed = %t.confirmed, skipped_ledger_changes, "session ended");

@@ -1,6 +1,7 @@
 //! Producing what the session hands over: changes, backfilled rows and dead letters, each inside
 //! a Kafka transaction in exactly-once mode.
 
+use super::backfill::Released;
 use super::tracker::{LedgerRow, Tracker};
 use super::StreamCommand;
 use crate::commands::Error;
@@ -31,6 +32,13 @@ impl StreamCommand {
                 }
                 Ok(())
             }
+            // The schema record the change names did not arrive: the change is not produced,
+            // and the session ends (positions stop here) and replays it.
+            Err(KafkaError::Delivery(reason)) => {
+                tracing::warn!(error = %reason, "publishing a schema record failed");
+                t.broken = true;
+                Ok(())
+            }
             Err(e @ KafkaError::TooLarge { .. }) => {
                 let dead = StreamDeadLetter::of_event(
                     event,
@@ -56,10 +64,14 @@ impl StreamCommand {
     pub(super) async fn produce_backfill(
         &mut self,
         t: &mut Tracker,
-        table: TableId,
-        rows: Vec<ChangeEvent>,
-        lsn: Lsn,
+        released: Released,
     ) -> Result<(), Error> {
+        let Released {
+            table,
+            rows,
+            dead,
+            lsn,
+        } = released;
         // The watermark's position is the end of its record, where the next transaction's commit
         // record may start: one below is ours alone (records start 8-aligned).
         let at = Lsn(lsn.0.saturating_sub(1));
@@ -69,6 +81,14 @@ impl StreamCommand {
                 index: index as u32,
             };
             self.produce(t, table, event, true, order).await?;
+        }
+        for (index, d) in dead.iter().enumerate() {
+            let order = ChangeOrder {
+                lsn: at,
+                index: (rows.len() + index) as u32,
+            };
+            let ledger_id = self.ledger_id(table, d.op, d.id);
+            self.dead_letter(t, d, ledger_id, true, order).await?;
         }
         self.metrics.backfill_rows.add(rows.len() as u64);
         Ok(())

@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use super::tracker::Tracker;
 use super::StreamCommand;
-use crate::commands::Error;
 use crate::kafka::{checkpoint, KafkaConnection, KafkaError};
 use crate::source::postgres::TableId;
 
@@ -28,13 +27,13 @@ fn key(database: &str, slot: &str, table: &str) -> String {
 }
 
 /// Of `tables` (`schema.table` by [`TableId`]), those whose snapshot is not recorded done.
-pub(super) async fn pending(
+async fn pending(
     connection: &KafkaConnection,
     topic: &str,
     database: &str,
     slot: &str,
     tables: Vec<(TableId, String)>,
-) -> Result<Vec<TableId>, Error> {
+) -> Result<Vec<TableId>, KafkaError> {
     let (c, t, prefix) = (
         connection.clone(),
         topic.to_string(),
@@ -44,7 +43,7 @@ pub(super) async fn pending(
         checkpoint::read_latest(&c, &t, |k| k.starts_with(prefix.as_bytes()))
     })
     .await
-    .map_err(|e| Error::Config(format!("reading the snapshot records failed: {e}")))??;
+    .map_err(|e| KafkaError::Delivery(format!("reading the snapshot records failed: {e}")))??;
     Ok(tables
         .into_iter()
         .filter(|(_, name)| {
@@ -73,19 +72,60 @@ impl StreamCommand {
             };
             let key = key(&self.cfg.database(), &self.cfg.slot, &name);
             if let Some(eo) = self.eo.as_mut() {
-                // Inside the open transaction: an aborted one takes the record with it.
+                // Inside the open transaction: an aborted one takes the record with it, and the
+                // snapshot is done only once it commits (`committed`).
                 eo.before_produce(&self.producer)?;
             }
             let payload = serde_json::to_vec(&record).unwrap_or_default();
-            self.producer
-                .send_and_wait(&self.checkpoint_topic, &key, payload)
-                .await?;
+            let send = self
+                .producer
+                .send_and_wait(&self.checkpoint_topic, &key, payload);
+            match tokio::time::timeout(RECORD_TIMEOUT, send).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(KafkaError::Delivery(format!(
+                        "the snapshot record was not acknowledged within {RECORD_TIMEOUT:?}"
+                    )))
+                }
+            }
             tracing::info!(table = %name, "initial snapshot done");
             self.snapshot_produced.remove(0);
-            self.snapshot_pending.retain(|&p| p != table);
+            if self.eo.is_some() {
+                self.snapshot_uncommitted.push(table);
+            } else {
+                self.snapshot_pending.retain(|&p| p != table);
+            }
         }
         Ok(())
     }
+
+    /// Reads which of the candidate tables' snapshots are done.
+    pub(super) async fn resolve_snapshots(&mut self) -> Result<(), KafkaError> {
+        let tables = self
+            .snapshot_unresolved
+            .iter()
+            .map(|&t| (t, self.cfg.tables[t].name()))
+            .collect();
+        self.snapshot_pending = pending(
+            &self.connection,
+            &self.checkpoint_topic,
+            &self.cfg.database(),
+            &self.cfg.slot,
+            tables,
+        )
+        .await?;
+        self.snapshot_unresolved.clear();
+        Ok(())
+    }
+}
+
+/// Longest wait for a snapshot record's acknowledgement (the main loop waits meanwhile).
+const RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The open exactly-once transaction committed: the snapshots it recorded are done.
+pub(super) fn committed(pending: &mut Vec<TableId>, uncommitted: &mut Vec<TableId>) {
+    pending.retain(|t| !uncommitted.contains(t));
+    uncommitted.clear();
 }
 
 #[cfg(test)]

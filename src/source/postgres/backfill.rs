@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
-use crate::event::{ChangeEvent, Lsn, Op, RowKey};
+use crate::event::{ChangeEvent, Lsn, Op, RowKey, StreamDeadLetter};
 
 use super::pgoutput::Value;
 use super::relation::{describe, RelationShape, TupleColumn};
@@ -37,6 +37,9 @@ pub struct Chunk {
     /// ours.
     pub tag: String,
     pub rows: Vec<ChangeEvent>,
+    /// Rows that do not convert (a value outside its type's mapping): they go to the stream's
+    /// dead-letter topic, as a streamed change would, instead of stopping the stream.
+    pub dead: Vec<StreamDeadLetter>,
     /// Fewer rows than asked for: nothing is left after this one.
     pub last: bool,
 }
@@ -148,6 +151,7 @@ impl Backfill {
         .map_err(SourceError::sql("reading rows to backfill"))?;
         let last = (rows.len() as i64) < self.chunk;
         let mut events = Vec::with_capacity(rows.len());
+        let mut dead = Vec::new();
         let mut values = Vec::new();
         for row in &rows {
             values.clear();
@@ -158,11 +162,31 @@ impl Backfill {
                 });
             }
             // Version and position are set when the watermark comes by.
-            let event = self.shape.event(Op::Snapshot, &values, Lsn::ZERO, 0)?;
-            if let Some(id) = event.id() {
-                self.after_id = id;
+            match self.shape.event(Op::Snapshot, &values, Lsn::ZERO, 0) {
+                Ok(event) => {
+                    if let Some(id) = event.id() {
+                        self.after_id = id;
+                    }
+                    events.push(event);
+                }
+                Err(e) => {
+                    let key = self.shape.key_of(&values);
+                    if let Some(id) = key.as_ref().and_then(RowKey::as_int) {
+                        self.after_id = id;
+                    }
+                    dead.push(StreamDeadLetter {
+                        table: self.spec.name(),
+                        op: Op::Snapshot,
+                        id: key.as_ref().and_then(RowKey::as_int),
+                        key: key.filter(|k| k.as_int().is_none()).map(|k| k.kafka_key()),
+                        lsn: Lsn::ZERO.to_string(),
+                        version: 0,
+                        error: e.to_string(),
+                        row: Some(self.shape.describe(&values)),
+                        row_truncated: false,
+                    });
+                }
             }
-            events.push(event);
         }
         if let Some(row) = rows.last() {
             self.after_key = Some(
@@ -185,13 +209,14 @@ impl Backfill {
             .await
             .map_err(SourceError::sql("writing a backfill watermark"))?;
         self.done = last;
-        if events.is_empty() {
+        if events.is_empty() && dead.is_empty() {
             return Ok(None);
         }
         Ok(Some(Chunk {
             table: self.table,
             tag,
             rows: events,
+            dead,
             last,
         }))
     }
@@ -354,17 +379,21 @@ pub struct ChunkWindow {
     /// than the channel that brings the chunk).
     seen: Option<(String, Lsn)>,
     run: String,
+    /// The released chunk's dead letters ([`Self::take_dead`]).
+    dead: Vec<StreamDeadLetter>,
 }
 
 impl ChunkWindow {
     /// A backfill starts: note changes from now on. `run` prefixes its watermarks.
     ///
-    /// [`Scope::Whole`] keeps its notes from one chunk to the next: with no ledger to say which
-    /// rows the stream already carried, a row the stream delivered (inserted or changed since the
-    /// snapshot began) is left out of the later chunk that reads it too, instead of going out a
-    /// second time with the same values. Integer keys at or below the last chunk's are dropped
-    /// from the notes; other keys are kept up to [`MAX_KEPT_NOTES`], past which such rows may be
-    /// sent twice (same values, the later copy wins).
+    /// [`Scope::Whole`] keeps its notes of whole row states from one chunk to the next: with no
+    /// ledger to say which rows the stream already carried, a row the stream delivered (inserted
+    /// or changed since the snapshot began) is left out of the later chunk that reads it too,
+    /// instead of going out a second time with the same values. Integer keys at or below the
+    /// last chunk's are dropped from the notes; past [`MAX_KEPT_NOTES`] kept notes they are all
+    /// dropped at the next watermark (such rows may then go out twice, with the same values and
+    /// a later version). Notes inside a chunk's window are never dropped: they decide which of
+    /// the chunk's rows are stale.
     pub fn start(&mut self, run: &str, scope: Scope) {
         self.close();
         self.active = true;
@@ -411,17 +440,16 @@ impl ChunkWindow {
                 return;
             }
         }
-        if self.keep_notes && self.noted.len() >= MAX_KEPT_NOTES {
-            let key = key.kafka_key();
-            if !self.noted.contains_key(&key) {
-                return;
-            }
-        }
         let entry = self.noted.entry(key.kafka_key()).or_insert(what);
         *entry = match (*entry, what) {
             (Noted::Partial(a), Noted::Partial(b)) => Noted::Partial(a.min(b)),
             _ => Noted::Superseded,
         };
+    }
+
+    /// The dead letters of the chunk released last.
+    pub fn take_dead(&mut self) -> Vec<StreamDeadLetter> {
+        std::mem::take(&mut self.dead)
     }
 
     /// The chunk was read; its rows (and the watermark's position) if its watermark already came
@@ -448,9 +476,20 @@ impl ChunkWindow {
         };
         let top = chunk_max(&chunk.rows);
         let mut rows = chunk.rows;
+        let mut dead = chunk.dead;
         if self.truncated {
             rows.clear();
+            dead.clear();
         }
+        for d in &mut dead {
+            d.lsn = lsn.to_string();
+            d.version = lsn.0.saturating_sub(1);
+        }
+        dead.retain(|d| {
+            d.row_key()
+                .is_none_or(|k| self.noted.get(&k.kafka_key()).is_none())
+        });
+        self.dead = dead;
         // The message's position is the end of its record: every commit before it is at least a
         // record (24 bytes) below, every one after at or above it.
         let version = lsn.0.saturating_sub(1);
@@ -469,11 +508,14 @@ impl ChunkWindow {
         // Later chunks start above this one's last key, so keys at or below it need no notes; the
         // rest start afresh: the next window is opened at once and seeded again.
         self.floor = top.or(self.floor);
-        if self.keep_notes {
-            if let Some(floor) = self.floor {
-                self.noted
-                    .retain(|k, _| k.parse::<i64>().map_or(true, |id| id > floor));
-            }
+        if self.keep_notes && self.noted.len() <= MAX_KEPT_NOTES {
+            // A partial update before a chunk's window must not demote the chunk's full row: the
+            // row, read after it, is newer than it.
+            let floor = self.floor;
+            self.noted.retain(|k, what| {
+                *what == Noted::Superseded
+                    && floor.is_none_or(|f| k.parse::<i64>().map_or(true, |id| id > f))
+            });
         } else {
             self.noted.clear();
         }
@@ -508,6 +550,7 @@ mod tests {
             table: 0,
             tag: format!("slot/run/{number}"),
             rows: ids.iter().map(|&i| row(i)).collect(),
+            dead: vec![],
             last: false,
         }
     }
@@ -581,6 +624,7 @@ mod tests {
             table: 0,
             tag: "slot/run/1".into(),
             rows: vec![changed, kept],
+            dead: vec![],
             last: false,
         };
         assert!(w.on_chunk(c).is_none());

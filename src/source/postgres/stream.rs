@@ -77,8 +77,9 @@ pub struct ReplicationSource {
     ledger_transactions: u64,
     /// The server's WAL end as last reported: how far behind the stream is.
     server_wal_end: Lsn,
-    /// The second half of a change that became two events (a key update: delete, then the row).
-    queued: Option<SourceMessage>,
+    /// Events still to hand out of a change that became several (a key update: delete, then the
+    /// row; a TRUNCATE of several relayed tables: one each).
+    queued: std::collections::VecDeque<SourceMessage>,
 }
 
 impl ReplicationSource {
@@ -120,7 +121,7 @@ impl ReplicationSource {
             ledger_transactions: 0,
             slot: cfg.slot.clone(),
             server_wal_end: start,
-            queued: None,
+            queued: Default::default(),
         })
     }
 
@@ -131,7 +132,7 @@ impl ReplicationSource {
 
     /// The next message; `None` when the server ended the stream. Cancel-safe.
     pub async fn next(&mut self) -> Result<Option<SourceMessage>, SourceError> {
-        if let Some(m) = self.queued.take() {
+        if let Some(m) = self.queued.pop_front() {
             return Ok(Some(m));
         }
         loop {
@@ -237,13 +238,15 @@ impl ReplicationSource {
                 if self.skipping_ledger_tx {
                     return Ok(None);
                 }
-                let mut ours = None;
+                let mut ours = Vec::new();
                 for oid in &relations {
-                    if self.our_relation(*oid)? && ours.is_none() {
-                        ours = Some(*oid);
+                    if self.our_relation(*oid)? && !ours.contains(oid) {
+                        ours.push(*oid);
                     }
                 }
-                let Some(oid) = ours else { return Ok(None) };
+                if ours.is_empty() {
+                    return Ok(None);
+                }
                 // Rows written before the TRUNCATE in this transaction fall below it.
                 let version = match self.tx.as_mut() {
                     Some(tx) => {
@@ -252,13 +255,15 @@ impl ReplicationSource {
                     }
                     None => wal_start.0,
                 };
-                let order = self.next_order(wal_start);
-                let (table, shape) = &self.shapes[&oid];
-                Ok(Some(SourceMessage::Change(
-                    *table,
-                    shape.truncate(wal_start, version),
-                    order,
-                )))
+                // One truncate per relayed table of the statement (`TRUNCATE a, b`, a CASCADE).
+                for oid in ours {
+                    let order = self.next_order(wal_start);
+                    let (table, shape) = &self.shapes[&oid];
+                    let event = shape.truncate(wal_start, version);
+                    self.queued
+                        .push_back(SourceMessage::Change(*table, event, order));
+                }
+                Ok(self.queued.pop_front())
             }
         }
     }
@@ -396,7 +401,7 @@ impl ReplicationSource {
         if let Some(SourceMessage::Change(_, event, _)) = &mut update {
             event.moved_from = moved_from;
         }
-        self.queued = update;
+        self.queued.extend(update);
         Ok(delete)
     }
 
@@ -444,7 +449,7 @@ impl ReplicationSource {
     /// Between a Begin and its Commit: stopping now would leave a half-handled transaction that the
     /// next start replays.
     pub fn in_transaction(&self) -> bool {
-        self.tx.is_some() || self.queued.is_some()
+        self.tx.is_some() || !self.queued.is_empty()
     }
 
     pub async fn send_status(&mut self, confirmed: Lsn, reply: bool) -> Result<(), SourceError> {
