@@ -651,3 +651,58 @@ async fn the_initial_snapshot_reads_a_whole_table_once_merged_with_its_concurren
     drop_pipeline(&t.pg, &never).await;
     t.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_truncate_of_two_relayed_tables_truncates_both() {
+    let a = AnyTable::new(
+        "anytrunc",
+        "CREATE TABLE {t} (id integer PRIMARY KEY); CREATE TABLE {t}_b (id integer PRIMARY KEY)",
+    )
+    .await;
+    let b = format!("{}_b", a.name);
+    a.exec(&format!(
+        "GRANT SELECT ON {b} TO cdc_relay; ALTER PUBLICATION {{t}} ADD TABLE {b}"
+    ))
+    .await;
+    let routes = [
+        format!("public.{0}={0}", a.name),
+        format!("public.{0}={0}", b),
+    ];
+    let relay = Relay::start(
+        &a.name,
+        &[
+            "stream",
+            "--table",
+            &a.name,
+            "--table",
+            &b,
+            "--slot",
+            &a.name,
+            "--publication",
+            &a.name,
+            "--route",
+            &routes[0],
+            "--route",
+            &routes[1],
+            "--ops",
+            "insert,update,delete,truncate",
+        ],
+        &[],
+    );
+    wait_slot_streaming(&a.pg, &a.name, Duration::from_secs(30)).await;
+    a.exec(&format!(
+        "INSERT INTO {{t}} VALUES (1); INSERT INTO {b} VALUES (1); TRUNCATE {{t}}, {b}"
+    ))
+    .await;
+    for topic in [&a.name, &b] {
+        let msgs = read_topic(topic, 2, Duration::from_secs(30), Duration::from_secs(1));
+        let ops: Vec<&str> = msgs
+            .iter()
+            .map(|m| m.value["op"].as_str().unwrap())
+            .collect();
+        assert_eq!(ops, vec!["insert", "truncate"], "{topic}");
+    }
+    assert_eq!(relay.stop(), 0);
+    drop_pipeline(&a.pg, &b).await;
+    a.drop().await;
+}

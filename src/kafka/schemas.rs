@@ -77,12 +77,17 @@ impl SchemaRegistry {
             .collect()
     }
 
-    /// Reads every record written so far (off the runtime's threads).
-    pub async fn read_to_end(&mut self) {
+    /// Reads every record written so far (off the runtime's threads); `false` if Kafka could not
+    /// say where the topic ends (it is unreachable, or the topic does not exist).
+    pub async fn read_to_end(&mut self) -> bool {
         let (consumer, topic) = (Arc::clone(&self.consumer), self.topic.clone());
         let records = tokio::task::spawn_blocking(move || read_until_end(&consumer, &topic))
             .await
-            .unwrap_or_default();
+            .ok()
+            .flatten();
+        let Some(records) = records else {
+            return false;
+        };
         for (id, rel) in records {
             if !self.schemas.contains_key(&id) {
                 self.order.push(id.clone());
@@ -90,6 +95,7 @@ impl SchemaRegistry {
             self.missing.remove(&id);
             self.schemas.insert(id, Arc::new(rel));
         }
+        true
     }
 
     /// The schema `id`, reading on for up to `wait` if it is not known yet (once per id: an id
@@ -98,9 +104,16 @@ impl SchemaRegistry {
         if let Some(s) = self.schemas.get(id) {
             return Some(Arc::clone(s));
         }
-        let deadline = Instant::now() + wait;
+        let mut deadline = Instant::now() + wait;
         loop {
-            self.read_to_end().await;
+            if !self.read_to_end().await {
+                // Not "absent" while Kafka cannot be asked: the sink cannot go on without it
+                // anyway, and a valid row must not go to the dead-letter topic over a blip.
+                tracing::warn!(topic = %self.topic, schema_id = id, "the schemas topic cannot be read; retrying");
+                deadline = Instant::now() + wait;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
             if let Some(s) = self.schemas.get(id) {
                 return Some(Arc::clone(s));
             }
@@ -115,10 +128,18 @@ impl SchemaRegistry {
 
 /// The records from the consumer's position to the partition's current end. A missing topic has
 /// none (the stream of an earlier release writes no schemas).
-fn read_until_end(consumer: &BaseConsumer, topic: &str) -> Vec<(String, RelationSchema)> {
+fn read_until_end(consumer: &BaseConsumer, topic: &str) -> Option<Vec<(String, RelationSchema)>> {
     let mut out = Vec::new();
-    let Ok((_, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)) else {
-        return out;
+    let high = match consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)) {
+        Ok((_, high)) => high,
+        // A missing topic holds no records (the stream of an earlier release writes none).
+        Err(e)
+            if e.rdkafka_error_code()
+                == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) =>
+        {
+            return Some(out)
+        }
+        Err(_) => return None,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut idle = 0;
@@ -156,5 +177,5 @@ fn read_until_end(consumer: &BaseConsumer, topic: &str) -> Vec<(String, Relation
             None => idle += 1,
         }
     }
-    out
+    Some(out)
 }

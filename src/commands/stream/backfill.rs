@@ -140,11 +140,7 @@ impl BackfillRun {
     }
 
     /// A chunk was read: its rows if they may go out now.
-    pub fn on_chunk(
-        &mut self,
-        chunk: Chunk,
-        release: oneshot::Sender<()>,
-    ) -> Option<Released> {
+    pub fn on_chunk(&mut self, chunk: Chunk, release: oneshot::Sender<()>) -> Option<Released> {
         if let Some(p) = self.progress.as_mut() {
             p.add((chunk.rows.len() + chunk.dead.len()) as u64);
         }
@@ -156,11 +152,7 @@ impl BackfillRun {
 
     /// The stream reached a watermark: the chunk's rows (and the watermark's position) if it was
     /// this run's chunk's.
-    pub fn on_watermark(
-        &mut self,
-        tag: &str,
-        lsn: Lsn,
-    ) -> Option<Released> {
+    pub fn on_watermark(&mut self, tag: &str, lsn: Lsn) -> Option<Released> {
         let table = self.table?;
         let (rows, lsn) = self.window.on_watermark(tag, lsn)?;
         Some(self.released(table, rows, lsn))

@@ -202,6 +202,14 @@ pub fn plan(
         .iter()
         .map(|c| c.name.as_str())
         .collect();
+    if let Some(c) = rel.columns.iter().find(|c| is_meta(&c.name)) {
+        return Err(refuse(
+            &c.name,
+            "the sink's own column",
+            &c.type_name,
+            "a column of this name is the sink's bookkeeping (_op, _lsn, _version, _deleted, _ingested_at); rename it in PostgreSQL",
+        ));
+    }
     if key_names.is_empty() {
         return Err(refuse(
             "(none)",

@@ -83,7 +83,8 @@ impl GenericTables {
         history: &[Arc<RelationSchema>],
     ) -> Result<ApplyOutcome, SinkError> {
         let w = &self.writer;
-        let names = TableNames::new(&w.database, &rel.table);
+        let table = clickhouse_table_name(rel);
+        let names = TableNames::new(&w.database, &table);
         let mut existing = w.columns(&names).await?;
         let created = existing.is_empty();
         if created {
@@ -106,11 +107,11 @@ impl GenericTables {
             w.execute(&change.sql(&names), "changing a table's columns")
                 .await?;
         }
-        if !self.watermarks.contains_key(&rel.table) {
+        if !self.watermarks.contains_key(&table) {
             w.execute(&create_truncates_sql(&names), "creating a truncates table")
                 .await?;
             let mark = w.truncate_watermark(&names).await?;
-            self.watermarks.insert(rel.table.clone(), mark);
+            self.watermarks.insert(table.clone(), mark);
         }
         if !p.changes.is_empty() || created || !w.has_view(&names).await? {
             let cols: Vec<String> = w
@@ -127,6 +128,14 @@ impl GenericTables {
                 "creating the current-rows view",
             )
             .await?;
+        }
+        if !p.changes.is_empty() {
+            // The table changed (a renamed column above all): what the table's other schemas
+            // were applied as may no longer hold; each is planned again before its next row.
+            self.applied.retain(|_, a| match a {
+                Applied::Ready(s) => s.names.table != names.table,
+                Applied::Refused(_) => true,
+            });
         }
         self.applied
             .insert(id.to_string(), Applied::Ready(p.state.clone()));
@@ -404,4 +413,14 @@ fn unescape_tsv(s: &str) -> String {
         }
     }
     out
+}
+
+/// The ClickHouse table of a source table: its name for a table in `public`, `<schema>_<table>`
+/// for any other, so that `app.orders` and `archive.orders` do not share one.
+pub fn clickhouse_table_name(rel: &RelationSchema) -> String {
+    if rel.schema == "public" {
+        rel.table.clone()
+    } else {
+        format!("{}_{}", rel.schema, rel.table)
+    }
 }

@@ -125,7 +125,9 @@ impl PublishOps {
 }
 
 /// Output settings of the ordinary SQL sessions, appended to the user's `options`.
-const SQL_SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3";
+/// IntervalStyle as the replication session has it: a backfilled interval reads as a streamed one.
+const SQL_SESSION_OPTIONS: &str =
+    "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres";
 
 /// Everything the PostgreSQL side needs to know.
 #[derive(Clone)]
@@ -443,13 +445,13 @@ mod tests {
             cfg("postgres://u@h/db?options=-c%20search_path%3Dapp%20-c%20TimeZone%3DAsia/Tokyo");
         assert_eq!(
             c.pg.get_options(),
-            Some("-c search_path=app -c TimeZone=Asia/Tokyo -c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3")
+            Some("-c search_path=app -c TimeZone=Asia/Tokyo -c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres")
         );
         let c = cfg("host=h user=u options='-c statement_timeout=5s'");
         assert_eq!(
             c.pg.get_options(),
             Some(
-                "-c statement_timeout=5s -c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
+                "-c statement_timeout=5s -c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres"
             )
         );
         assert_eq!(
