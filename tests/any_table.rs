@@ -446,28 +446,8 @@ async fn a_table_added_to_the_list_later_is_backfilled_then_streamed_and_the_oth
     // Adding a table to the publication is its owner's to do (the relay role gets the statement).
     a.exec(&format!("ALTER PUBLICATION {{t}} ADD TABLE {}", b.name))
         .await;
-    let (route_a, route_b) = (
-        format!("public.{0}={0}", a.name),
-        format!("public.{0}={0}", b.name),
-    );
-    let args = [
-        "stream",
-        "--table",
-        &a.name,
-        "--table",
-        &b.name,
-        "--slot",
-        &a.name,
-        "--publication",
-        &a.name,
-        "--route",
-        &route_a,
-        "--route",
-        &route_b,
-        ops[0],
-        ops[1],
-    ];
-    let second = Relay::start(&a.name, &args, &[]);
+    let args = tables_stream_args(&a.name, &[&a.name, &b.name], &ops);
+    let second = start_relay(&a.name, &args);
     wait_slot_streaming(&a.pg, &a.name, Duration::from_secs(30)).await;
     a.exec("INSERT INTO {t} SELECT g, 'a' FROM generate_series(101, 120) g")
         .await;
@@ -598,32 +578,18 @@ async fn the_initial_snapshot_reads_a_whole_table_once_merged_with_its_concurren
         "GRANT SELECT ON {never} TO cdc_relay; ALTER PUBLICATION {{t}} ADD TABLE {never}"
     ))
     .await;
-    let (route_t, route_n) = (
-        format!("public.{0}={0}", t.name),
-        format!("public.{0}={0}", never),
-    );
-    let again = Relay::start(
+    let again = start_relay(
         &t.name,
-        &[
-            "stream",
-            "--table",
+        &tables_stream_args(
             &t.name,
-            "--table",
-            &never,
-            "--slot",
-            &t.name,
-            "--publication",
-            &t.name,
-            "--route",
-            &route_t,
-            "--route",
-            &route_n,
-            "--ops",
-            "insert,update,delete,truncate",
-            "--snapshot",
-            "never",
-        ],
-        &[],
+            &[&t.name, &never],
+            &[
+                "--ops",
+                "insert,update,delete,truncate",
+                "--snapshot",
+                "never",
+            ],
+        ),
     );
     wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
     t.exec(&format!("INSERT INTO {never} VALUES (2)")).await;
@@ -664,30 +630,13 @@ async fn one_truncate_of_two_relayed_tables_truncates_both() {
         "GRANT SELECT ON {b} TO cdc_relay; ALTER PUBLICATION {{t}} ADD TABLE {b}"
     ))
     .await;
-    let routes = [
-        format!("public.{0}={0}", a.name),
-        format!("public.{0}={0}", b),
-    ];
-    let relay = Relay::start(
+    let relay = start_relay(
         &a.name,
-        &[
-            "stream",
-            "--table",
+        &tables_stream_args(
             &a.name,
-            "--table",
-            &b,
-            "--slot",
-            &a.name,
-            "--publication",
-            &a.name,
-            "--route",
-            &routes[0],
-            "--route",
-            &routes[1],
-            "--ops",
-            "insert,update,delete,truncate",
-        ],
-        &[],
+            &[&a.name, &b],
+            &["--ops", "insert,update,delete,truncate"],
+        ),
     );
     wait_slot_streaming(&a.pg, &a.name, Duration::from_secs(30)).await;
     a.exec(&format!(
@@ -696,10 +645,12 @@ async fn one_truncate_of_two_relayed_tables_truncates_both() {
     .await;
     for topic in [&a.name, &b] {
         let msgs = read_topic(topic, 2, Duration::from_secs(30), Duration::from_secs(1));
-        let ops: Vec<&str> = msgs
+        // Maybe on two partitions (a truncate has no key): compared as a set.
+        let mut ops: Vec<&str> = msgs
             .iter()
             .map(|m| m.value["op"].as_str().unwrap())
             .collect();
+        ops.sort_unstable();
         assert_eq!(ops, vec!["insert", "truncate"], "{topic}");
     }
     assert_eq!(relay.stop(), 0);

@@ -294,29 +294,7 @@ async fn every_type_round_trips_postgres_to_clickhouse_backfilled_snapshotted_an
     pg.batch_execute(&format!("{}; {}", insert(&ledger, 1), insert(&plain, 1)))
         .await
         .unwrap();
-    let routes = [
-        format!("public.{ledger}={ledger}"),
-        format!("public.{plain}={plain}"),
-    ];
-    let stream = Relay::start(
-        &name,
-        &[
-            "stream",
-            "--table",
-            &ledger,
-            "--table",
-            &plain,
-            "--slot",
-            &name,
-            "--publication",
-            &name,
-            "--route",
-            &routes[0],
-            "--route",
-            &routes[1],
-        ],
-        &[],
-    );
+    let stream = start_relay(&name, &tables_stream_args(&name, &[&ledger, &plain], &[]));
     wait_slot_streaming(&pg, &name, Duration::from_secs(30)).await;
     // Row 2 is streamed.
     pg.batch_execute(&format!("{}; {}", insert(&ledger, 2), insert(&plain, 2)))

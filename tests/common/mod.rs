@@ -205,6 +205,26 @@ pub fn stream_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// `stream` of several tables through slot and publication `slot`, each table (in `public`) to a
+/// topic of its own name, then `extra`.
+pub fn tables_stream_args(slot: &str, tables: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["stream", "--slot", slot, "--publication", slot]
+        .map(String::from)
+        .to_vec();
+    for t in tables {
+        args.extend(["--table".into(), t.to_string()]);
+        args.extend(["--route".into(), format!("public.{t}={t}")]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// [`Relay::start`] with owned arguments.
+pub fn start_relay(log_name: &str, args: &[String]) -> Relay {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Relay::start(log_name, &args, &[])
+}
+
 pub fn relay(args: &[&str], extra_env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc-relay"));
     cmd.args(args);
