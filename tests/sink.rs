@@ -648,14 +648,18 @@ async fn status_reports_every_stage_and_fails_when_the_stream_is_down() {
         "--dlq-topic",
         &dlq,
     ];
-    // The sink commits right after its insert; give the commit a moment to be visible.
+    // The sink commits right after its insert and the stream's ledger records after Kafka's
+    // acknowledgement, each on its own clock: wait until both caught up, then read the report.
     let status = eventually(
-        "a healthy status with zero lag",
+        "a healthy status with zero lag and the ledger caught up",
         Duration::from_secs(30),
         || async {
             let out = relay(&args, &[]).output().unwrap();
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            (out.status.code() == Some(0) && v["kafka"]["total_lag"] == 0).then_some(v)
+            (out.status.code() == Some(0)
+                && v["kafka"]["total_lag"] == 0
+                && v["postgres"]["unsent_rows"] == 0)
+                .then_some(v)
         },
     )
     .await;
