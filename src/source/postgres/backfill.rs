@@ -487,7 +487,7 @@ impl ChunkWindow {
         }
         dead.retain(|d| {
             d.row_key()
-                .is_none_or(|k| self.noted.get(&k.kafka_key()).is_none())
+                .is_none_or(|k| !self.noted.contains_key(&k.kafka_key()))
         });
         self.dead = dead;
         // The message's position is the end of its record: every commit before it is at least a
