@@ -241,7 +241,7 @@ impl RelationShape {
         for &i in &self.key {
             let col = self.column(i).ok_or_else(|| self.null_key())?;
             let text = match values.get(i) {
-                Some(v @ Value::Text(_)) => v.as_text().ok_or_else(|| not_utf8(&col.name))?,
+                Some(v @ Value::Text(_)) => v.as_text().ok_or_else(|| self.not_utf8(&col.name))?,
                 _ => return Err(self.null_key()),
             };
             if self.int_key {
@@ -259,6 +259,13 @@ impl RelationShape {
         Ok(RowKey::Json(serde_json::Value::Object(
             parts.into_iter().collect(),
         )))
+    }
+
+    fn not_utf8(&self, column: &str) -> SourceError {
+        SourceError::Schema {
+            table: self.schema.qualified_name(),
+            reason: format!("column {column}: text value is not UTF-8"),
+        }
     }
 
     fn null_key(&self) -> SourceError {
@@ -313,7 +320,7 @@ impl RelationShape {
                     serde_json::Value::Null
                 }
                 Value::Text(_) => {
-                    let text = v.as_text().ok_or_else(|| not_utf8(&col.name))?;
+                    let text = v.as_text().ok_or_else(|| self.not_utf8(&col.name))?;
                     if let Some(f) = seed_field {
                         seed_text[f] = Some(text);
                         continue;
@@ -387,13 +394,6 @@ fn seed_row(text: [Option<&str>; 3], extra: Columns) -> Result<SeedRow, SourceEr
         event_time,
         extra,
     })
-}
-
-fn not_utf8(column: &str) -> SourceError {
-    SourceError::Schema {
-        table: String::new(),
-        reason: format!("column {column}: text value is not UTF-8"),
-    }
 }
 
 fn type_error(col: &ColumnSchema, text: &str, reason: String) -> crate::types::TypeError {
