@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 
 use cdc_relay::event::ChangeEvent;
 use cdc_relay::sink::clickhouse::schema::{self, ServerVersion};
-use cdc_relay::sink::clickhouse::{ClickHouseConfig, ClickHouseWriter, SinkError, UserLoginRow};
+use cdc_relay::sink::clickhouse::{
+    ClickHouseConfig, ClickHouseWriter, SeedRow, SinkError, UserLoginRow,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -220,7 +222,8 @@ impl Steps {
 
     /// The URL parameters and the RowBinary bytes of the writer's insert of `rows`.
     async fn insert_bytes(&self, rows: &[UserLoginRow]) -> (BTreeMap<String, String>, Vec<u8>) {
-        self.writer.insert(rows).await.unwrap();
+        let rows: Vec<SeedRow> = rows.iter().cloned().map(SeedRow::plain).collect();
+        self.writer.insert(&rows).await.unwrap();
         let request = self.one_request();
         let names: Vec<&str> = request.params.keys().map(String::as_str).collect();
         assert_eq!(names, ["database", "decompress", "query"]);
@@ -465,7 +468,7 @@ async fn current_clickhouse_runs_what_the_sink_sends() {
         })
     ));
     s.sent(json!({"expect_rows_hex": [hex(&16u64.to_le_bytes())]}));
-    let below = s.writer.rows_below(&[2, 3, 9], 31).await.unwrap();
+    let below = s.writer.rows_below(&[2, 3, 9], &[], 31).await.unwrap();
     assert!(below.is_empty(), "the capture answers no rows");
     let read = s.one_request();
     // The rows as the sink encodes them, one insert each: the read must answer the same bytes.

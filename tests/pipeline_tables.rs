@@ -467,3 +467,173 @@ async fn schema_changes_under_a_steady_load_land_every_row_with_its_columns_with
 fn json_str(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
 }
+
+/// Columns a user adds to the seed's table reach its ClickHouse table (which keeps the seed's
+/// layout): older rows read PostgreSQL's default, new rows their values, an explicit NULL stays
+/// NULL, an update that leaves a TOASTed added value out keeps it. A generic table's NULL in a
+/// column added with a default stays NULL too (a left-out value would take the default).
+#[tokio::test(flavor = "multi_thread")]
+async fn columns_added_to_the_seed_table_reach_clickhouse_and_nulls_stay_null() {
+    let seed = Table::new("ptseedadd").await;
+    let generic = AnyTable::new(
+        "ptnull",
+        "CREATE TABLE {t} (id integer PRIMARY KEY, a integer)",
+    )
+    .await;
+    seed.exec(
+        "ALTER PUBLICATION {t} SET (publish = 'insert, update, delete, truncate'); \
+         INSERT INTO {t} (username, event_type, event_time) \
+           SELECT 'before' || g, 'login', '2024-01-01'::timestamp + g * interval '1 s' \
+           FROM generate_series(1, 3) g",
+    )
+    .await;
+    seed.exec(&format!(
+        "ALTER PUBLICATION {{t}} ADD TABLE {}",
+        generic.name
+    ))
+    .await;
+    let args = tables_stream_args(
+        &seed.name,
+        &[&seed.name, &generic.name],
+        &["--ops", "insert,update,delete,truncate"],
+    );
+    let stream = start_relay(&seed.name, &args);
+    wait_slot_streaming(&seed.pg, &seed.name, Duration::from_secs(30)).await;
+    let dlq = format!("{}.sink-dlq", seed.name);
+    let sink = Relay::start(
+        &format!("{}_sink", seed.name),
+        &[
+            "sink",
+            "--group",
+            &seed.name,
+            "--clickhouse-table",
+            &seed.name,
+            "--dlq-topic",
+            &dlq,
+            "--topic",
+            &seed.name,
+            "--topic",
+            &generic.name,
+        ],
+        &[],
+    );
+    seed.exec(
+        "INSERT INTO {t} (username, event_type, event_time) \
+           SELECT 'plain' || g, 'login', now() FROM generate_series(1, 20) g",
+    )
+    .await;
+    generic.exec("INSERT INTO {t} VALUES (1, 1)").await;
+    // Once the first rows are in ClickHouse, the columns are added while rows flow.
+    eventually(
+        "the plain rows in ClickHouse",
+        Duration::from_secs(60),
+        || async {
+            let rows = clickhouse_current(&format!("default.{}", seed.name), "id", "id").await;
+            (rows.len() == 23).then_some(())
+        },
+    )
+    .await;
+    seed.exec(
+        "ALTER TABLE {t} ADD COLUMN country text DEFAULT 'NL'; \
+         ALTER TABLE {t} ADD COLUMN note text; \
+         ALTER TABLE {t} ALTER COLUMN note SET STORAGE EXTERNAL; \
+         ALTER TABLE {t} ADD COLUMN score integer; \
+         INSERT INTO {t} (username, event_type, event_time, country, note, score) VALUES \
+           ('de', 'login', now(), 'DE', repeat('n', 5000), 7), \
+           ('nulls', 'login', now(), NULL, NULL, NULL); \
+         UPDATE {t} SET event_type = 'logout' WHERE username = 'de'; \
+         UPDATE {t} SET score = 1 WHERE username = 'before1'; \
+         DELETE FROM {t} WHERE username = 'plain3'; \
+         UPDATE {t} SET id = 1000 WHERE username = 'plain4'",
+    )
+    .await;
+    generic
+        .exec(
+            "ALTER TABLE {t} ADD COLUMN c text DEFAULT 'x'; \
+             INSERT INTO {t} (id, a, c) VALUES (2, 2, NULL); \
+             INSERT INTO {t} (id, a) VALUES (3, 3)",
+        )
+        .await;
+
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
+    let checks = [
+        (
+            format!(
+                "SELECT id::text, username, event_type, country, score::text, length(note)::text FROM {}",
+                seed.name
+            ),
+            format!(
+                "SELECT toString(id), username, event_type, country, toString(score), toString(length(note)) FROM default.{}_current",
+                seed.name
+            ),
+        ),
+        (
+            format!("SELECT id::text, a::text, c FROM {}", generic.name),
+            format!(
+                "SELECT toString(id), toString(a), c FROM default.{}_current",
+                generic.name
+            ),
+        ),
+    ];
+    for (pg_sql, ch_sql) in checks {
+        let want = pg_rows(&seed.pg, &pg_sql).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let got = loop {
+            let got = ch_rows(&ch, &ch_sql).await.unwrap_or_default();
+            if got == want {
+                break got;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ClickHouse ({ch_sql}) has\n{got:?}\nPostgreSQL has\n{want:?}\nsink log: {}",
+                sink.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        assert_eq!(got.len(), want.len());
+    }
+    // Spot checks of what the comparison covers, so a test that compared nothing cannot pass.
+    let row = |sql: String| {
+        let ch = ch.clone();
+        async move { ch_rows(&ch, &sql).await.unwrap_or_default() }
+    };
+    assert_eq!(
+        row(format!(
+            "SELECT country, toString(length(note)), event_type FROM default.{}_current WHERE username = 'de'",
+            seed.name
+        ))
+        .await,
+        vec![vec![Some("DE".into()), Some("5000".into()), Some("logout".into())]],
+        "the update that left the TOASTed note out kept it"
+    );
+    assert_eq!(
+        row(format!(
+            "SELECT country, toString(score) FROM default.{}_current WHERE username IN ('before2', 'nulls')",
+            seed.name
+        ))
+        .await,
+        // Sorted: `nulls` (NULL, NULL) first, then `before2` ('NL', NULL).
+        vec![vec![None, None], vec![Some("NL".into()), None]],
+        "an older row reads PostgreSQL's default; an explicit NULL stays NULL"
+    );
+    assert_eq!(
+        row(format!(
+            "SELECT toString(id), c FROM default.{}_current ORDER BY id",
+            generic.name
+        ))
+        .await,
+        vec![
+            vec![Some("1".into()), Some("x".into())],
+            vec![Some("2".into()), None],
+            vec![Some("3".into()), Some("x".into())],
+        ]
+    );
+    seed.wait_all_sent(Duration::from_secs(30)).await;
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    let _ = seed
+        .pg
+        .batch_execute(&format!("DROP TABLE IF EXISTS {}", generic.name))
+        .await;
+    seed.drop().await;
+}

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::event::{ChangeEvent, Op, Row};
+use crate::event::{ChangeEvent, Columns, Op, Row};
 use crate::kafka::consumer::Consumed;
 use crate::sink::clickhouse::batch::Unfilled;
 use crate::sink::clickhouse::table::{GenericRow, TableState};
-use crate::sink::clickhouse::UserLoginRow;
+use crate::sink::clickhouse::{SeedRow, UserLoginRow};
 
 /// The rows of one generic table in a batch.
 pub(super) struct TableBatch {
@@ -21,7 +21,7 @@ pub(super) struct TableBatch {
 }
 
 pub(super) struct Batch {
-    pub rows: Vec<UserLoginRow>,
+    pub rows: Vec<SeedRow>,
     /// Rows whose update left TOASTed columns out (index into `rows`, the columns).
     pub unchanged: Vec<Unfilled>,
     /// Generic tables' rows, by ClickHouse table.
@@ -62,6 +62,18 @@ impl Batch {
         self.rows.len() + self.generic_rows
     }
 
+    /// A seed row; `unchanged`: its columns to fill from an earlier state (ClickHouse names).
+    pub fn push_seed(&mut self, row: SeedRow, unchanged: Vec<String>, moved_from: Option<i64>) {
+        if !unchanged.is_empty() {
+            self.unchanged.push(Unfilled {
+                idx: self.rows.len(),
+                cols: unchanged,
+                from: moved_from.unwrap_or(row.row.id),
+            });
+        }
+        self.rows.push(row);
+    }
+
     pub fn push_generic(
         &mut self,
         state: &Arc<TableState>,
@@ -92,19 +104,33 @@ impl Batch {
 
 /// What one message means to the sink.
 pub(super) enum Parsed {
-    /// A seed row to store, the columns the change left out (unchanged TOAST values), and the id
-    /// a key update moved the row from.
-    Row(UserLoginRow, Vec<String>, Option<i64>),
+    /// A seed row to store.
+    Row(SeedMessage),
     /// Hide every row of the seed's table stored before this version.
     Truncate { version: u64 },
     /// A change in the columns form (a row or a truncate): its table is in the schema it names.
     Columns(Box<ChangeEvent>),
 }
 
+/// A seed row as read from its message.
+pub(super) struct SeedMessage {
+    pub row: UserLoginRow,
+    /// Columns the change left out (unchanged TOAST values), by PostgreSQL name.
+    pub unchanged: Vec<String>,
+    /// The id a key update moved the row from.
+    pub moved_from: Option<i64>,
+    /// Columns a user added to the seed's table (their types are in the schema the message names).
+    pub added: Columns,
+}
+
 impl Parsed {
     /// Whether the message's fate is decided after parsing (so its payload is kept).
     pub fn decided_later(&self) -> bool {
-        matches!(self, Parsed::Columns(_))
+        match self {
+            Parsed::Columns(_) => true,
+            Parsed::Row(m) => !m.added.is_empty(),
+            Parsed::Truncate { .. } => false,
+        }
     }
 }
 
@@ -113,9 +139,10 @@ impl Parsed {
 pub(super) fn parse(payload: &[u8], unsigned_id: bool) -> Result<Parsed, String> {
     let (mut event, micros) =
         ChangeEvent::from_json_with_time(payload).map_err(|e| e.to_string())?;
-    if let Row::Columns(_) = event.row {
-        return Ok(Parsed::Columns(Box::new(event)));
-    }
+    let added = match &mut event.row {
+        Row::Columns(_) => return Ok(Parsed::Columns(Box::new(event))),
+        Row::Seed(seed) => std::mem::take(&mut seed.extra),
+    };
     if event.op == Op::Truncate {
         return Ok(Parsed::Truncate {
             version: event.version,
@@ -128,5 +155,10 @@ pub(super) fn parse(payload: &[u8], unsigned_id: bool) -> Result<Parsed, String>
         .and_then(crate::event::RowKey::as_int);
     let row = UserLoginRow::from_parts(event, micros).map_err(|e| e.to_string())?;
     row.check_storable(unsigned_id).map_err(|e| e.to_string())?;
-    Ok(Parsed::Row(row, unchanged, moved_from))
+    Ok(Parsed::Row(SeedMessage {
+        row,
+        unchanged,
+        moved_from,
+        added,
+    }))
 }

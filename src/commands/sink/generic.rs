@@ -1,16 +1,20 @@
 //! The sink's handling of messages in the columns form: the schema they name, its table brought to
 //! that schema before any of its rows is written, and the batch's rows completed before the insert.
 
+use std::sync::Arc;
+
 use crate::backoff::Backoff;
 use crate::event::{schemas_topic, ChangeEvent, Op, SCHEMA_HEADER};
 use crate::kafka::consumer::{Consumed, SchemaHeader};
 use crate::sink::clickhouse::batch::{
     fill_from_batch, fill_from_stored, keep_last_of_equal_versions,
 };
+use crate::sink::clickhouse::seed_columns::SeedApplied;
 use crate::sink::clickhouse::tables::Applied;
-use crate::sink::clickhouse::SinkError;
+use crate::sink::clickhouse::{SeedRow, SinkError};
+use crate::types::RelationSchema;
 
-use super::batch::Batch;
+use super::batch::{Batch, SeedMessage};
 use super::SinkCommand;
 
 /// Why a columns message did not become a row.
@@ -44,29 +48,9 @@ impl SinkCommand {
         event: ChangeEvent,
         batch: &mut Batch,
     ) -> Outcome {
-        let topic = self.consumer.topics()[msg.topic_index].clone();
-        let id = match msg.schema {
-            SchemaHeader::Id(_) => msg.schema.id().unwrap_or_default().to_string(),
-            SchemaHeader::Absent => {
-                return Outcome::Reject(format!(
-                    "a message in the columns form without the {SCHEMA_HEADER} header: the sink cannot tell its table (was it written by a stream that publishes schemas to {}?)",
-                    schemas_topic(&topic)
-                ))
-            }
-            SchemaHeader::Malformed => {
-                return Outcome::Reject(format!(
-                    "the {SCHEMA_HEADER} header is not a schema id (16 hex digits)"
-                ))
-            }
-        };
-        let wait = self.args.schema_wait;
-        let registry = &mut self.registries[msg.topic_index];
-        let Some(rel) = registry.find(&id, wait).await else {
-            return Outcome::Reject(format!(
-                "schema {id} (the message's {SCHEMA_HEADER} header) is not in {} after waiting {}s. The stream writes every schema there before the first message naming it, so the record is gone: check that the topic exists, was not deleted or recreated, and is compacted (cleanup.policy=compact), never deleted by retention",
-                registry.topic(),
-                wait.as_secs()
-            ));
+        let (id, rel) = match self.schema_of(msg).await {
+            Ok(found) => found,
+            Err(reason) => return Outcome::Reject(reason),
         };
         if self.tables.applied(&id).is_none() {
             // The change may rename a column earlier rows are written under: store them first.
@@ -122,6 +106,103 @@ impl SinkCommand {
         match state.row(event) {
             Ok(p) => {
                 batch.push_generic(&state, p.row, p.unchanged, p.fill_from);
+                Outcome::Stored
+            }
+            Err(e) => Outcome::Reject(e.to_string()),
+        }
+    }
+
+    /// The schema a message names in its header, read from its topic's schemas topic; `Err` is
+    /// why the message goes to the dead-letter topic.
+    async fn schema_of(&mut self, msg: &Consumed) -> Result<(String, Arc<RelationSchema>), String> {
+        let topic = self.consumer.topics()[msg.topic_index].clone();
+        let id = match msg.schema {
+            SchemaHeader::Id(_) => msg.schema.id().unwrap_or_default().to_string(),
+            SchemaHeader::Absent => {
+                return Err(format!(
+                    "a message with columns but without the {SCHEMA_HEADER} header: the sink cannot tell their types (was it written by a stream that publishes schemas to {}?)",
+                    schemas_topic(&topic)
+                ))
+            }
+            SchemaHeader::Malformed => {
+                return Err(format!(
+                    "the {SCHEMA_HEADER} header is not a schema id (16 hex digits)"
+                ))
+            }
+        };
+        let wait = self.args.schema_wait;
+        let registry = &mut self.registries[msg.topic_index];
+        match registry.find(&id, wait).await {
+            Some(rel) => Ok((id, rel)),
+            None => Err(format!(
+                "schema {id} (the message's {SCHEMA_HEADER} header) is not in {} after waiting {}s. The stream writes every schema there before the first message naming it, so the record is gone: check that the topic exists, was not deleted or recreated, and is compacted (cleanup.policy=compact), never deleted by retention",
+                registry.topic(),
+                wait.as_secs()
+            )),
+        }
+    }
+
+    /// A seed row, with the columns a user added to the seed's table. `false` if shutdown
+    /// interrupted it (the message is then not marked handled).
+    pub(super) async fn seed_message(
+        &mut self,
+        msg: &Consumed,
+        m: SeedMessage,
+        batch: &mut Batch,
+    ) -> bool {
+        match self.seed_outcome(msg, m, batch).await {
+            Outcome::Stored => true,
+            Outcome::Interrupted => false,
+            Outcome::Reject(reason) => self.dead_letter(msg, &reason).await,
+        }
+    }
+
+    async fn seed_outcome(&mut self, msg: &Consumed, m: SeedMessage, batch: &mut Batch) -> Outcome {
+        if m.added.is_empty() {
+            batch.push_seed(SeedRow::plain(m.row), m.unchanged, m.moved_from);
+            return Outcome::Stored;
+        }
+        let (id, rel) = match self.schema_of(msg).await {
+            Ok(found) => found,
+            Err(reason) => return Outcome::Reject(reason),
+        };
+        if self.seed_table.applied(&id).is_none() {
+            // A rename moves where later rows are written: store the earlier ones first.
+            if !self.flush(batch).await || !self.finish_insert().await {
+                return Outcome::Interrupted;
+            }
+            let history = self.registries[msg.topic_index].history(&rel);
+            let mut backoff = Backoff::new();
+            let outcome = loop {
+                match self.seed_table.apply(&id, &rel, &history).await {
+                    Ok(o) => break o,
+                    Err(e) => {
+                        if !self
+                            .pause_after(
+                                &e,
+                                "applying the seed table's added columns",
+                                &mut backoff,
+                            )
+                            .await
+                        {
+                            return Outcome::Interrupted;
+                        }
+                    }
+                }
+            };
+            self.metrics.schema_changes.add(outcome.changes as u64);
+            if outcome.refused {
+                self.metrics.schema_changes_refused.inc();
+            }
+        }
+        let added = match self.seed_table.applied(&id) {
+            Some(SeedApplied::Ready(a)) => a.clone(),
+            Some(SeedApplied::Refused(r)) => return Outcome::Reject(r.to_string()),
+            None => return Outcome::Interrupted,
+        };
+        match added.cells(&m.added, &m.unchanged) {
+            Ok((extra, unchanged)) => {
+                batch.push_seed(SeedRow { row: m.row, extra }, unchanged, m.moved_from);
                 Outcome::Stored
             }
             Err(e) => Outcome::Reject(e.to_string()),

@@ -24,8 +24,9 @@ use crate::kafka::schemas::SchemaRegistry;
 use crate::kafka::topic::ensure_topic;
 use crate::metrics::{Counter, Registry};
 use crate::sink::clickhouse::batch::{
-    fill_from_batch, fill_from_stored, keep_last_of_equal_versions, Unfilled,
+    fill_from_batch, fill_from_stored, keep_last_of_equal_versions,
 };
+use crate::sink::clickhouse::seed_columns::{self, SeedTable};
 use crate::sink::clickhouse::table::GenericRow;
 use crate::sink::clickhouse::tables::{GenericTables, GenericWriter};
 use crate::sink::clickhouse::{schema, ClickHouseWriter, SinkError};
@@ -55,6 +56,8 @@ struct SinkCommand {
     tables: GenericTables,
     /// The schemas of each consumed topic, in the consumer's topic order.
     registries: Vec<SchemaRegistry>,
+    /// The columns a user added to the seed's table.
+    seed_table: SeedTable,
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -85,6 +88,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
     tracing::info!(%version, table = %ch.qualified_table(), view = %ch.qualified_view(), truncated_below = watermark, "ClickHouse ready");
 
     let tables = GenericTables::new(&ch, version);
+    let seed_table = SeedTable::new(&ch, version);
 
     let connection =
         super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
@@ -133,6 +137,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
         watermark,
         tables,
         registries,
+        seed_table,
     };
     cmd.run().await
 }
@@ -196,15 +201,10 @@ impl SinkCommand {
         self.metrics.messages.inc();
         self.metrics.bytes.add(msg.len as u64);
         match parsed {
-            Ok(Parsed::Row(row, unchanged, moved_from)) => {
-                if !unchanged.is_empty() {
-                    batch.unchanged.push(Unfilled {
-                        idx: batch.rows.len(),
-                        cols: unchanged,
-                        from: moved_from.unwrap_or(row.id),
-                    });
+            Ok(Parsed::Row(m)) => {
+                if !self.seed_message(&msg, m, batch).await {
+                    return Ok(()); // shutting down: not marked, so read again next time
                 }
-                batch.rows.push(row);
             }
             Ok(Parsed::Truncate { version }) => {
                 // Everything before the truncate must be stored before it applies.
@@ -278,14 +278,22 @@ impl SinkCommand {
                 let mut ids: Vec<i64> = rest.iter().map(|u| u.from).collect();
                 ids.sort_unstable();
                 ids.dedup();
+                let mut added: Vec<String> = rest
+                    .iter()
+                    .flat_map(|u| u.cols.iter())
+                    .filter(|c| seed_columns::is_added(c))
+                    .cloned()
+                    .collect();
+                added.sort_unstable();
+                added.dedup();
                 let below = rest
                     .iter()
-                    .map(|u| batch.rows[u.idx]._version)
+                    .map(|u| batch.rows[u.idx].row._version)
                     .max()
                     .unwrap_or(0);
                 let Some(stored) = self
                     .retry("reading values an update left unchanged", || {
-                        writer.rows_below(&ids, below)
+                        writer.rows_below(&ids, &added, below)
                     })
                     .await
                 else {
@@ -376,7 +384,7 @@ async fn insert_all(
     generic: &GenericWriter,
     metrics: &SinkMetrics,
     shutdown: watch::Receiver<bool>,
-    rows: &[crate::sink::clickhouse::UserLoginRow],
+    rows: &[crate::sink::clickhouse::SeedRow],
     tables: &[(String, Vec<GenericRow>)],
 ) -> Option<()> {
     let record = |started: Instant, n: usize| {

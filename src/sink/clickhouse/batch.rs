@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
-use super::UserLoginRow;
+use super::row::SeedRow;
 
 /// What the batch functions need of a row.
 pub trait VersionedRow {
@@ -19,27 +19,33 @@ pub trait VersionedRow {
     fn copy_columns(&mut self, from: &Self, cols: &[String]);
 }
 
-impl VersionedRow for UserLoginRow {
+impl VersionedRow for SeedRow {
     type Key = i64;
     fn key(&self) -> &i64 {
-        &self.id
+        &self.row.id
     }
     fn version(&self) -> u64 {
-        self._version
+        self.row._version
     }
     fn deleted(&self) -> bool {
-        self._deleted != 0
+        self.row._deleted != 0
     }
     fn copy_columns(&mut self, from: &Self, cols: &[String]) {
         for c in cols {
             match c.as_str() {
-                "username" => self.username = from.username.clone(),
-                "event_type" => self.event_type = from.event_type.clone(),
+                "username" => self.row.username = from.row.username.clone(),
+                "event_type" => self.row.event_type = from.row.event_type.clone(),
                 "event_time" => {
-                    self.event_time = from.event_time;
-                    self.event_time_us = from.event_time_us;
+                    self.row.event_time = from.row.event_time;
+                    self.row.event_time_us = from.row.event_time_us;
                 }
-                _ => {}
+                // A column a user added (its ClickHouse name).
+                added => {
+                    self.extra.retain(|(n, _)| &**n != added);
+                    if let Some(cell) = from.extra.iter().find(|(n, _)| &**n == added) {
+                        self.extra.push(cell.clone());
+                    }
+                }
             }
         }
     }
@@ -148,8 +154,8 @@ mod tests {
     use super::*;
     use crate::sink::clickhouse::UserLoginRow;
 
-    fn row(id: i64, version: u64, user: Option<&str>, event: &str) -> UserLoginRow {
-        UserLoginRow {
+    fn row(id: i64, version: u64, user: Option<&str>, event: &str) -> SeedRow {
+        SeedRow::plain(UserLoginRow {
             id,
             username: user.map(str::to_string),
             event_type: Some(event.into()),
@@ -159,11 +165,11 @@ mod tests {
             _lsn: "0/1".into(),
             _version: version,
             _deleted: 0,
-        }
+        })
     }
 
-    fn users(rows: &[UserLoginRow]) -> Vec<Option<&str>> {
-        rows.iter().map(|r| r.username.as_deref()).collect()
+    fn users(rows: &[SeedRow]) -> Vec<Option<&str>> {
+        rows.iter().map(|r| r.row.username.as_deref()).collect()
     }
 
     #[test]
@@ -183,7 +189,7 @@ mod tests {
             .map(|i| Unfilled {
                 idx: i,
                 cols: username(),
-                from: rows[i].id,
+                from: rows[i].row.id,
             })
             .to_vec();
         let rest = fill_from_batch(&mut rows[..6], unchanged[..3].to_vec(), 0);
@@ -202,7 +208,7 @@ mod tests {
         };
         let rest = fill_from_batch(&mut rows, vec![one], 10);
         assert_eq!(rest.len(), 1, "a row below the watermark is not a source");
-        assert_eq!(rows[1].username, None);
+        assert_eq!(rows[1].row.username, None);
     }
 
     #[test]
@@ -245,7 +251,7 @@ mod tests {
     #[test]
     fn a_moved_row_is_filled_from_the_id_it_moved_from_never_from_a_delete() {
         let mut deleted = row(1, 40, None, "delete");
-        deleted._deleted = 1;
+        deleted.row._deleted = 1;
         // Key update 1 -> 2 in one transaction (version 40): the delete of 1, then 2 with the
         // username left out.
         let mut rows = vec![row(1, 30, Some("big"), "x"), deleted, row(2, 40, None, "y")];
@@ -255,13 +261,30 @@ mod tests {
             from: 1,
         };
         assert!(fill_from_batch(&mut rows, vec![u.clone()], 0).is_empty());
-        assert_eq!(rows[2].username.as_deref(), Some("big"));
+        assert_eq!(rows[2].row.username.as_deref(), Some("big"));
         let (stored, mut rows) = (
             vec![row(1, 30, Some("big"), "x")],
             vec![row(2, 40, None, "y")],
         );
         fill_from_stored(&mut rows, &[Unfilled { idx: 0, ..u }], &stored);
-        assert_eq!(rows[0].username.as_deref(), Some("big"));
+        assert_eq!(rows[0].row.username.as_deref(), Some("big"));
+    }
+
+    #[test]
+    fn an_added_column_is_filled_like_the_seed_columns() {
+        let cell = |v: &str| (std::sync::Arc::from("note"), v.to_string());
+        let mut earlier = row(1, 10, Some("a"), "x");
+        earlier.extra = vec![cell(r#""big""#)];
+        let mut later = row(1, 20, Some("a"), "y");
+        later.extra = vec![cell("null")];
+        let mut rows = vec![earlier, later];
+        let u = Unfilled {
+            idx: 1,
+            cols: vec!["note".to_string()],
+            from: 1,
+        };
+        assert!(fill_from_batch(&mut rows, vec![u], 0).is_empty());
+        assert_eq!(rows[1].extra, vec![cell(r#""big""#)]);
     }
 
     #[test]

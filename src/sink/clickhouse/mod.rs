@@ -7,12 +7,13 @@ pub mod config;
 pub mod evolve;
 pub mod row;
 pub mod schema;
+pub mod seed_columns;
 pub mod table;
 pub mod tables;
 pub mod writer;
 
 pub use config::ClickHouseConfig;
-pub use row::UserLoginRow;
+pub use row::{SeedRow, UserLoginRow};
 pub use schema::ServerVersion;
 pub use writer::ClickHouseWriter;
 

@@ -1,5 +1,7 @@
 //! One change event as a row of the ClickHouse table.
 
+use std::sync::Arc;
+
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +24,27 @@ pub struct UserLoginRow {
     pub _lsn: String,
     pub _version: u64,
     pub _deleted: u8,
+}
+
+/// A seed row in a batch, with the columns a user added to the seed's table (ClickHouse column,
+/// JSON text of the value; `null` for NULL). A column the message did not carry (an older schema,
+/// a delete) is not listed, so the insert leaves it at its default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedRow {
+    pub row: UserLoginRow,
+    pub extra: Cells,
+}
+
+/// ClickHouse column and JSON text of its value, per column.
+pub type Cells = Vec<(Arc<str>, String)>;
+
+impl SeedRow {
+    pub fn plain(row: UserLoginRow) -> Self {
+        SeedRow {
+            row,
+            extra: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -106,10 +106,16 @@ pub fn create_truncates_sql(cfg: &ClickHouseConfig) -> String {
 /// One current, non-deleted row per id, at or above the truncate watermark: FINAL collapses
 /// versions at read time, so the view is exact even before background merges ran.
 pub fn create_view_sql(cfg: &ClickHouseConfig) -> String {
-    let cols: Vec<&str> = COLUMNS
+    create_view_with_sql(cfg, &[])
+}
+
+/// The view with the columns a user added to the seed's table too (after the seed's).
+pub fn create_view_with_sql(cfg: &ClickHouseConfig, added: &[String]) -> String {
+    let cols: Vec<String> = COLUMNS
         .iter()
-        .map(|(n, _)| *n)
-        .filter(|n| *n != "_deleted")
+        .map(|(n, _)| n.to_string())
+        .filter(|n| n != "_deleted")
+        .chain(added.iter().map(|c| quote_ident(c)))
         .collect();
     format!(
         "CREATE VIEW IF NOT EXISTS {} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",

@@ -200,8 +200,9 @@ pub enum GenericRowError {
 pub struct GenericRow {
     /// The key columns' values as canonical JSON text (`[3,"a"]`): what rows are compared by.
     pub key: String,
-    /// ClickHouse column, JSON text of the value. A column without a value is not listed: the
-    /// insert leaves it at its default (NULL, `[]`).
+    /// ClickHouse column, JSON text of the value (`null` for NULL). A column the message does not
+    /// carry (an older schema, an unchanged TOAST value) is not listed: the insert leaves it at
+    /// its default.
     pub cells: Vec<(Arc<str>, String)>,
     pub op: Op,
     pub lsn: String,
@@ -250,9 +251,8 @@ impl TableState {
         let mut cells = Vec::with_capacity(columns.len());
         for (name, value) in &columns {
             let col = self.column(name)?;
-            if value.is_null() && !matches!(col.kind.resolved(), PgType::Array { .. }) {
-                continue;
-            }
+            // A NULL is written as `null`, not left out: a column left out takes its DEFAULT,
+            // which for a column added with a default is PostgreSQL's value for older rows.
             if value.is_null() && event.unchanged.iter().any(|u| u == name) {
                 continue;
             }

@@ -97,6 +97,21 @@ fn rows_carry_clickhouse_values_and_a_canonical_key() {
             ("at", "1704067200000000")
         ]
     );
+    let with_null = s
+        .row(event_text(
+            r#"{"op":"insert","lsn":"0/3","version":10,"columns":{"tenant":3,"id":"n","price":null,"tags":null}}"#,
+        ))
+        .unwrap();
+    assert_eq!(
+        with_null
+            .row
+            .cells
+            .iter()
+            .map(|(n, t)| (&**n, t.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("tenant", "3"), ("id", r#""n""#), ("price", "null"), ("tags", "[]")],
+        "a NULL is written, so that a column's DEFAULT (an added column's value for older rows) does not replace it"
+    );
     let (names, body) = insert_body(std::slice::from_ref(&p.row));
     assert_eq!(names.len(), 9);
     assert_eq!(

@@ -185,7 +185,7 @@ impl GenericWriter {
         }
     }
 
-    async fn execute(&self, sql: &str, context: &str) -> Result<(), SinkError> {
+    pub(super) async fn execute(&self, sql: &str, context: &str) -> Result<(), SinkError> {
         // Raw: names and values in the SQL may hold `?`, which bound queries would take as a
         // placeholder.
         self.client
@@ -220,6 +220,16 @@ impl GenericWriter {
             .filter_map(|l| l.split_once('\t'))
             .map(|(n, t)| (unescape_tsv(n), unescape_tsv(t)))
             .collect())
+    }
+
+    /// A view's DDL (empty when there is none).
+    pub(super) async fn view_ddl(&self, database: &str, view: &str) -> Result<String, SinkError> {
+        let sql = format!(
+            "SELECT create_table_query FROM system.tables WHERE database = {} AND name = {} FORMAT TSVRaw",
+            quote_string(database),
+            quote_string(view)
+        );
+        self.text(&sql, "reading the current-rows view").await
     }
 
     async fn has_view(&self, names: &TableNames) -> Result<bool, SinkError> {
