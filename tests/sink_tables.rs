@@ -608,6 +608,42 @@ async fn an_unsafe_change_goes_to_the_dead_letter_topic_while_other_tables_keep_
     .await;
     assert!(sink.log_text().contains("schema change refused"));
     assert_eq!(sink.stop(), 0);
+    // `status` names the refusal (its PostgreSQL part needs a table; any will do).
+    let pg_table = Table::new("unsafest").await;
+    let dlq = format!("{}_dlq", s.name);
+    let out = relay(
+        &[
+            "status",
+            "--json",
+            "--table",
+            &pg_table.name,
+            "--slot",
+            &pg_table.name,
+            "--publication",
+            &pg_table.name,
+            "--topic",
+            &s.name,
+            "--group",
+            &s.name,
+            "--dlq-topic",
+            &dlq,
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let refused = v["kafka"]["refused_schema_changes"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{v:#}");
+    assert_eq!(refused[0]["dead_letters"], 1);
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&bad) && r.contains("column s")),
+        "{v:#}"
+    );
+    pg_table.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -28,10 +28,34 @@ pub struct KafkaStatus {
     pub dead_letters: Option<i64>,
     /// Changes the stream could not produce (its dead-letter topic).
     pub stream_dead_letters: Option<i64>,
+    /// Schema changes the sink refused, as its dead letters of the last [`RECENT_DEAD_LETTERS`]
+    /// say (the refusal's text, and how many of those messages carry it).
+    pub refused_schema_changes: Vec<RefusedSchemaChange>,
     /// The topic's `retention.ms` (`None`: unlimited, or it could not be read).
     pub retention_ms: Option<i64>,
     /// Partitions whose oldest unconsumed message has reached 80 % of the retention.
     pub retention_warnings: Vec<RetentionWarning>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RefusedSchemaChange {
+    pub reason: String,
+    pub dead_letters: u64,
+}
+
+/// How many of the sink's latest dead letters (per partition) `status` reads for refusals.
+const RECENT_DEAD_LETTERS: i64 = 10_000;
+
+/// The sink's dead-letter reasons that are refused schema changes (sink/clickhouse/evolve.rs).
+fn refused_changes(reasons: std::collections::BTreeMap<String, u64>) -> Vec<RefusedSchemaChange> {
+    reasons
+        .into_iter()
+        .filter(|(r, _)| r.starts_with("schema change of "))
+        .map(|(reason, dead_letters)| RefusedSchemaChange {
+            reason,
+            dead_letters,
+        })
+        .collect()
 }
 
 /// The group is so far behind on a partition that Kafka will soon delete messages it has not read.
@@ -121,7 +145,16 @@ pub async fn collect(args: &StatusArgs) -> Result<Status, Error> {
                 let partitions = inspect::group_lag(&connection, &topic, &group)?;
                 let oldest = inspect::oldest_unconsumed(&connection, &topic, &group, &partitions)?;
                 let total_lag = partitions.iter().map(|p| p.lag).sum();
+                let refused = inspect::recent_header_values(
+                    &connection,
+                    &dlq,
+                    "cdc_relay.error",
+                    RECENT_DEAD_LETTERS,
+                )
+                .map(refused_changes)
+                .unwrap_or_default();
                 let k = KafkaStatus {
+                    refused_schema_changes: refused,
                     dead_letters: inspect::topic_messages(&connection, &dlq).ok(),
                     stream_dead_letters: inspect::topic_messages(&connection, &stream_dlq).ok(),
                     topic,
@@ -291,6 +324,12 @@ pub fn render_table(s: &Status) -> String {
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "-".into()),
         );
+        for r in &k.refused_schema_changes {
+            line(
+                "  REFUSED schema change",
+                format!("{} dead letters: {}", r.dead_letters, r.reason),
+            );
+        }
     }
     if let Some(c) = &s.clickhouse {
         line("clickhouse table", c.table.clone());

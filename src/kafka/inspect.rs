@@ -178,6 +178,51 @@ pub fn topic_messages(connection: &KafkaConnection, topic: &str) -> Result<i64, 
     Ok(total)
 }
 
+/// The distinct values of header `header` among the last `last` messages of each partition of
+/// `topic`, with how many messages carry each (what a dead-letter topic says went wrong lately).
+pub fn recent_header_values(
+    connection: &KafkaConnection,
+    topic: &str,
+    header: &str,
+    last: i64,
+) -> Result<BTreeMap<String, u64>, KafkaError> {
+    use rdkafka::message::{Headers, Message};
+    let c = client(connection, "cdc-relay-status")?;
+    let mut out = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    for p in partitions(&c, topic)? {
+        let (low, high) = watermarks(&c, topic, p)?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset((high - last).max(low)))
+                .map_err(KafkaError::client("positioning the inspection client"))?;
+            remaining += high - (high - last).max(low);
+        }
+    }
+    if remaining == 0 {
+        return Ok(out);
+    }
+    c.assign(&tpl)
+        .map_err(KafkaError::client("assigning the inspection client"))?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while remaining > 0 && std::time::Instant::now() < deadline {
+        let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        remaining -= 1;
+        let value = m.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == header)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        if let Some(v) = value {
+            *out.entry(v).or_insert(0) += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Whether the last message of any partition of `topic` is a cdc-relay change event: then a slot
 /// has fed this topic before. Messages of other producers (the seed pipeline's) do not count.
 pub fn holds_relay_events(connection: &KafkaConnection, topic: &str) -> Result<bool, KafkaError> {
