@@ -637,3 +637,145 @@ async fn columns_added_to_the_seed_table_reach_clickhouse_and_nulls_stay_null() 
         .await;
     seed.drop().await;
 }
+
+/// A whole-table snapshot cut by a crash (kill -9 after its first chunk) starts over on restart,
+/// while another session holds row locks and an uncommitted update, and rows change: ClickHouse
+/// ends equal to PostgreSQL row by row, the locked row's committed value arrives, and a further
+/// restart does not read the table again (the snapshot was recorded done).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_killed_mid_way_restarts_and_row_locks_do_not_stall_it() {
+    let t = AnyTable::new(
+        "ptsnapkill",
+        "CREATE TABLE {t} (id integer PRIMARY KEY, v integer, pad text); \
+         INSERT INTO {t} SELECT g, g, repeat('p', 50) FROM generate_series(1, 20000) g",
+    )
+    .await;
+    let args = stream_args(
+        &t.name,
+        &[
+            "--ops",
+            "insert,update,delete,truncate",
+            "--backfill-chunk",
+            "1000",
+        ],
+    );
+    let mut crashing = Relay::start(
+        &t.name,
+        &args,
+        &[("CDC_RELAY_FAILPOINTS", "stream.mid_backfill")],
+    );
+    let status = crashing.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "the failpoint aborts the stream");
+    let partial = read_topic(&t.name, 1, Duration::from_secs(10), Duration::from_secs(2));
+    assert!(
+        !partial.is_empty() && partial.len() < 20000,
+        "{} messages before the crash",
+        partial.len()
+    );
+
+    // Now that the slot exists, another session holds row locks and an uncommitted update.
+    let (locker, conn) = tokio_postgres::connect(&env("CDC_RELAY_PG_URL"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute(&format!(
+            "BEGIN; UPDATE {t} SET v = -777 WHERE id = 777; SELECT * FROM {t} WHERE id BETWEEN 5000 AND 5100 FOR UPDATE",
+            t = t.name
+        ))
+        .await
+        .unwrap();
+    let stream = Relay::start(&t.name, &args, &[]);
+    let dlq = format!("{}.sink-dlq", t.name);
+    let seed_table = format!("{}_seed", t.name);
+    let sink = Relay::start(
+        &format!("{}_sink", t.name),
+        &[
+            "sink",
+            "--group",
+            &t.name,
+            "--clickhouse-table",
+            &seed_table,
+            "--dlq-topic",
+            &dlq,
+            "--topic",
+            &t.name,
+        ],
+        &[],
+    );
+    t.exec(
+        // Around the locked rows (5000..=5100), which would make these wait.
+        "UPDATE {t} SET v = -v WHERE id % 1000 = 1 AND id NOT BETWEEN 5000 AND 5100; \
+         DELETE FROM {t} WHERE id % 1000 = 2 AND id NOT BETWEEN 5000 AND 5100; \
+         INSERT INTO {t} VALUES (30001, 1, 'new')",
+    )
+    .await;
+    let ch = clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"));
+    let ch_sql = format!(
+        "SELECT toString(id), toString(v), pad FROM default.{}_current",
+        t.name
+    );
+    let pg_sql = format!("SELECT id::text, v::text, pad FROM {}", t.name);
+    let equal = |what: &'static str| {
+        let (ch, ch_sql, pg_sql, t_pg) = (ch.clone(), ch_sql.clone(), pg_sql.clone(), &t.pg);
+        let sink = &sink;
+        async move {
+            let want = pg_rows(t_pg, &pg_sql).await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                let got = ch_rows(&ch, &ch_sql).await.unwrap_or_default();
+                if got == want {
+                    return got.len();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: ClickHouse has {} rows, PostgreSQL {}; first missing: {:?}\nsink log: {}",
+                    got.len(),
+                    want.len(),
+                    want.iter().find(|w| !got.contains(w)),
+                    sink.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    // While the locks are held: the snapshot went through, with the locked row's committed value.
+    assert_eq!(equal("while the locks are held").await, 20000 - 19 + 1);
+    locker.batch_execute("COMMIT").await.unwrap();
+    equal("after the locking transaction committed").await;
+    let row777 = ch_rows(
+        &ch,
+        &format!(
+            "SELECT toString(v) FROM default.{}_current WHERE id = 777",
+            t.name
+        ),
+    )
+    .await;
+    assert_eq!(row777, Some(vec![vec![Some("-777".to_string())]]));
+    assert_eq!(stream.stop(), 0);
+
+    // Recorded done: another restart reads no row of the table again.
+    let snapshots = |msgs: &[Received]| msgs.iter().filter(|m| m.value["op"] == "snapshot").count();
+    let before = read_topic(
+        &t.name,
+        usize::MAX,
+        Duration::from_secs(20),
+        Duration::from_secs(2),
+    );
+    let again = Relay::start(&t.name, &args, &[]);
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    t.exec("INSERT INTO {t} VALUES (30002, 2, 'after')").await;
+    equal("after the last restart").await;
+    let after = read_topic(
+        &t.name,
+        before.len() + 1,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    assert_eq!(snapshots(&after), snapshots(&before), "no second snapshot");
+    assert_eq!(after.len(), before.len() + 1);
+    assert!(snapshots(&before) >= 20000, "{}", snapshots(&before));
+    assert_eq!(again.stop(), 0);
+    assert_eq!(sink.stop(), 0);
+    t.drop().await;
+}
