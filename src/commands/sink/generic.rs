@@ -9,7 +9,6 @@ use crate::kafka::consumer::{Consumed, SchemaHeader};
 use crate::sink::clickhouse::batch::{
     fill_from_batch, fill_from_stored, keep_last_of_equal_versions,
 };
-use crate::sink::clickhouse::seed_columns::SeedApplied;
 use crate::sink::clickhouse::tables::Applied;
 use crate::sink::clickhouse::{SeedRow, SinkError};
 use crate::types::RelationSchema;
@@ -196,8 +195,8 @@ impl SinkCommand {
             }
         }
         let added = match self.seed_table.applied(&id) {
-            Some(SeedApplied::Ready(a)) => a.clone(),
-            Some(SeedApplied::Refused(r)) => return Outcome::Reject(r.to_string()),
+            Some(Applied::Ready(a)) => a.clone(),
+            Some(Applied::Refused(r)) => return Outcome::Reject(r.to_string()),
             None => return Outcome::Interrupted,
         };
         match added.cells(&m.added, &m.unchanged) {

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use crate::event::Columns;
 use crate::types::{clickhouse_json_text, RelationSchema, ServerCaps};
 
-use super::config::quote_ident;
 use super::evolve::{plan, Change, Refusal};
 use super::schema::ServerVersion;
-use super::table::{column_type, Column, GenericRowError, TableNames};
-use super::tables::{ApplyOutcome, GenericWriter};
+use super::table::{column_type, is_meta, Column, GenericRowError, TableNames};
+use super::tables::{Applied, ApplyOutcome, GenericWriter};
 use super::{schema, ClickHouseConfig, SinkError};
 
 /// The seed's columns whose values travel under the seed's own field names.
@@ -31,11 +30,11 @@ const SEED_FIXED: [&str; 5] = [
 ];
 
 /// How one schema's added columns are written.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AddedColumns {
     /// By PostgreSQL name.
     columns: HashMap<String, Column>,
-    caps: Option<ServerCaps>,
+    caps: ServerCaps,
 }
 
 /// An added column's cells of one row, and its unchanged columns as ClickHouse names.
@@ -49,7 +48,7 @@ impl AddedColumns {
         extra: &Columns,
         unchanged: &[String],
     ) -> Result<AddedCells, GenericRowError> {
-        let caps = self.caps.unwrap_or(ServerCaps::LEGACY);
+        let caps = self.caps;
         let column = |name: &str| {
             self.columns
                 .get(name)
@@ -82,9 +81,10 @@ impl AddedColumns {
     }
 }
 
-/// Whether a column named in a seed row's `unchanged` is an added one (its ClickHouse name).
+/// Whether a column of the seed's ClickHouse table (or named in a seed row's `unchanged`) is one
+/// a user added: not the seed layout's, not `id`, not the sink's own.
 pub fn is_added(ch_name: &str) -> bool {
-    !SEED_FIXED.contains(&ch_name)
+    !SEED_FIXED.contains(&ch_name) && ch_name != "id" && !is_meta(ch_name)
 }
 
 /// `rel` without the seed's columns: the key and the added columns, as [`plan`] takes them.
@@ -154,22 +154,11 @@ pub fn plan_added(
     if let Some(k) = &key_name {
         columns.remove(k);
     }
-    Ok((
-        p.changes,
-        AddedColumns {
-            columns,
-            caps: Some(caps),
-        },
-    ))
+    Ok((p.changes, AddedColumns { columns, caps }))
 }
 
 /// What became of a schema for the seed's table.
-#[derive(Debug, Clone)]
-pub enum SeedApplied {
-    Ready(Arc<AddedColumns>),
-    /// Its rows go to the dead-letter topic with this reason.
-    Refused(Arc<Refusal>),
-}
+pub type SeedApplied = Applied<AddedColumns>;
 
 /// The seed's table's added columns at run time: each schema applied once per process, before its
 /// first row is written.
@@ -209,7 +198,7 @@ impl SeedTable {
             Err(refusal) => {
                 tracing::error!(error = %refusal, "schema change refused");
                 self.applied
-                    .insert(id.to_string(), SeedApplied::Refused(Arc::new(refusal)));
+                    .insert(id.to_string(), Applied::Refused(Arc::new(refusal)));
                 return Ok(ApplyOutcome {
                     changes: 0,
                     refused: true,
@@ -228,15 +217,18 @@ impl SeedTable {
             .await?
             .into_iter()
             .map(|(n, _)| n)
-            .filter(|n| n != "id" && n != "_ingested_at" && is_added(n) && !is_sink_column(n))
+            .filter(|n| is_added(n))
             .collect();
-        let ddl = self
+        // The view's own columns, as system.columns lists them (a view is a table there).
+        let view = TableNames::new(&self.cfg.database, &self.cfg.view_name());
+        let shown: Vec<String> = self
             .writer
-            .view_ddl(&self.cfg.database, &self.cfg.view_name())
-            .await?;
-        let shows_all = added_names
-            .iter()
-            .all(|n| ddl.contains(&quote_ident(n)) || ddl.contains(n.as_str()));
+            .columns(&view)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let shows_all = added_names.iter().all(|n| shown.contains(n));
         if !changes.is_empty() || !shows_all {
             // A view of 18.16 records its columns when created: re-created to show the new ones.
             self.writer
@@ -254,20 +246,15 @@ impl SeedTable {
         }
         if !changes.is_empty() {
             // Other schemas' plans may no longer hold (a rename): planned again before their rows.
-            self.applied
-                .retain(|_, a| matches!(a, SeedApplied::Refused(_)));
+            self.applied.retain(|_, a| matches!(a, Applied::Refused(_)));
         }
         self.applied
-            .insert(id.to_string(), SeedApplied::Ready(Arc::new(added)));
+            .insert(id.to_string(), Applied::Ready(Arc::new(added)));
         Ok(ApplyOutcome {
             changes: changes.len(),
             refused: false,
         })
     }
-}
-
-fn is_sink_column(name: &str) -> bool {
-    super::table::is_meta(name)
 }
 
 #[cfg(test)]

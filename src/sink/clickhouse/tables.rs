@@ -20,10 +20,11 @@ use super::table::{
 };
 use super::{ClickHouseConfig, SinkError};
 
-/// What became of a schema.
+/// What became of a schema: how its rows are written (a table's [`TableState`], or the seed
+/// table's added columns), or why they are not.
 #[derive(Debug, Clone)]
-pub enum Applied {
-    Ready(Arc<TableState>),
+pub enum Applied<S = TableState> {
+    Ready(Arc<S>),
     /// Its rows go to the dead-letter topic with this reason.
     Refused(Arc<Refusal>),
 }
@@ -220,16 +221,6 @@ impl GenericWriter {
             .filter_map(|l| l.split_once('\t'))
             .map(|(n, t)| (unescape_tsv(n), unescape_tsv(t)))
             .collect())
-    }
-
-    /// A view's DDL (empty when there is none).
-    pub(super) async fn view_ddl(&self, database: &str, view: &str) -> Result<String, SinkError> {
-        let sql = format!(
-            "SELECT create_table_query FROM system.tables WHERE database = {} AND name = {} FORMAT TSVRaw",
-            quote_string(database),
-            quote_string(view)
-        );
-        self.text(&sql, "reading the current-rows view").await
     }
 
     async fn has_view(&self, names: &TableNames) -> Result<bool, SinkError> {
