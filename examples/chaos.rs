@@ -122,6 +122,16 @@ impl Proc {
             .expect("start cdc-relay");
         self.child = Some(child);
     }
+    /// How the process ended if it exited by itself: a relay must ride out every restart here.
+    fn exited(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(format!(
+            "{} exited by itself ({status}); see {}",
+            self.name,
+            self.log.display()
+        ))
+    }
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -301,8 +311,10 @@ async fn main() {
     let mut done_kills = 0;
     let mut done_restarts = 0;
     let mut step = 0u64;
+    let mut exits: Vec<String> = Vec::new();
     while !loader.is_finished() || step < events {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
+        exits.extend(stream.exited().into_iter().chain(sink.exited()));
         if step >= events {
             continue;
         }
@@ -361,6 +373,10 @@ async fn main() {
             .unwrap_or(0);
         if unsent == 0 && current == pg_rows as u64 {
             converged = true;
+            break;
+        }
+        exits.extend(stream.exited().into_iter().chain(sink.exited()));
+        if !exits.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -461,7 +477,12 @@ async fn main() {
         converge_secs,
         started.elapsed().as_secs_f64()
     );
+    println!("{:<28} {}", "relays that exited", exits.len());
+    for e in &exits {
+        println!("  {e}");
+    }
     let ok = converged
+        && exits.is_empty()
         && missing == 0
         && mismatched == 0
         && extra == 0

@@ -751,3 +751,107 @@ async fn the_ledgers_writes_are_filtered_before_decoding_on_postgres_16_and_late
     assert_eq!(stream.stop(), 0);
     p.drop().await;
 }
+
+/// A stream and a sink started while PostgreSQL, Kafka and ClickHouse hang up on every connection
+/// (a host booting, a supervisor restarting everything) wait for them instead of exiting, and once
+/// the services answer every row arrives once. Before, the first refused connection at start
+/// ended the process (a chaos run lost its stream this way while PostgreSQL restarted).
+#[tokio::test(flavor = "multi_thread")]
+async fn started_while_every_service_hangs_up_stream_and_sink_wait_then_deliver_every_row() {
+    let p = E2e::new("sw", "insert").await;
+    let insert = |from: i64| {
+        format!(
+            "INSERT INTO {{t}} (username, event_type, event_time) \
+             SELECT 'u' || g, 'login', now() FROM generate_series({from}, {}) g",
+            from + 499
+        )
+    };
+    p.exec(&insert(1)).await;
+    let (pg_url, brokers, ch_url) = (
+        env("CDC_RELAY_PG_RELAY_URL"),
+        env("CDC_RELAY_KAFKA_BROKERS"),
+        env("CDC_RELAY_CLICKHOUSE_URL"),
+    );
+    let (pg_at, ch_at) = (host_port(&pg_url), host_port(&ch_url));
+    let pg_gate = Gate::closed(&pg_at).await;
+    let kafka_gate = Gate::closed(&brokers).await;
+    let ch_gate = Gate::closed(&ch_at).await;
+    let gated_pg = pg_gate.url(&pg_url, &pg_at);
+    let gated_kafka = format!("127.0.0.1:{}", kafka_gate.port);
+    let gated_ch = ch_gate.url(&ch_url, &ch_at);
+    let mut stream = Relay::start(
+        &format!("{}_stream", p.name),
+        &stream_args(&p.name, &["--heartbeat-interval", "1"]),
+        &[
+            ("CDC_RELAY_PG_URL", &gated_pg),
+            ("CDC_RELAY_KAFKA_BROKERS", &gated_kafka),
+        ],
+    );
+    let dlq = format!("{}_dlq", p.name);
+    let mut sink = Relay::start(
+        &format!("{}_sink", p.name),
+        &[
+            "sink",
+            "--topic",
+            &p.name,
+            "--group",
+            &p.name,
+            "--clickhouse-table",
+            &p.name,
+            "--dlq-topic",
+            &dlq,
+        ],
+        &[
+            ("CDC_RELAY_CLICKHOUSE_URL", &gated_ch),
+            ("CDC_RELAY_KAFKA_BROKERS", &gated_kafka),
+        ],
+    );
+    // Each command waits at the first service it needs, saying which and why.
+    let waiting_for = |r: &Relay, what: &str| {
+        r.log_text()
+            .lines()
+            .any(|l| l.contains("could not start yet") && l.contains(what))
+    };
+    eventually(
+        "both commands waiting for PostgreSQL / ClickHouse",
+        Duration::from_secs(30),
+        || async {
+            (waiting_for(&stream, "postgres") && waiting_for(&sink, "clickhouse")).then_some(())
+        },
+    )
+    .await;
+    pg_gate.open();
+    ch_gate.open();
+    eventually(
+        "both commands waiting for Kafka",
+        Duration::from_secs(90),
+        || async { (waiting_for(&stream, "kafka") && waiting_for(&sink, "kafka")).then_some(()) },
+    )
+    .await;
+    for r in [&mut stream, &mut sink] {
+        assert!(
+            r.child.try_wait().unwrap().is_none(),
+            "a command exited while a service was down: {}",
+            r.log_text()
+        );
+    }
+    p.exec(&insert(501)).await;
+    kafka_gate.open();
+    p.wait_all_sent(Duration::from_secs(120)).await;
+    p.wait_clickhouse_equals_postgres(Duration::from_secs(60))
+        .await;
+    assert_eq!(p.ids().await.len(), 1000);
+    let msgs = read_topic(
+        &p.name,
+        1000,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    assert!(
+        id_counts(&msgs).values().all(|&n| n == 1) && id_counts(&msgs).len() == 1000,
+        "every row once on the topic"
+    );
+    assert_eq!(stream.stop(), 0);
+    assert_eq!(sink.stop(), 0);
+    p.0.drop().await;
+}

@@ -18,6 +18,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// A service down or restarting, which waiting mends: a command starting meanwhile waits.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Source(e) => e.is_transient(),
+            Error::Kafka(e) => e.is_transient(),
+            Error::Sink(e) => e.is_transient(),
+            Error::Config(_) => false,
+        }
+    }
+
     /// 2: the environment is not set up for the relay (wal_level, privileges, missing table,
     /// invalid settings); 1: anything else.
     pub fn exit_code(&self) -> i32 {

@@ -10,6 +10,9 @@ pub mod stream;
 
 pub use error::Error;
 
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
 use crate::config::{read_secret, ClickHouseArgs, KafkaArgs, KafkaSecurityArgs, Op, PostgresArgs};
 use crate::kafka::KafkaConnection;
 use crate::metrics::Registry;
@@ -17,6 +20,44 @@ use crate::sink::clickhouse::config::tls_for_url;
 use crate::sink::clickhouse::ClickHouseConfig;
 use crate::source::postgres::tls::{PgTls, SslMode};
 use crate::source::postgres::{PublishOps, SourceConfig};
+
+/// Runs a command's start-up until it succeeds: a service that is down or restarting as the relay
+/// starts (a host booting, a supervisor restarting everything) is waited for, with the reason
+/// logged on every attempt, instead of the relay exiting while it could carry on. Anything else
+/// (a refused login, a missing table, bad settings) ends the command at once. `None`: shutdown was
+/// asked for while waiting.
+pub async fn start_when_ready<T, F, Fut>(
+    what: &str,
+    shutdown: &mut watch::Receiver<bool>,
+    mut start: F,
+) -> Result<Option<T>, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        let attempt = tokio::select! {
+            r = start() => r,
+            _ = shutdown.changed() => return Ok(None),
+        };
+        match attempt {
+            Ok(t) => return Ok(Some(t)),
+            Err(e) if e.is_transient() => {
+                let pause = backoff.next_pause();
+                tracing::warn!(error = %e, retry_in = ?pause, "{what} could not start yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// `--ops` as the source understands it: the operations the publication publishes.
 pub fn publish_ops(ops: &[Op]) -> PublishOps {

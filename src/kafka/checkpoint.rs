@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::Message;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::event::StreamCheckpoint;
@@ -66,7 +65,7 @@ pub fn read_latest(
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
             Some(Err(RdError::PartitionEOF(_))) => return Ok(last),
-            Some(Err(e)) if is_transient(&e) => {}
+            Some(Err(e)) if super::is_transient(&e) => {}
             Some(Err(e)) => {
                 return Err(KafkaError::Client {
                     context: format!("reading checkpoint topic {topic}"),
@@ -84,17 +83,4 @@ pub fn read_latest(
         topic: topic.to_string(),
         reason: "its end could not be reached within 60 s (is a transaction still open?)".into(),
     })
-}
-
-fn is_transient(e: &RdError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::BrokerTransportFailure
-                | RDKafkaErrorCode::AllBrokersDown
-                | RDKafkaErrorCode::OperationTimedOut
-                | RDKafkaErrorCode::NotLeaderForPartition
-                | RDKafkaErrorCode::LeaderNotAvailable
-        )
-    )
 }

@@ -160,8 +160,40 @@ pub enum KafkaError {
 }
 
 impl KafkaError {
+    /// Brokers down or slow to answer (a restart, a leader election): worth waiting for. A refused
+    /// login, a bad topic or a fenced producer is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            KafkaError::Client { source, .. } => is_transient(source),
+            KafkaError::Delivery(_) => true,
+            _ => false,
+        }
+    }
+
     pub fn client(context: impl Into<String>) -> impl FnOnce(RdKafkaError) -> KafkaError {
         let context = context.into();
         move |source| KafkaError::Client { context, source }
     }
+}
+
+/// Whether librdkafka's error is about reaching the brokers, which passes.
+pub fn is_transient(e: &RdKafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::NetworkException
+                | C::NotLeaderForPartition
+                | C::LeaderNotAvailable
+                | C::BrokerNotAvailable
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+                | C::CoordinatorLoadInProgress
+                | C::Resolve
+        )
+    )
 }

@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::KafkaError;
+use super::{KafkaError, RdKafkaError};
 
 /// The replication factor of a topic the relay creates, unless told otherwise: three copies where
 /// the cluster has three brokers, as many as there are brokers on a smaller one.
@@ -56,6 +56,13 @@ pub async fn ensure_topic_with(
         match r {
             Ok(_) => tracing::info!(topic, partitions, replication, "created Kafka topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            // The controller did not answer in time (a broker restarting): worth another try.
+            Err((t, code)) if super::is_transient(&RdKafkaError::AdminOp(code)) => {
+                return Err(KafkaError::Client {
+                    context: format!("creating topic {t}"),
+                    source: RdKafkaError::AdminOp(code),
+                })
+            }
             Err((t, code)) => {
                 return Err(KafkaError::Topic {
                     topic: t,

@@ -484,3 +484,52 @@ pub fn canon(raw: &str) -> String {
         _ => raw.to_string(),
     }
 }
+
+/// A TCP port in front of a service that, while closed, accepts each connection and hangs up at
+/// once (a server that is down or shutting down), and once opened forwards to `upstream`.
+pub struct Gate {
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    pub async fn closed(upstream: &str) -> Gate {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(AtomicBool::new(false));
+        let is_open = open.clone();
+        let upstream = upstream.to_string();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !is_open.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Gate { port, open }
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `url` with its `host:port` replaced by this gate's.
+    pub fn url(&self, url: &str, upstream: &str) -> String {
+        url.replace(upstream, &format!("127.0.0.1:{}", self.port))
+    }
+}
+
+/// The `host:port` of a URL such as `postgres://u:p@127.0.0.1:15432/db` or `http://127.0.0.1:8123`.
+pub fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap().to_string()
+}

@@ -61,24 +61,24 @@ struct SinkCommand {
 }
 
 pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let rx = shutdown.clone();
+    let started = super::start_when_ready("the sink", &mut shutdown, || {
+        prepare(args.clone(), rx.clone())
+    })
+    .await?;
+    match started {
+        Some(mut cmd) => cmd.run().await,
+        None => Ok(()),
+    }
+}
+
+/// Everything before the first message: the ClickHouse table, topics, the consumer. A service down
+/// meanwhile (ClickHouse still starting, Kafka restarting) fails it as transient, and [`run`]
+/// tries again.
+async fn prepare(args: SinkArgs, shutdown: watch::Receiver<bool>) -> Result<SinkCommand, Error> {
     let ch = super::clickhouse_from_args(&args.clickhouse)?;
     let client = ch.client();
-    // ClickHouse may still be starting: wait for it rather than exit.
-    let mut backoff = Backoff::new();
-    let version = loop {
-        match schema::server_version(&client, &ch.url).await {
-            Ok(v) => break v,
-            Err(e) if !e.is_transient() => return Err(e.into()),
-            Err(e) => {
-                let pause = backoff.next_pause();
-                tracing::warn!(error = %e, retry_in = ?pause, "ClickHouse not reachable yet");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.changed() => return Ok(()),
-                }
-            }
-        }
-    };
+    let version = schema::server_version(&client, &ch.url).await?;
     let table = schema::ensure_schema(&client, &ch, version).await?;
     if table.unsigned_id {
         tracing::warn!(table = %ch.qualified_table(), "the table's id column is UInt64 (an earlier release's table): negative ids go to the dead-letter topic");
@@ -121,7 +121,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
             metrics.consumer_lag.clone(),
         );
     }
-    let mut cmd = SinkCommand {
+    Ok(SinkCommand {
         metrics,
         writer,
         args,
@@ -138,8 +138,7 @@ pub async fn run(args: SinkArgs, mut shutdown: watch::Receiver<bool>) -> Result<
         tables,
         registries,
         seed_table,
-    };
-    cmd.run().await
+    })
 }
 
 impl SinkCommand {

@@ -82,7 +82,24 @@ struct StreamCommand {
     server: Option<SystemIdentity>,
 }
 
-pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+pub async fn run(args: StreamArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let rx = shutdown.clone();
+    let started = super::start_when_ready("the stream", &mut shutdown, || {
+        prepare(args.clone(), rx.clone())
+    })
+    .await?;
+    match started {
+        Some((mut cmd, client, start)) => cmd.run_sessions(client, start).await,
+        None => Ok(()),
+    }
+}
+
+/// Everything before the first session: checks, topics, the producer, the slot. A service down
+/// meanwhile fails it as transient, and [`run`] tries again.
+async fn prepare(
+    args: StreamArgs,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(StreamCommand, Option<ReplicationClient>, Lsn), Error> {
     let ops = super::publish_ops(&args.ops);
     let mut cfg = super::source_config(&args.postgres, ops)?;
     let sql = cfg.connect_sql().await?;
@@ -226,7 +243,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         .ledger_origin
         .set(i64::from(cfg.ledger_origin.is_some()));
     super::serve_metrics(&registry, args.metrics_addr).await?;
-    let mut cmd = StreamCommand {
+    let cmd = StreamCommand {
         metrics,
         args,
         cfg,
@@ -244,7 +261,7 @@ pub async fn run(args: StreamArgs, shutdown: watch::Receiver<bool>) -> Result<()
         eo,
         server: None,
     };
-    cmd.run_sessions(client, start).await
+    Ok((cmd, client, start))
 }
 
 impl StreamCommand {

@@ -95,7 +95,13 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Replication(e) => e.is_transient(),
-            SourceError::Connect { .. } | SourceError::Interrupted(_) => true,
+            SourceError::Interrupted(_) => true,
+            // Unreachable, starting up, shutting down, full: it passes. A refused login or a
+            // missing database does not.
+            SourceError::Connect { source, .. } => source.code().is_none_or(|c| {
+                let c = c.code();
+                c.starts_with("08") || c.starts_with("57P") || c == "53300"
+            }),
             // A client error with no server error behind it is a connection-level failure.
             SourceError::Sql { source, .. } => match source.code() {
                 Some(c) => {
