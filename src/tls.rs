@@ -63,3 +63,20 @@ pub fn verifying_client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfi
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
+
+/// Whether a TLS handshake failed somewhere in the causes. tokio-rustls and hyper-rustls wrap the
+/// rustls error in `io::Error`s, whose `source` skips the wrapped error, so look inside those.
+pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        if is_tls_failure(inner) {
+            return true;
+        }
+    }
+    e.source().is_some_and(is_tls_failure)
+}

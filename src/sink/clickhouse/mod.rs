@@ -44,7 +44,7 @@ impl SinkError {
         match self {
             SinkError::Client { source, .. } => match source {
                 // A refused certificate does not get better by waiting; a refused connection may.
-                clickhouse::error::Error::Network(e) => !is_tls_failure(e.as_ref()),
+                clickhouse::error::Error::Network(e) => !crate::tls::is_tls_failure(e.as_ref()),
                 clickhouse::error::Error::TimedOut => true,
                 // Server-side trouble that passes: too many parts/queries, memory, shutting down.
                 clickhouse::error::Error::BadResponse(text) => [
@@ -64,19 +64,3 @@ impl SinkError {
     }
 }
 
-/// Whether a TLS handshake failed somewhere in the causes. tokio-rustls and hyper-rustls wrap the
-/// rustls error in `io::Error`s, whose `source` skips the wrapped error, so look inside those.
-fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
-    if e.is::<rustls::Error>() {
-        return true;
-    }
-    if let Some(inner) = e
-        .downcast_ref::<std::io::Error>()
-        .and_then(|io| io.get_ref())
-    {
-        if is_tls_failure(inner) {
-            return true;
-        }
-    }
-    e.source().is_some_and(is_tls_failure)
-}

@@ -96,12 +96,15 @@ impl SourceError {
         match self {
             SourceError::Replication(e) => e.is_transient(),
             SourceError::Interrupted(_) => true,
-            // Unreachable, starting up, shutting down, full: it passes. A refused login or a
-            // missing database does not.
-            SourceError::Connect { source, .. } => source.code().is_none_or(|c| {
-                let c = c.code();
-                c.starts_with("08") || c.starts_with("57P") || c == "53300"
-            }),
+            // Unreachable, starting up, shutting down, full: it passes. A refused login, a
+            // missing database or a certificate that does not verify does not.
+            SourceError::Connect { source, .. } => match source.code() {
+                Some(c) => {
+                    let c = c.code();
+                    c.starts_with("08") || c.starts_with("57P") || c == "53300"
+                }
+                None => !crate::tls::is_tls_failure(source),
+            },
             // A client error with no server error behind it is a connection-level failure.
             SourceError::Sql { source, .. } => match source.code() {
                 Some(c) => {
