@@ -69,6 +69,12 @@ pub enum SourceError {
     Interrupted(String),
 }
 
+/// SQLSTATEs of a server that cannot serve now but will: connection trouble (08), shutting down or
+/// starting up (57P), too many connections (53300).
+fn server_unavailable(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P") || code == "53300"
+}
+
 impl SourceError {
     pub fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
         let context = context.into();
@@ -99,22 +105,16 @@ impl SourceError {
             // Unreachable, starting up, shutting down, full: it passes. A refused login, a
             // missing database or a certificate that does not verify does not.
             SourceError::Connect { source, .. } => match source.code() {
-                Some(c) => {
-                    let c = c.code();
-                    c.starts_with("08") || c.starts_with("57P") || c == "53300"
-                }
+                Some(c) => server_unavailable(c.code()),
                 None => !crate::tls::is_tls_failure(source),
             },
             // A client error with no server error behind it is a connection-level failure.
             SourceError::Sql { source, .. } => match source.code() {
                 Some(c) => {
                     let c = c.code();
-                    // Connection trouble, a server shutting down, too many connections; and what
-                    // a busy table throws at a statement: deadlock, serialization failure, lock
-                    // timeout, statement timeout or cancel.
-                    c.starts_with("08")
-                        || c.starts_with("57P")
-                        || ["53300", "40P01", "40001", "55P03", "57014"].contains(&c)
+                    // And what a busy table throws at a statement: deadlock, serialization
+                    // failure, lock timeout, statement timeout or cancel.
+                    server_unavailable(c) || ["40P01", "40001", "55P03", "57014"].contains(&c)
                 }
                 None => source.is_closed() || source.as_db_error().is_none(),
             },
