@@ -61,6 +61,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // verify's own codes are 0 and 1 (equal, drift): any error is 2.
+    let is_verify = matches!(cli.command, Command::Verify(_));
     let result: anyhow::Result<i32> = runtime.block_on(async move {
         let shutdown = shutdown_signal();
         let outcome: Result<i32, Error> = match cli.command {
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
             Command::Status(args) => commands::status::run(args).await,
             Command::Setup(args) => commands::setup::setup(args).await.map(|()| 0),
             Command::Teardown(args) => commands::setup::teardown(args).await.map(|()| 0),
+            Command::Verify(args) => commands::verify::run(args, shutdown).await,
             Command::Config(_) => Ok(0),
         };
         outcome.map_err(anyhow::Error::from)
@@ -76,7 +79,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            let code = e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(1);
+            let code = match is_verify {
+                true => 2,
+                false => e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(1),
+            };
             tracing::error!("{e}");
             eprintln!("cdc-relay: error: {e}");
             ExitCode::from(code as u8)

@@ -59,6 +59,7 @@ fn validate(name: &str) -> Result<(), String> {
     let pg = match &cli.command {
         Command::Stream(a) => Some((&a.postgres, super::publish_ops(&a.ops))),
         Command::Status(a) => Some((&a.postgres, PublishOps(vec![]))),
+        Command::Verify(a) => Some((&a.postgres, PublishOps(vec![]))),
         _ => None,
     };
     if let Some((pg, ops)) = pg {

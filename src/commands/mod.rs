@@ -7,6 +7,7 @@ pub mod setup;
 pub mod sink;
 pub mod status;
 pub mod stream;
+pub mod verify;
 
 pub use error::Error;
 

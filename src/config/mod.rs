@@ -25,6 +25,7 @@ pub use postgres::{Op, PostgresArgs};
 pub use secret::{mask, read_secret};
 pub use subcommands::{
     LedgerOrigin, SetupArgs, SinkArgs, SnapshotMode, StatusArgs, StreamArgs, TeardownArgs,
+    VerifyArgs,
 };
 
 #[derive(Debug, Parser)]
@@ -70,6 +71,9 @@ pub enum Command {
     /// Drop the slot and the publication. The slot's position is lost: a later `stream` backfills
     /// from the ledger (`sent_to_kafka`).
     Teardown(TeardownArgs),
+    /// Compare every table's ClickHouse current view with PostgreSQL: missing, extra and
+    /// mismatched keys (exit 0 equal, 1 drift, 2 error); --repair sends what differs again.
+    Verify(VerifyArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -80,7 +84,7 @@ pub enum ConfigCommand {
     /// Validate the settings and print the effective values, secrets masked.
     Check {
         /// Check only the settings of this command (default: stream, sink and status).
-        #[arg(long = "for", value_parser = ["stream", "sink", "status"])]
+        #[arg(long = "for", value_parser = ["stream", "sink", "status", "verify"])]
         for_command: Option<String>,
     },
     /// Print the statements the sink (and setup) send to create and check the ClickHouse table,

@@ -200,6 +200,44 @@ pub struct SetupArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+
+    /// The sink's consumer group: verify waits until it has consumed what the snapshot saw.
+    #[arg(long, env = "CDC_RELAY_GROUP", default_value = "user_logins_consumer")]
+    pub group: String,
+
+    /// Longest wait, in seconds, for the stream and the sink to deliver what a snapshot saw.
+    #[arg(long = "wait-secs", env = "CDC_RELAY_VERIFY_WAIT_SECS", default_value = "300", value_parser = parse_secs)]
+    pub wait_secs: Duration,
+
+    /// Compare what ClickHouse holds now, without waiting for the stream and the sink (changes
+    /// still on their way count as differences; for a stopped pipeline).
+    #[arg(long)]
+    pub no_wait: bool,
+
+    /// Send what differs again (rows of missing and mismatched keys, deletes of extra keys) and
+    /// verify again.
+    #[arg(long)]
+    pub repair: bool,
+
+    /// Keys shown per kind of difference.
+    #[arg(long, default_value_t = 10)]
+    pub examples: usize,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct TeardownArgs {
     #[command(flatten)]
     pub postgres: PostgresArgs,

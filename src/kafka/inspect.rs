@@ -131,6 +131,101 @@ pub fn oldest_unconsumed(
     Ok(out)
 }
 
+/// The next offset to be written on every partition of `topic`.
+pub fn high_watermarks(
+    connection: &KafkaConnection,
+    topic: &str,
+) -> Result<Vec<(i32, i64)>, KafkaError> {
+    let c = client(connection, "cdc-relay.inspect")?;
+    partitions(&c, topic)?
+        .into_iter()
+        .map(|p| Ok((p, watermarks(&c, topic, p)?.1)))
+        .collect()
+}
+
+/// The partitions of `topic` on which `group` has not yet consumed (committed) every message
+/// below `highs`, with its committed offset (`None`: nothing committed). In exactly-once mode a
+/// transaction's commit marker takes an offset of its own, which no consumer ever commits past,
+/// so a partition committed below its mark counts as consumed when a `read_committed` read from
+/// the committed offset finds no message below the mark.
+pub fn behind(
+    connection: &KafkaConnection,
+    topic: &str,
+    group: &str,
+    highs: &[(i32, i64)],
+) -> Result<Vec<(i32, Option<i64>, i64)>, KafkaError> {
+    let c = client(connection, group)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _) in highs {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = c
+        .committed_offsets(tpl, TIMEOUT)
+        .map_err(KafkaError::client(format!(
+            "reading the offsets of group {group}"
+        )))?;
+    let mut open = Vec::new();
+    for &(p, high) in highs {
+        let (low, _) = watermarks(&c, topic, p)?;
+        let at = committed
+            .find_partition(topic, p)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        if at.unwrap_or(low).max(low) < high {
+            open.push((p, at, high));
+        }
+    }
+    if open.is_empty() {
+        return Ok(open);
+    }
+    // Which of them still hold a message below the mark.
+    let reader: BaseConsumer = connection
+        .client_config()
+        .set("group.id", "cdc-relay.verify")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(KafkaError::client(
+            "creating a read_committed inspection client",
+        ))?;
+    let mut tpl = TopicPartitionList::new();
+    for &(p, at, _) in &open {
+        let (low, _) = watermarks(&c, topic, p)?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(at.unwrap_or(low).max(low)))
+            .map_err(KafkaError::client("positioning the inspection client"))?;
+    }
+    reader
+        .assign(&tpl)
+        .map_err(KafkaError::client("assigning the inspection client"))?;
+    let mut unsettled: BTreeMap<i32, (Option<i64>, i64)> =
+        open.iter().map(|&(p, at, high)| (p, (at, high))).collect();
+    let mut holding = Vec::new();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !unsettled.is_empty() && std::time::Instant::now() < deadline {
+        use rdkafka::message::Message;
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if let Some((at, high)) = unsettled.remove(&m.partition()) {
+                    if m.offset() < high {
+                        holding.push((m.partition(), at, high));
+                    }
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                unsettled.remove(&p);
+            }
+            _ => {}
+        }
+    }
+    // Not known in time: still behind.
+    holding.extend(unsettled.into_iter().map(|(p, (at, high))| (p, at, high)));
+    holding.sort_unstable();
+    Ok(holding)
+}
+
 /// The topic's `retention.ms`; `None` when retention is unlimited (-1).
 pub async fn retention_ms(
     connection: &KafkaConnection,

@@ -13,6 +13,7 @@
 
 mod array;
 mod bytea;
+pub mod canonical;
 mod clickhouse;
 pub(crate) mod datetime;
 mod json;

@@ -10,6 +10,7 @@ pub mod schema;
 pub mod seed_columns;
 pub mod table;
 pub mod tables;
+pub mod verify;
 pub mod writer;
 
 pub use config::ClickHouseConfig;
@@ -36,6 +37,8 @@ pub enum SinkError {
     InsertTask(String),
     #[error("ClickHouse server version {0:?} is not understood")]
     Version(String),
+    #[error("ClickHouse answered what the sink cannot read: {0}")]
+    Output(String),
 }
 
 impl SinkError {

@@ -280,14 +280,12 @@ enum After {
     Key { order: String, types: Vec<String> },
 }
 
-/// The table's shape and the chunk query over its columns as they are now (read as text whatever
-/// their type: an ENUM or a domain read as `&str` made the read fail). Ordered by the key
-/// qualified (`t.id`), so the order is the key's own, never its text's ("10" < "9").
-async fn chunk_query(
-    spec: &TableSpec,
+/// A table's shape as the catalog describes it now, and its columns in attribute order (generated
+/// columns left out: pgoutput does not send them).
+pub async fn describe_table(
     client: &Client,
-    scope: Scope,
-) -> Result<(RelationShape, ChunkQuery), SourceError> {
+    spec: &TableSpec,
+) -> Result<(RelationShape, Vec<TupleColumn>), SourceError> {
     let table = spec.qualified();
     let rows = client
         .query(
@@ -317,6 +315,19 @@ async fn chunk_query(
         spec.ledger_column.as_deref(),
     )
     .await?;
+    Ok((shape, columns))
+}
+
+/// The table's shape and the chunk query over its columns as they are now (read as text whatever
+/// their type: an ENUM or a domain read as `&str` made the read fail). Ordered by the key
+/// qualified (`t.id`), so the order is the key's own, never its text's ("10" < "9").
+async fn chunk_query(
+    spec: &TableSpec,
+    client: &Client,
+    scope: Scope,
+) -> Result<(RelationShape, ChunkQuery), SourceError> {
+    let table = spec.qualified();
+    let (shape, columns) = describe_table(client, spec).await?;
     let select: Vec<String> = columns
         .iter()
         .map(|c| format!("t.{}", super::client::quote_ident(&c.name)))

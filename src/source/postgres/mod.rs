@@ -12,6 +12,7 @@ pub mod relation;
 pub mod replication;
 pub mod stream;
 pub mod tls;
+pub mod verify;
 
 use std::str::FromStr;
 

@@ -215,6 +215,12 @@ impl RelationShape {
         self.int_key
     }
 
+    /// The seed's shape: its changes travel in the seed's message form, into the sink's
+    /// `--clickhouse-table`.
+    pub fn is_seed_shape(&self) -> bool {
+        self.seed.is_some()
+    }
+
     fn column(&self, tuple_index: usize) -> Option<&ColumnSchema> {
         self.slots
             .get(tuple_index)

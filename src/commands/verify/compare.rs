@@ -1,0 +1,246 @@
+//! How `verify` narrows a difference down: the table is cut into buckets of about
+//! [`ROWS_PER_BUCKET`] rows, both servers sum each bucket, and only the buckets that differ are
+//! read row by row (a key text and a hash per row). No row leaves either server for a clean table.
+
+use std::collections::HashMap;
+
+use super::plan::TablePlan;
+use crate::types::canonical;
+
+/// Rows per bucket aimed at: what a differing bucket costs to read row by row.
+pub const ROWS_PER_BUCKET: f64 = 1000.0;
+
+/// How rows are put into buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buckets {
+    /// An integer key: `(key - base) / width`, both servers truncating toward zero. A bucket is a
+    /// key range, which PostgreSQL reads through the primary key's index.
+    Range { base: i64, width: i64 },
+    /// Any other key: a hash of its text modulo `count` (a bucket is read by a full scan).
+    Hash { count: u64 },
+}
+
+impl Buckets {
+    /// For an integer key in `[min, max]`, about `rows` rows.
+    pub fn for_int_key(min: i64, max: i64, rows: f64) -> Buckets {
+        let span = i128::from(max) - i128::from(min) + 1;
+        if span > i128::from(i64::MAX) {
+            return Buckets::for_rows(rows);
+        }
+        let buckets = (rows.max(1.0) / ROWS_PER_BUCKET).ceil().max(1.0) as i128;
+        let width = ((span + buckets - 1) / buckets).max(1) as i64;
+        Buckets::Range { base: min, width }
+    }
+
+    pub fn for_rows(rows: f64) -> Buckets {
+        Buckets::Hash {
+            count: (rows.max(1.0) / ROWS_PER_BUCKET).ceil().max(1.0) as u64,
+        }
+    }
+
+    pub fn pg_sql(&self, plan: &TablePlan) -> String {
+        match (*self, &plan.int_key) {
+            (Buckets::Range { base, width }, Some((key, _))) => {
+                format!("(({key})::bigint - ({base})::bigint) / {width}")
+            }
+            (Buckets::Hash { count }, _) => canonical::pg_hash_bucket(&plan.pg_key, count),
+            // Ranges are made for integer keys only.
+            (Buckets::Range { .. }, None) => "0".into(),
+        }
+    }
+
+    pub fn ch_sql(&self, plan: &TablePlan) -> String {
+        match (*self, &plan.int_key) {
+            (Buckets::Range { base, width }, Some((_, key))) => {
+                format!("intDiv(toInt64({key}) - toInt64({base}), {width})")
+            }
+            (Buckets::Hash { count }, _) => canonical::ch_hash_bucket(&plan.ch_key, count),
+            (Buckets::Range { .. }, None) => "0".into(),
+        }
+    }
+
+    /// The keys of bucket `b` of a range: `(key - base)` in `[b·w, b·w + w - 1]` above zero,
+    /// `[b·w - w + 1, b·w]` below, both around zero for bucket 0 (division truncates).
+    pub fn key_range(base: i64, width: i64, b: i64) -> (i64, i64) {
+        let (w, b) = (i128::from(width), i128::from(b));
+        let (lo, hi) = match b.cmp(&0) {
+            std::cmp::Ordering::Greater => (b * w, b * w + w - 1),
+            std::cmp::Ordering::Less => (b * w - w + 1, b * w),
+            std::cmp::Ordering::Equal => (-w + 1, w - 1),
+        };
+        let clamp = |v: i128| (v + i128::from(base)).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+        (clamp(lo), clamp(hi))
+    }
+
+    /// PostgreSQL's condition for the rows of `buckets`.
+    pub fn pg_filter(&self, plan: &TablePlan, buckets: &[i64]) -> String {
+        match (self, &plan.int_key) {
+            (Buckets::Range { base, width }, Some((key, _))) => buckets
+                .iter()
+                .map(|&b| {
+                    let (lo, hi) = Buckets::key_range(*base, *width, b);
+                    format!("({key} BETWEEN {lo} AND {hi})")
+                })
+                .collect::<Vec<_>>()
+                .join(" OR "),
+            _ => format!("({}) IN ({})", self.pg_sql(plan), list(buckets)),
+        }
+    }
+
+    /// ClickHouse's condition for the rows of `buckets`.
+    pub fn ch_filter(&self, plan: &TablePlan, buckets: &[i64]) -> String {
+        format!("({}) IN ({})", self.ch_sql(plan), list(buckets))
+    }
+}
+
+fn list(values: &[i64]) -> String {
+    values
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Buckets whose count or hash differ, or that only one side has, in order.
+pub fn differing_buckets(pg: &[(i64, u64, u64)], ch: &[(i64, u64, u64)]) -> Vec<i64> {
+    let pg: HashMap<i64, (u64, u64)> = pg.iter().map(|&(b, n, h)| (b, (n, h))).collect();
+    let ch: HashMap<i64, (u64, u64)> = ch.iter().map(|&(b, n, h)| (b, (n, h))).collect();
+    let mut out: Vec<i64> = pg
+        .keys()
+        .chain(ch.keys())
+        .filter(|b| pg.get(b) != ch.get(b))
+        .copied()
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// What differs between two sets of (key text, row hash).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowDiff {
+    /// In PostgreSQL, not in ClickHouse.
+    pub missing: Vec<String>,
+    /// In ClickHouse, not in PostgreSQL.
+    pub extra: Vec<String>,
+    /// In both, with different values.
+    pub mismatched: Vec<String>,
+}
+
+impl RowDiff {
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.extra.is_empty() && self.mismatched.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.missing.len() + self.extra.len() + self.mismatched.len()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.missing
+            .iter()
+            .chain(&self.extra)
+            .chain(&self.mismatched)
+    }
+
+    /// Keeps only the keys `earlier` also found different: a difference seen once may be a
+    /// change in flight between the two reads, one seen at two consistent points is not.
+    pub fn also_in(self, earlier: &RowDiff) -> RowDiff {
+        let seen: std::collections::HashSet<&String> = earlier.keys().collect();
+        let keep = |v: Vec<String>| v.into_iter().filter(|k| seen.contains(k)).collect();
+        RowDiff {
+            missing: keep(self.missing),
+            extra: keep(self.extra),
+            mismatched: keep(self.mismatched),
+        }
+    }
+
+    pub fn extend(&mut self, other: RowDiff) {
+        self.missing.extend(other.missing);
+        self.extra.extend(other.extra);
+        self.mismatched.extend(other.mismatched);
+    }
+
+    /// Sorted: integer keys by value, others by text.
+    pub fn sort(&mut self) {
+        for v in [&mut self.missing, &mut self.extra, &mut self.mismatched] {
+            v.sort_by(|a, b| match (a.parse::<i64>(), b.parse::<i64>()) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => a.cmp(b),
+            });
+        }
+    }
+}
+
+/// Compares the rows of the same buckets read from both sides.
+pub fn diff_rows(pg: Vec<(String, u64)>, ch: Vec<(String, u64)>) -> RowDiff {
+    let mut ch: HashMap<String, u64> = ch.into_iter().collect();
+    let mut diff = RowDiff::default();
+    for (key, hash) in pg {
+        match ch.remove(&key) {
+            None => diff.missing.push(key),
+            Some(h) if h != hash => diff.mismatched.push(key),
+            Some(_) => {}
+        }
+    }
+    diff.extra.extend(ch.into_keys());
+    diff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_range_holds_exactly_the_keys_that_divide_into_it() {
+        for (base, width) in [(1, 1000), (-50, 7), (0, 1), (i64::MIN + 10, 3)] {
+            for key in [base - 20, base - 1, base, base + 1, base + 999, base + 5000] {
+                let Some(d) = (key as i128).checked_sub(base as i128) else {
+                    continue;
+                };
+                let b = (d / width as i128) as i64;
+                let (lo, hi) = Buckets::key_range(base, width, b);
+                assert!(lo <= key && key <= hi, "{key} in bucket {b} [{lo}, {hi}]");
+            }
+        }
+    }
+
+    #[test]
+    fn widths_cover_the_range_in_about_a_thousand_rows_each() {
+        assert_eq!(
+            Buckets::for_int_key(1, 10_000_000, 10_000_000.0),
+            Buckets::Range {
+                base: 1,
+                width: 1000
+            }
+        );
+        assert_eq!(
+            Buckets::for_int_key(5, 5, -1.0),
+            Buckets::Range { base: 5, width: 1 }
+        );
+        // A range wider than i64 falls back to hashing.
+        assert!(matches!(
+            Buckets::for_int_key(i64::MIN, i64::MAX, 10.0),
+            Buckets::Hash { .. }
+        ));
+    }
+
+    #[test]
+    fn rows_classify_by_key_and_hash() {
+        let pg = vec![("1".into(), 10), ("2".into(), 20), ("3".into(), 30)];
+        let ch = vec![("2".into(), 20), ("3".into(), 31), ("4".into(), 40)];
+        let d = diff_rows(pg, ch);
+        assert_eq!(d.missing, vec!["1"]);
+        assert_eq!(d.mismatched, vec!["3"]);
+        assert_eq!(d.extra, vec!["4"]);
+        let later = RowDiff {
+            missing: vec!["1".into(), "9".into()],
+            ..Default::default()
+        };
+        assert_eq!(later.also_in(&d).missing, vec!["1"]);
+        assert_eq!(
+            differing_buckets(&[(0, 1, 5), (1, 2, 6)], &[(1, 2, 6), (2, 1, 1)]),
+            vec![0, 2]
+        );
+    }
+}

@@ -1,0 +1,499 @@
+//! `cdc-relay verify`: whether ClickHouse's current view of each table holds exactly what
+//! PostgreSQL holds, and which keys differ if not.
+//!
+//! Three reads, each at a consistent point: PostgreSQL is read in one snapshot, and ClickHouse
+//! only once the slot has confirmed the snapshot's WAL position and the sink's group has committed
+//! every message Kafka then held, so every change the snapshot saw is in ClickHouse.
+//!
+//! 1. Both servers sum every bucket of about 1000 rows (a count and a hash sum): the only read of
+//!    a clean table, and nothing but the sums leaves the servers.
+//! 2. The buckets that differ are read as (key text, row hash) on both sides, at a new point.
+//! 3. The keys that differ are read once more at a third point, and only those that differ again
+//!    are reported: ClickHouse may already hold a change PostgreSQL's snapshot did not see, so a key
+//!    written just then differs once, but not twice.
+
+mod compare;
+mod plan;
+mod repair;
+mod report;
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use self::compare::{diff_rows, differing_buckets, Buckets, RowDiff};
+use self::plan::TablePlan;
+use self::report::{Report, TableReport};
+use crate::commands::Error;
+use crate::config::VerifyArgs;
+use crate::event::Lsn;
+use crate::kafka::{inspect, KafkaConnection};
+use crate::sink::clickhouse::table::TableNames;
+use crate::sink::clickhouse::tables::clickhouse_table_name;
+use crate::sink::clickhouse::verify::ViewReader;
+use crate::sink::clickhouse::ClickHouseConfig;
+use crate::source::postgres::backfill::describe_table;
+use crate::source::postgres::relation::RelationShape;
+use crate::source::postgres::verify as pg;
+use crate::source::postgres::{catalog, PublishOps, SourceConfig, TableSpec};
+use crate::types::ServerCaps;
+
+/// Most differing keys re-checked (and kept for the report and `--repair`) per table.
+const MAX_KEYS: usize = 100_000;
+/// Most rows read from each side in one statement while narrowing down.
+const ROWS_PER_READ: f64 = 200_000.0;
+/// Keys per statement when re-reading keys.
+const KEYS_PER_READ: usize = 1000;
+
+/// Exit code: 0 equal, 1 drift (`Ok`); errors are 2 (main.rs).
+pub async fn run(args: VerifyArgs, shutdown: watch::Receiver<bool>) -> Result<i32, Error> {
+    let mut ctx = Verifier::connect(&args, shutdown).await?;
+    let mut report = ctx.verify_all().await?;
+    if args.repair && !report.equal() {
+        let sent = repair::send_again(&ctx, &report).await?;
+        let first = report;
+        report = ctx.verify_all().await?;
+        report.repaired = Some(report::Repaired {
+            sent,
+            before: Box::new(first),
+        });
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if report.equal() { 0 } else { 1 })
+}
+
+/// Everything the three reads need.
+pub(crate) struct Verifier {
+    args: VerifyArgs,
+    cfg: SourceConfig,
+    sql: tokio_postgres::Client,
+    ch: ViewReader,
+    ch_cfg: ClickHouseConfig,
+    caps: ServerCaps,
+    kafka: KafkaConnection,
+    topics: Vec<String>,
+    publication_ops: Option<Vec<&'static str>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// One table as it is read.
+pub(crate) struct Subject {
+    shape: RelationShape,
+    columns: Vec<String>,
+    plan: TablePlan,
+    topic: String,
+}
+
+impl Verifier {
+    async fn connect(args: &VerifyArgs, shutdown: watch::Receiver<bool>) -> Result<Self, Error> {
+        let cfg = super::source_config(&args.postgres, PublishOps(vec![]))?;
+        let topics = super::table_topics(&cfg, &args.kafka)?;
+        let sql = cfg.connect_sql().await?;
+        let ch_cfg = super::clickhouse_from_args(&args.clickhouse)?;
+        let ch = ViewReader::new(&ch_cfg);
+        let version = ch.version().await?;
+        let caps = ServerCaps::from_version(&version.to_string()).unwrap_or(ServerCaps::LEGACY);
+        let kafka =
+            super::kafka_connection(&args.kafka.kafka_brokers, &args.kafka.security).await?;
+        let publication_ops = pg::publication_ops(&sql, &cfg.publication).await?;
+        tracing::info!(clickhouse = %version, tables = %cfg.table_names(), "verifying");
+        Ok(Verifier {
+            args: args.clone(),
+            cfg,
+            sql,
+            ch,
+            ch_cfg,
+            caps,
+            kafka,
+            topics,
+            publication_ops,
+            shutdown,
+        })
+    }
+
+    async fn verify_all(&mut self) -> Result<Report, Error> {
+        let mut tables = Vec::new();
+        for i in 0..self.cfg.tables.len() {
+            let subject = self.subject(i).await?;
+            tables.push(self.verify(&subject).await?);
+        }
+        Ok(Report {
+            tables,
+            repaired: None,
+        })
+    }
+
+    pub(crate) async fn subject(&self, i: usize) -> Result<Subject, Error> {
+        let mut spec = self.cfg.tables[i].clone();
+        spec.ledger_column = ledger_column(&self.sql, &spec).await?;
+        let (shape, tuple) = describe_table(&self.sql, &spec).await?;
+        let view = if shape.is_seed_shape() {
+            TableNames::new(&self.ch_cfg.database, &self.ch_cfg.view_name())
+        } else {
+            TableNames::new(
+                &self.ch_cfg.database,
+                &format!("{}_current", clickhouse_table_name(shape.schema())),
+            )
+        };
+        let view_columns = self.ch.columns(&view).await?;
+        if view_columns.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: ClickHouse has no view {}: has `cdc-relay sink` created it (it does on the table's first message)? For the seed's table, --clickhouse-table names it",
+                spec.name(),
+                view.qualified()
+            )));
+        }
+        let plan = TablePlan::new(&shape, view, &view_columns, self.caps).map_err(Error::Config)?;
+        Ok(Subject {
+            shape,
+            columns: tuple.into_iter().map(|c| c.name).collect(),
+            plan,
+            topic: self.topics[i].clone(),
+        })
+    }
+
+    async fn verify(&mut self, s: &Subject) -> Result<TableReport, Error> {
+        let started = Instant::now();
+        let plan = &s.plan;
+        tracing::info!(table = %plan.name, view = %plan.view.qualified(), "comparing bucket sums");
+        tracing::debug!(postgres = %plan.pg_hash, clickhouse = %plan.ch_hash, "row hashes");
+
+        // 1. Bucket sums at one point.
+        let at = pg::begin_snapshot(&self.sql).await?;
+        let buckets = match &plan.int_key {
+            Some((key, _)) => {
+                let (min, max, rows) = pg::key_bounds(&self.sql, &plan.pg_table, key).await?;
+                let rows = match rows {
+                    r if r >= 0.0 => r,
+                    _ => pg::count_rows(&self.sql, &plan.pg_table).await?,
+                };
+                Buckets::for_int_key(min.unwrap_or(0), max.unwrap_or(0), rows)
+            }
+            None => {
+                Buckets::for_rows(match pg::estimated_rows(&self.sql, &plan.pg_table).await? {
+                    r if r >= 0.0 => r,
+                    _ => pg::count_rows(&self.sql, &plan.pg_table).await?,
+                })
+            }
+        };
+        let pg_sums = pg::bucket_sums(
+            &self.sql,
+            &plan.pg_table,
+            &buckets.pg_sql(plan),
+            &plan.pg_hash,
+        )
+        .await?;
+        pg::end_snapshot(&self.sql).await?;
+        self.wait_for(at, &s.topic).await?;
+        let ch_sums = self
+            .ch
+            .bucket_sums(&plan.view, &buckets.ch_sql(plan), &plan.ch_hash)
+            .await?;
+        let pg_sums: Vec<(i64, u64, u64)> =
+            pg_sums.iter().map(|b| (b.bucket, b.rows, b.hash)).collect();
+        let differing = differing_buckets(&pg_sums, &ch_sums);
+        let mut report = TableReport::new(plan, &pg_sums, &ch_sums, differing.len());
+        tracing::info!(
+            table = %plan.name,
+            postgres_rows = report.postgres_rows,
+            clickhouse_rows = report.clickhouse_rows,
+            buckets = pg_sums.len().max(ch_sums.len()),
+            differing = differing.len(),
+            "bucket sums compared"
+        );
+        if !differing.is_empty() {
+            // 2. The rows of the differing buckets, at a second point.
+            let (found, total) = self.diff_buckets(s, buckets, &differing).await?;
+            // 3. The differing keys once more, at a third.
+            let confirmed = if found.is_empty() {
+                found
+            } else {
+                self.diff_keys(s, &found).await?.also_in(&found)
+            };
+            report.set_diff(confirmed, total, self.args.examples);
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        report.notes = self.notes(&report);
+        tracing::info!(table = %plan.name, equal = report.is_equal(), seconds = report.seconds, "verified");
+        Ok(report)
+    }
+
+    /// The differing rows of `differing` buckets (at most [`MAX_KEYS`] kept), and how many there
+    /// were in all.
+    async fn diff_buckets(
+        &mut self,
+        s: &Subject,
+        buckets: Buckets,
+        differing: &[i64],
+    ) -> Result<(RowDiff, usize), Error> {
+        let plan = &s.plan;
+        let per_read = ((ROWS_PER_READ / compare::ROWS_PER_BUCKET) as usize).max(1);
+        let groups: Vec<&[i64]> = differing.chunks(per_read).collect();
+        tracing::info!(table = %plan.name, buckets = differing.len(), "reading the differing buckets row by row");
+        // PostgreSQL's rows of every group in one snapshot, held as key → hash until ClickHouse
+        // has caught up with it; a group at a time would need a point per group.
+        let at = pg::begin_snapshot(&self.sql).await?;
+        let mut pg_rows = Vec::with_capacity(groups.len());
+        for g in &groups {
+            pg_rows.push(
+                pg::row_hashes(
+                    &self.sql,
+                    &plan.pg_table,
+                    &plan.pg_key,
+                    &plan.pg_hash,
+                    &buckets.pg_filter(plan, g),
+                )
+                .await?,
+            );
+        }
+        pg::end_snapshot(&self.sql).await?;
+        self.wait_for(at, &s.topic).await?;
+        let mut diff = RowDiff::default();
+        let mut total = 0;
+        for (g, pg_rows) in groups.iter().zip(pg_rows) {
+            let ch_rows = self
+                .ch
+                .row_hashes(
+                    &plan.view,
+                    &plan.ch_key,
+                    &plan.ch_hash,
+                    &buckets.ch_filter(plan, g),
+                )
+                .await?;
+            let d = diff_rows(pg_rows, ch_rows);
+            total += d.len();
+            if diff.len() < MAX_KEYS {
+                diff.extend(d);
+            }
+        }
+        Ok((diff, total))
+    }
+
+    /// `found`'s keys read again on both sides at a new point.
+    async fn diff_keys(&mut self, s: &Subject, found: &RowDiff) -> Result<RowDiff, Error> {
+        let plan = &s.plan;
+        let keys: Vec<&String> = found.keys().collect();
+        tracing::info!(table = %plan.name, keys = keys.len(), "re-reading the differing keys");
+        let at = pg::begin_snapshot(&self.sql).await?;
+        let mut pg_rows = Vec::new();
+        for chunk in keys.chunks(KEYS_PER_READ) {
+            pg_rows.extend(
+                pg::row_hashes(
+                    &self.sql,
+                    &plan.pg_table,
+                    &plan.pg_key,
+                    &plan.pg_hash,
+                    &pg_key_filter(plan, chunk),
+                )
+                .await?,
+            );
+        }
+        pg::end_snapshot(&self.sql).await?;
+        self.wait_for(at, &s.topic).await?;
+        let mut ch_rows = Vec::new();
+        for chunk in keys.chunks(KEYS_PER_READ) {
+            ch_rows.extend(
+                self.ch
+                    .row_hashes(
+                        &plan.view,
+                        &plan.ch_key,
+                        &plan.ch_hash,
+                        &ch_key_filter(plan, chunk),
+                    )
+                    .await?,
+            );
+        }
+        Ok(diff_rows(pg_rows, ch_rows))
+    }
+
+    /// Waits until ClickHouse holds every change committed at or below `at`: the slot confirmed
+    /// it (Kafka acknowledged it), then the sink's group committed every message Kafka held then.
+    async fn wait_for(&mut self, at: Lsn, topic: &str) -> Result<(), Error> {
+        if self.args.no_wait {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.args.wait_secs;
+        let slot = self.cfg.slot.clone();
+        let mut last_heartbeat: Option<Instant> = None;
+        loop {
+            self.check_shutdown()?;
+            if last_heartbeat.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                // The stream confirms a quiet slot's position when this comes back to it.
+                catalog::emit_heartbeat(&self.sql).await?;
+                last_heartbeat = Some(Instant::now());
+            }
+            match pg::confirmed_position(&self.sql, &slot).await? {
+                None => {
+                    return Err(Error::Config(format!(
+                        "replication slot {slot} does not exist: verify compares what the stream has delivered, so run `cdc-relay stream` first (or pass --no-wait to compare what ClickHouse holds now)"
+                    )))
+                }
+                Some(confirmed) if confirmed >= at => break,
+                Some(confirmed) if Instant::now() > deadline => {
+                    return Err(Error::Config(format!(
+                        "the slot {slot} has confirmed {confirmed}, not yet {at} where the verify snapshot stands, after {:?}: is `cdc-relay stream` running? (--wait-secs waits longer; --no-wait compares what ClickHouse holds now)",
+                        self.args.wait_secs
+                    )))
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        let (connection, topic_name) = (self.kafka.clone(), topic.to_string());
+        let highs = blocking(move || inspect::high_watermarks(&connection, &topic_name)).await?;
+        loop {
+            self.check_shutdown()?;
+            let (connection, topic_name, group, highs) = (
+                self.kafka.clone(),
+                topic.to_string(),
+                self.args.group.clone(),
+                highs.clone(),
+            );
+            let behind =
+                blocking(move || inspect::behind(&connection, &topic_name, &group, &highs)).await?;
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let parts: Vec<String> = behind
+                    .iter()
+                    .map(|(p, at, high)| {
+                        format!(
+                            "p{p} committed {} of {high}",
+                            at.map_or("nothing".into(), |o| o.to_string())
+                        )
+                    })
+                    .collect();
+                return Err(Error::Config(format!(
+                    "consumer group {} has not consumed {topic} up to where the verify snapshot stands after {:?} ({}): is `cdc-relay sink` running with --group {}?",
+                    self.args.group,
+                    self.args.wait_secs,
+                    parts.join(", "),
+                    self.args.group
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn check_shutdown(&self) -> Result<(), Error> {
+        if *self.shutdown.borrow() {
+            return Err(Error::Config("verify interrupted".into()));
+        }
+        Ok(())
+    }
+
+    /// What a reader of the report should know about this table's comparison.
+    fn notes(&self, report: &TableReport) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(ops) = &self.publication_ops {
+            let missing: Vec<&str> = ["update", "delete", "truncate"]
+                .into_iter()
+                .filter(|op| !ops.contains(op))
+                .collect();
+            if !missing.is_empty() && !report.is_equal() {
+                notes.push(format!(
+                    "publication {} does not publish {}: such changes in PostgreSQL are not relayed and show here as drift (--ops)",
+                    self.cfg.publication,
+                    missing.join(", ")
+                ));
+            }
+        }
+        if self.args.no_wait && !report.is_equal() {
+            notes.push(
+                "--no-wait: changes still on their way to ClickHouse count as differences".into(),
+            );
+        }
+        notes
+    }
+}
+
+/// The ledger column if the table has it (as the stream decides).
+async fn ledger_column(
+    sql: &tokio_postgres::Client,
+    spec: &TableSpec,
+) -> Result<Option<String>, Error> {
+    let Some(column) = spec.ledger_column.clone() else {
+        return Ok(None);
+    };
+    let row = sql
+        .query_opt(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            &[&spec.qualified(), &column],
+        )
+        .await
+        .map_err(crate::source::postgres::SourceError::sql(format!(
+            "reading the columns of {}",
+            spec.name()
+        )))?;
+    Ok(row.map(|_| column))
+}
+
+/// PostgreSQL's condition for rows with these key texts: by index for an integer key.
+fn pg_key_filter(plan: &TablePlan, keys: &[&String]) -> String {
+    match &plan.int_key {
+        Some((key, _)) => {
+            let ints: Vec<String> = keys
+                .iter()
+                .filter_map(|k| k.parse::<i64>().ok())
+                .map(|k| k.to_string())
+                .collect();
+            if ints.is_empty() {
+                return "false".into();
+            }
+            format!("{key} IN ({})", ints.join(", "))
+        }
+        None => format!(
+            "({}) IN ({})",
+            plan.pg_key,
+            keys.iter()
+                .map(|k| pg_string(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn ch_key_filter(plan: &TablePlan, keys: &[&String]) -> String {
+    match &plan.int_key {
+        Some((_, key)) => {
+            let ints: Vec<String> = keys
+                .iter()
+                .filter_map(|k| k.parse::<i64>().ok())
+                .map(|k| k.to_string())
+                .collect();
+            if ints.is_empty() {
+                return "0".into();
+            }
+            format!("{key} IN ({})", ints.join(", "))
+        }
+        None => format!(
+            "({}) IN ({})",
+            plan.ch_key,
+            keys.iter()
+                .map(|k| crate::sink::clickhouse::config::quote_string(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// A PostgreSQL string literal (standard_conforming_strings: only quotes double).
+pub(crate) fn pg_string(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::kafka::KafkaError> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Config(format!("a Kafka inspection task failed: {e}")))?
+        .map_err(Error::from)
+}

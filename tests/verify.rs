@@ -1,0 +1,348 @@
+//! `cdc-relay verify` on the real services: a clean pipeline verifies equal (also under load),
+//! drift made in ClickHouse and in Kafka is found with the right keys, and `--repair` mends it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Runs `verify` and returns its exit code and its JSON report (`null` when it printed none).
+fn verify(args: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut all = vec!["verify", "--json"];
+    all.extend_from_slice(args);
+    let out = relay(&all, &[]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), report, stderr)
+}
+
+fn keys(report: &serde_json::Value, kind: &str) -> Vec<String> {
+    report["tables"][0][kind]["examples"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn ch_exec(sql: &str) {
+    clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"))
+        .query(sql)
+        .execute()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn ch_u64(sql: &str) -> u64 {
+    clickhouse(&env("CDC_RELAY_CLICKHOUSE_URL"))
+        .query(sql)
+        .fetch_one::<u64>()
+        .await
+        .unwrap_or(0)
+}
+
+/// Every type of the type mapping, NULLs, NaN, infinities, padding, a TOASTed value.
+const EVERY_TYPE: &str = "CREATE TYPE {t}_mood AS ENUM ('happy', 'sad'); \
+    CREATE DOMAIN {t}_pos AS integer CHECK (VALUE > 0); \
+    CREATE TABLE {t} (id bigint PRIMARY KEY, i2 smallint, i4 integer NOT NULL, n numeric, \
+      n2 numeric(10,2), n18 numeric(18,4), f4 real, f8 double precision, b boolean, tx text, \
+      vc varchar(5), ch char(3), u uuid, d date, tm time, tz timetz, ts timestamp, tstz timestamptz, \
+      iv interval, by bytea, jb jsonb, ai integer[], at text[], af float8[], ab boolean[], \
+      an numeric(6,2)[], ats timestamptz[], m {t}_mood, dom {t}_pos, ip inet, cd cidr, mac macaddr, \
+      big text)";
+
+const EVERY_TYPE_ROWS: &str = "INSERT INTO {t} \
+    SELECT g, (g % 30000)::smallint - 15000, g, (g * 1.25)::numeric, (g / 7.0)::numeric(10,2), \
+      CASE WHEN g % 5 = 0 THEN 100 ELSE g / 3.0 END, \
+      CASE g % 4 WHEN 0 THEN 'NaN'::real WHEN 1 THEN 'Infinity' ELSE g / 3.0 END, \
+      CASE g % 5 WHEN 0 THEN '-Infinity'::float8 WHEN 1 THEN -0.0 ELSE 1.0 / g END, g % 2 = 0, \
+      CASE WHEN g % 9 = 0 THEN NULL ELSE 'row ' || g || E' \\t \"q\" ü \\\\ ''' END, \
+      left(g::text, 5), left(g::text, 2), md5(g::text)::uuid, \
+      CASE WHEN g % 100 = 0 THEN 'infinity'::date ELSE date '2024-02-29' + g END, \
+      time '00:00:00.000001' + g * interval '1 second', '10:00:00+05:30', \
+      CASE g % 50 WHEN 0 THEN 'infinity'::timestamp WHEN 1 THEN '-infinity' \
+        ELSE timestamp '2024-01-01 10:00:00.123456' + g * interval '1 hour 1 microsecond' END, \
+      timestamptz '1969-12-31 23:59:59.5+05:30' + g * interval '1 day', \
+      g * interval '1 day 1 second', decode(lpad(to_hex(g), 8, '0'), 'hex'), \
+      jsonb_build_object('g', g), ARRAY[g, NULL, -g], ARRAY['a b', NULL, g::text], \
+      ARRAY[g / 3.0, 'NaN'], ARRAY[true, NULL], ARRAY[1.50, g % 100]::numeric(6,2)[], \
+      ARRAY[timestamptz '2020-01-01 00:00:00+00' + g * interval '1 minute'], \
+      CASE WHEN g % 2 = 0 THEN 'happy' ELSE 'sad' END::{t}_mood, g, '192.168.0.1/24', \
+      '10.0.0.0/8', '08:00:2b:01:02:03', CASE WHEN g = 7 THEN repeat('x', 100000) END \
+    FROM generate_series(1, 3000) AS g; \
+    INSERT INTO {t} (id, i4) VALUES (-9223372036854775808, 0), (9223372036854775807, 1);";
+
+#[tokio::test]
+async fn every_type_verifies_equal_then_clickhouse_drift_is_found_by_key_and_repaired() {
+    let t = AnyTable::new("verall", EVERY_TYPE).await;
+    let stream = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let (dlq, seed_table) = (format!("{}.dlq", t.name), format!("{}_seed", t.name));
+    let sink_args = [
+        "sink",
+        "--group",
+        &t.name,
+        "--topic",
+        &t.name,
+        "--clickhouse-table",
+        &seed_table,
+        "--dlq-topic",
+        &dlq,
+    ];
+    let sink = Relay::start(&format!("{}_sink", t.name), &sink_args, &[]);
+    t.exec(EVERY_TYPE_ROWS).await;
+    let view = format!("default.{}_current", t.name);
+    eventually(
+        "every row in ClickHouse",
+        Duration::from_secs(90),
+        || async { (ch_u64(&format!("SELECT count() FROM {view}")).await == 3002).then_some(()) },
+    )
+    .await;
+    let args = [
+        "--table",
+        &t.name,
+        "--slot",
+        &t.name,
+        "--publication",
+        &t.name,
+        "--topic",
+        &t.name,
+        "--group",
+        &t.name,
+        "--clickhouse-table",
+        &seed_table,
+    ];
+    let (code, report, log) = verify(&args);
+    assert_eq!(code, 0, "{report:#}\n{log}");
+    let table = &report["tables"][0];
+    assert_eq!(table["postgres_rows"], 3002, "{report:#}");
+    assert_eq!(table["clickhouse_rows"], 3002, "{report:#}");
+    assert!(table["buckets"].as_u64().unwrap() >= 3, "{report:#}");
+    let not_compared = table["not_compared"].to_string();
+    assert!(not_compared.contains("jb (jsonb)"), "{report:#}");
+    assert_eq!(
+        table["not_compared"].as_array().unwrap().len(),
+        1,
+        "{report:#}"
+    );
+
+    // Drift made in ClickHouse: a row gone (a delete PostgreSQL never made), a value changed, a
+    // row PostgreSQL never had; each as the sink would write it, with a newer version.
+    let raw = format!("default.{}", t.name);
+    let v = ch_u64(&format!("SELECT max(_version) FROM {raw}")).await + 1;
+    ch_exec(&format!(
+        "INSERT INTO {raw} (id, i4, _op, _lsn, _version, _deleted) VALUES (5, 5, 'delete', '0/0', {v}, 1)"
+    ))
+    .await;
+    ch_exec(&format!(
+        "INSERT INTO {raw} (id, i4, tx, _op, _lsn, _version, _deleted) VALUES (2001, 2001, 'changed', 'update', '0/0', {v}, 0)"
+    ))
+    .await;
+    ch_exec(&format!(
+        "INSERT INTO {raw} (id, i4, _op, _lsn, _version, _deleted) VALUES (777777, 1, 'insert', '0/0', 1, 0)"
+    ))
+    .await;
+    let (code, report, log) = verify(&args);
+    assert_eq!(code, 1, "{report:#}\n{log}");
+    assert_eq!(keys(&report, "missing"), vec!["5"], "{report:#}");
+    assert_eq!(keys(&report, "mismatched"), vec!["2001"], "{report:#}");
+    assert_eq!(keys(&report, "extra"), vec!["777777"], "{report:#}");
+    // Only the buckets of those keys were read row by row.
+    let differing = report["tables"][0]["differing_buckets"].as_u64().unwrap();
+    assert!((1..=3).contains(&differing), "{report:#}");
+
+    let mut with_repair = args.to_vec();
+    with_repair.push("--repair");
+    let (code, report, log) = verify(&with_repair);
+    assert_eq!(code, 0, "{report:#}\n{log}");
+    assert_eq!(report["repaired"]["sent"], 3, "{report:#}");
+    assert_eq!(
+        keys(&report["repaired"]["before"], "missing"),
+        vec!["5"],
+        "{report:#}"
+    );
+    // What the repair wrote is the row itself: the values PostgreSQL holds.
+    let big = ch_u64(&format!(
+        "SELECT ifNull(toUInt64(length(tx)), 0) FROM {view} WHERE id = 2001"
+    ))
+    .await;
+    assert_eq!(big as usize, "row 2001 \t \"q\" ü \\ '".len());
+    assert_eq!(
+        ch_u64(&format!("SELECT count() FROM {view} WHERE id = 777777")).await,
+        0
+    );
+    let (code, report, log) = verify(&args);
+    assert_eq!(code, 0, "{report:#}\n{log}");
+
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    t.drop().await;
+}
+
+/// The group's committed offsets moved to the end of every partition: whatever the sink had not
+/// consumed is lost to it, as if Kafka had deleted it (retention) before the sink read it.
+fn skip_to_end(topic: &str, group: &str) {
+    let c: BaseConsumer = kafka_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        let (_, high) = c
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .unwrap();
+        tpl.add_partition_offset(topic, p.id(), Offset::Offset(high))
+            .unwrap();
+    }
+    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync).unwrap();
+}
+
+#[tokio::test]
+async fn the_seed_table_verifies_equal_under_load_and_messages_lost_in_kafka_are_found_and_repaired(
+) {
+    let t = Table::new("verseed").await;
+    let name = t.name.clone();
+    let stream = Relay::start(&name, &stream_args(&name, &[]), &[]);
+    wait_slot_streaming(&t.pg, &name, Duration::from_secs(30)).await;
+    let dlq = format!("{name}.dlq");
+    let sink_args = [
+        "sink",
+        "--group",
+        &name,
+        "--topic",
+        &name,
+        "--clickhouse-table",
+        &name,
+        "--dlq-topic",
+        &dlq,
+    ];
+    let sink = Relay::start(&format!("{name}_sink"), &sink_args, &[]);
+    t.exec(&format!(
+        "INSERT INTO {name} (username, event_type, event_time) \
+         SELECT 'user' || g, CASE WHEN g % 3 = 0 THEN NULL ELSE 'login' END, \
+           timestamp '2024-01-01' + g * interval '1.000001 second' FROM generate_series(1, 20000) g"
+    ))
+    .await;
+    t.wait_all_sent(Duration::from_secs(60)).await;
+
+    // A steady load while verify runs: every change in flight at one of its reads must be found
+    // equal when read again, never reported.
+    let load = {
+        let pg = pg().await;
+        let name = name.clone();
+        tokio::spawn(async move {
+            for i in 0..400 {
+                pg.batch_execute(&format!(
+                    "INSERT INTO {name} (username, event_type, event_time) \
+                     SELECT 'load{i}', 'logout', now() FROM generate_series(1, 10)"
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let args = [
+        "--table",
+        &name,
+        "--slot",
+        &name,
+        "--publication",
+        &name,
+        "--topic",
+        &name,
+        "--group",
+        &name,
+        "--clickhouse-table",
+        &name,
+    ];
+    let (code, report, log) = verify(&args);
+    assert!(!load.is_finished(), "the load ended before verify did");
+    assert_eq!(code, 0, "{report:#}\n{log}");
+    assert!(
+        report["tables"][0]["postgres_rows"].as_u64().unwrap() >= 20000,
+        "{report:#}"
+    );
+    load.await.unwrap();
+
+    // Messages lost before the sink: produced while it is down, then skipped.
+    assert_eq!(sink.stop(), 0);
+    let before: i64 = t.count("true").await;
+    t.exec(&format!(
+        "INSERT INTO {name} (username, event_type, event_time) \
+         SELECT 'lost' || g, 'login', now() FROM generate_series(1, 20) g"
+    ))
+    .await;
+    t.wait_all_sent(Duration::from_secs(60)).await;
+    skip_to_end(&name, &name);
+    let lost: Vec<String> =
+        t.pg.query(
+            &format!("SELECT id::int8 FROM {name} WHERE username LIKE 'lost%' ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i64>(0).to_string())
+        .collect();
+    assert_eq!(lost.len(), 20);
+    assert_eq!(t.count("true").await, before + 20);
+    let sink = Relay::start(&format!("{name}_sink2"), &sink_args, &[]);
+    let mut show_all = args.to_vec();
+    show_all.extend(["--examples", "100"]);
+    let (code, report, log) = verify(&show_all);
+    assert_eq!(code, 1, "{report:#}\n{log}");
+    assert_eq!(keys(&report, "missing"), lost, "{report:#}");
+    assert_eq!(report["tables"][0]["mismatched"]["count"], 0, "{report:#}");
+    assert_eq!(report["tables"][0]["extra"]["count"], 0, "{report:#}");
+
+    let mut with_repair = args.to_vec();
+    with_repair.push("--repair");
+    let (code, report, log) = verify(&with_repair);
+    assert_eq!(code, 0, "{report:#}\n{log}");
+    assert_eq!(report["repaired"]["sent"], 20, "{report:#}");
+    let current = ch_u64(&format!(
+        "SELECT count() FROM default.{name}_current WHERE username LIKE 'lost%'"
+    ))
+    .await;
+    assert_eq!(current, 20);
+
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    t.drop().await;
+}
+
+#[tokio::test]
+async fn verify_says_what_is_wrong_with_exit_2_when_the_pipeline_is_not_there() {
+    let t = Table::new("vernone").await;
+    let name = t.name.clone();
+    // No slot yet: verify cannot know what has been delivered.
+    let (code, _, log) = verify(&[
+        "--table",
+        &name,
+        "--slot",
+        &name,
+        "--publication",
+        &name,
+        "--topic",
+        &name,
+        "--group",
+        &name,
+        "--clickhouse-table",
+        &name,
+    ]);
+    assert_eq!(code, 2, "{log}");
+    assert!(
+        log.contains(&format!("{name}_current")) || log.contains("does not exist"),
+        "{log}"
+    );
+    t.drop().await;
+}
