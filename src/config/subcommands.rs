@@ -232,6 +232,10 @@ pub struct VerifyArgs {
     #[arg(long, default_value_t = 10)]
     pub examples: usize,
 
+    /// Serve the progress as Prometheus metrics on this address at /metrics.
+    #[arg(long, env = "CDC_RELAY_VERIFY_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -13,9 +13,16 @@ pub const ROWS_PER_BUCKET: f64 = 1000.0;
 /// How rows are put into buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buckets {
-    /// An integer key: `(key - base) / width`, both servers truncating toward zero. A bucket is a
+    /// An integer key in PostgreSQL's `[base, max]` at the first read: `(key - base) / width`,
+    /// `0 .. count`; keys below go to bucket -1 and keys above to `count`, so rows that only
+    /// ClickHouse has (or PostgreSQL gained since) never make more buckets than that. A bucket is a
     /// key range, which PostgreSQL reads through the primary key's index.
-    Range { base: i64, width: i64 },
+    Range {
+        base: i64,
+        max: i64,
+        width: i64,
+        count: i64,
+    },
     /// Any other key: a hash of its text modulo `count` (a bucket is read by a full scan).
     Hash { count: u64 },
 }
@@ -24,12 +31,17 @@ impl Buckets {
     /// For an integer key in `[min, max]`, about `rows` rows.
     pub fn for_int_key(min: i64, max: i64, rows: f64) -> Buckets {
         let span = i128::from(max) - i128::from(min) + 1;
-        if span > i128::from(i64::MAX) {
+        if span > i128::from(i64::MAX) || max < min {
             return Buckets::for_rows(rows);
         }
         let buckets = (rows.max(1.0) / ROWS_PER_BUCKET).ceil().max(1.0) as i128;
-        let width = ((span + buckets - 1) / buckets).max(1) as i64;
-        Buckets::Range { base: min, width }
+        let width = ((span + buckets - 1) / buckets).max(1);
+        Buckets::Range {
+            base: min,
+            max,
+            width: width as i64,
+            count: ((span + width - 1) / width) as i64,
+        }
     }
 
     pub fn for_rows(rows: f64) -> Buckets {
@@ -40,9 +52,18 @@ impl Buckets {
 
     pub fn pg_sql(&self, plan: &TablePlan) -> String {
         match (*self, &plan.int_key) {
-            (Buckets::Range { base, width }, Some((key, _))) => {
-                format!("(({key})::bigint - ({base})::bigint) / {width}")
-            }
+            (
+                Buckets::Range {
+                    base,
+                    max,
+                    width,
+                    count,
+                },
+                Some((key, _)),
+            ) => format!(
+                "CASE WHEN {key} < {base} THEN -1 WHEN {key} > {max} THEN {count} \
+                 ELSE (({key})::bigint - ({base})::bigint) / {width} END"
+            ),
             (Buckets::Hash { count }, _) => canonical::pg_hash_bucket(&plan.pg_key, count),
             // Ranges are made for integer keys only.
             (Buckets::Range { .. }, None) => "0".into(),
@@ -51,34 +72,50 @@ impl Buckets {
 
     pub fn ch_sql(&self, plan: &TablePlan) -> String {
         match (*self, &plan.int_key) {
-            (Buckets::Range { base, width }, Some((_, key))) => {
-                format!("intDiv(toInt64({key}) - toInt64({base}), {width})")
-            }
+            (
+                Buckets::Range {
+                    base,
+                    max,
+                    width,
+                    count,
+                },
+                Some((_, key)),
+            ) => format!(
+                "multiIf(toInt64({key}) < toInt64({base}), toInt64(-1), toInt64({key}) > toInt64({max}), toInt64({count}), toInt64(intDiv(toInt64({key}) - toInt64({base}), {width})))"
+            ),
             (Buckets::Hash { count }, _) => canonical::ch_hash_bucket(&plan.ch_key, count),
             (Buckets::Range { .. }, None) => "0".into(),
         }
     }
 
-    /// The keys of bucket `b` of a range: `(key - base)` in `[b·w, b·w + w - 1]` above zero,
-    /// `[b·w - w + 1, b·w]` below, both around zero for bucket 0 (division truncates).
-    pub fn key_range(base: i64, width: i64, b: i64) -> (i64, i64) {
-        let (w, b) = (i128::from(width), i128::from(b));
-        let (lo, hi) = match b.cmp(&0) {
-            std::cmp::Ordering::Greater => (b * w, b * w + w - 1),
-            std::cmp::Ordering::Less => (b * w - w + 1, b * w),
-            std::cmp::Ordering::Equal => (-w + 1, w - 1),
-        };
-        let clamp = |v: i128| (v + i128::from(base)).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
-        (clamp(lo), clamp(hi))
+    /// The keys of bucket `b` of a range.
+    pub fn key_range(base: i64, max: i64, width: i64, count: i64, b: i64) -> (i64, i64) {
+        if b < 0 {
+            return (i64::MIN, base.saturating_sub(1));
+        }
+        if b >= count {
+            return (max.saturating_add(1), i64::MAX);
+        }
+        let lo = i128::from(base) + i128::from(b) * i128::from(width);
+        let hi = (lo + i128::from(width) - 1).min(i128::from(max));
+        (lo as i64, hi as i64)
     }
 
     /// PostgreSQL's condition for the rows of `buckets`.
     pub fn pg_filter(&self, plan: &TablePlan, buckets: &[i64]) -> String {
         match (self, &plan.int_key) {
-            (Buckets::Range { base, width }, Some((key, _))) => buckets
+            (
+                &Buckets::Range {
+                    base,
+                    max,
+                    width,
+                    count,
+                },
+                Some((key, _)),
+            ) => buckets
                 .iter()
                 .map(|&b| {
-                    let (lo, hi) = Buckets::key_range(*base, *width, b);
+                    let (lo, hi) = Buckets::key_range(base, max, width, count, b);
                     format!("({key} BETWEEN {lo} AND {hi})")
                 })
                 .collect::<Vec<_>>()
@@ -192,14 +229,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_bucket_range_holds_exactly_the_keys_that_divide_into_it() {
-        for (base, width) in [(1, 1000), (-50, 7), (0, 1), (i64::MIN + 10, 3)] {
-            for key in [base - 20, base - 1, base, base + 1, base + 999, base + 5000] {
-                let Some(d) = (key as i128).checked_sub(base as i128) else {
-                    continue;
+    fn a_bucket_range_holds_exactly_the_keys_of_its_bucket() {
+        for (min, max, rows) in [(1, 10_000, 10_000.0), (-50, 70, 3.0), (5, 5, 1.0)] {
+            let Buckets::Range {
+                base,
+                max,
+                width,
+                count,
+            } = Buckets::for_int_key(min, max, rows)
+            else {
+                panic!("not a range");
+            };
+            for key in [
+                min - 20,
+                min - 1,
+                min,
+                min + 1,
+                max - 1,
+                max,
+                max + 1,
+                max + 5000,
+            ] {
+                let b = if key < base {
+                    -1
+                } else if key > max {
+                    count
+                } else {
+                    (key - base) / width
                 };
-                let b = (d / width as i128) as i64;
-                let (lo, hi) = Buckets::key_range(base, width, b);
+                assert!((-1..=count).contains(&b));
+                let (lo, hi) = Buckets::key_range(base, max, width, count, b);
                 assert!(lo <= key && key <= hi, "{key} in bucket {b} [{lo}, {hi}]");
             }
         }
@@ -211,14 +270,21 @@ mod tests {
             Buckets::for_int_key(1, 10_000_000, 10_000_000.0),
             Buckets::Range {
                 base: 1,
-                width: 1000
+                max: 10_000_000,
+                width: 1000,
+                count: 10_000,
             }
         );
         assert_eq!(
             Buckets::for_int_key(5, 5, -1.0),
-            Buckets::Range { base: 5, width: 1 }
+            Buckets::Range {
+                base: 5,
+                max: 5,
+                width: 1,
+                count: 1
+            }
         );
-        // A range wider than i64 falls back to hashing.
+        // A range wider than i64, or none (an empty table), falls back to hashing.
         assert!(matches!(
             Buckets::for_int_key(i64::MIN, i64::MAX, 10.0),
             Buckets::Hash { .. }

@@ -13,7 +13,8 @@
 //!    written just then differs once, but not twice.
 
 mod compare;
-mod plan;
+mod metrics;
+pub mod plan;
 mod repair;
 mod report;
 
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use self::compare::{diff_rows, differing_buckets, Buckets, RowDiff};
+use self::metrics::VerifyMetrics;
 use self::plan::TablePlan;
 use self::report::{Report, TableReport};
 use crate::commands::Error;
@@ -44,10 +46,14 @@ const MAX_KEYS: usize = 100_000;
 const ROWS_PER_READ: f64 = 200_000.0;
 /// Keys per statement when re-reading keys.
 const KEYS_PER_READ: usize = 1000;
+/// Most rows of differing buckets read row by row in one run (held from PostgreSQL while
+/// ClickHouse catches up): memory stays bounded however far the sides are apart.
+const MAX_ROWS_READ: u64 = 500_000;
 
 /// Exit code: 0 equal, 1 drift (`Ok`); errors are 2 (main.rs).
 pub async fn run(args: VerifyArgs, shutdown: watch::Receiver<bool>) -> Result<i32, Error> {
     let mut ctx = Verifier::connect(&args, shutdown).await?;
+    super::serve_metrics(&ctx.metrics.registry, args.metrics_addr).await?;
     let mut report = ctx.verify_all().await?;
     if args.repair && !report.equal() {
         let sent = repair::send_again(&ctx, &report).await?;
@@ -81,6 +87,7 @@ pub(crate) struct Verifier {
     topics: Vec<String>,
     publication_ops: Option<Vec<&'static str>>,
     shutdown: watch::Receiver<bool>,
+    metrics: VerifyMetrics,
 }
 
 /// One table as it is read.
@@ -115,6 +122,7 @@ impl Verifier {
             topics,
             publication_ops,
             shutdown,
+            metrics: VerifyMetrics::new(),
         })
     }
 
@@ -166,6 +174,7 @@ impl Verifier {
         tracing::debug!(postgres = %plan.pg_hash, clickhouse = %plan.ch_hash, "row hashes");
 
         // 1. Bucket sums at one point.
+        self.metrics.pass.set(1);
         let at = pg::begin_snapshot(&self.sql).await?;
         let buckets = match &plan.int_key {
             Some((key, _)) => {
@@ -200,6 +209,8 @@ impl Verifier {
             pg_sums.iter().map(|b| (b.bucket, b.rows, b.hash)).collect();
         let differing = differing_buckets(&pg_sums, &ch_sums);
         let mut report = TableReport::new(plan, &pg_sums, &ch_sums, differing.len());
+        self.metrics.postgres_rows.add(report.postgres_rows);
+        self.metrics.differing_buckets.set(differing.len() as i64);
         tracing::info!(
             table = %plan.name,
             postgres_rows = report.postgres_rows,
@@ -210,8 +221,27 @@ impl Verifier {
         );
         if !differing.is_empty() {
             // 2. The rows of the differing buckets, at a second point.
-            let (found, total) = self.diff_buckets(s, buckets, &differing).await?;
+            let (read, unread) = within_budget(&differing, &pg_sums, &ch_sums);
+            if !unread.is_empty() {
+                let rows = |sums: &[(i64, u64, u64)]| -> u64 {
+                    sums.iter()
+                        .filter(|(b, _, _)| unread.contains(b))
+                        .map(|x| x.1)
+                        .sum()
+                };
+                report.unread_buckets = unread.len();
+                report.notes.push(format!(
+                    "{} of the {} differing buckets (PostgreSQL {} rows, ClickHouse {} rows) were not read row by row: more than a run holds ({MAX_ROWS_READ} rows); the keys listed are those of the others. --repair, then verify again, goes on",
+                    unread.len(),
+                    differing.len(),
+                    rows(&pg_sums),
+                    rows(&ch_sums)
+                ));
+            }
+            self.metrics.pass.set(2);
+            let (found, total) = self.diff_buckets(s, buckets, &read).await?;
             // 3. The differing keys once more, at a third.
+            self.metrics.pass.set(3);
             let confirmed = if found.is_empty() {
                 found
             } else {
@@ -220,7 +250,13 @@ impl Verifier {
             report.set_diff(confirmed, total, self.args.examples);
         }
         report.seconds = started.elapsed().as_secs_f64();
-        report.notes = self.notes(&report);
+        self.metrics.pass.set(0);
+        self.metrics.tables_verified.inc();
+        self.metrics.missing.set(report.missing.count as i64);
+        self.metrics.extra.set(report.extra.count as i64);
+        self.metrics.mismatched.set(report.mismatched.count as i64);
+        let notes = self.notes(&report);
+        report.notes.extend(notes);
         tracing::info!(table = %plan.name, equal = report.is_equal(), seconds = report.seconds, "verified");
         Ok(report)
     }
@@ -319,7 +355,8 @@ impl Verifier {
         if self.args.no_wait {
             return Ok(());
         }
-        let deadline = Instant::now() + self.args.wait_secs;
+        let started = Instant::now();
+        let deadline = started + self.args.wait_secs;
         let slot = self.cfg.slot.clone();
         let mut last_heartbeat: Option<Instant> = None;
         loop {
@@ -358,6 +395,7 @@ impl Verifier {
             let behind =
                 blocking(move || inspect::behind(&connection, &topic_name, &group, &highs)).await?;
             if behind.is_empty() {
+                self.metrics.waited.record(started.elapsed());
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -412,6 +450,32 @@ impl Verifier {
         }
         notes
     }
+}
+
+/// The differing buckets to read row by row, in order, while their rows (the larger side's) fit
+/// [`MAX_ROWS_READ`]; and the others.
+fn within_budget(
+    differing: &[i64],
+    pg: &[(i64, u64, u64)],
+    ch: &[(i64, u64, u64)],
+) -> (Vec<i64>, Vec<i64>) {
+    let mut size: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
+    for &(b, rows, _) in pg.iter().chain(ch) {
+        let n = size.entry(b).or_default();
+        *n = (*n).max(rows);
+    }
+    let (mut read, mut unread) = (Vec::new(), Vec::new());
+    let mut left = MAX_ROWS_READ;
+    for &b in differing {
+        let rows = size.get(&b).copied().unwrap_or(0);
+        if rows <= left {
+            left -= rows;
+            read.push(b);
+        } else {
+            unread.push(b);
+        }
+    }
+    (read, unread)
 }
 
 /// The ledger column if the table has it (as the stream decides).

@@ -47,6 +47,8 @@ pub struct TableReport {
     pub absent_columns: Vec<String>,
     /// Differences seen while narrowing down that were gone when read again (changes in flight).
     pub in_flight: usize,
+    /// Differing buckets too large to read row by row in this run (see `notes`).
+    pub unread_buckets: usize,
     pub notes: Vec<String>,
     pub seconds: f64,
     /// Every differing key, for `--repair` (at most `MAX_KEYS`).
@@ -74,6 +76,7 @@ impl TableReport {
             not_compared: plan.not_compared.clone(),
             absent_columns: plan.absent.clone(),
             in_flight: 0,
+            unread_buckets: 0,
             notes: Vec::new(),
             seconds: 0.0,
             diff: RowDiff::default(),
@@ -96,7 +99,7 @@ impl TableReport {
 
     pub fn is_equal(&self) -> bool {
         // Buckets that differed only by changes in flight leave no key behind.
-        self.diff.is_empty() && self.absent_columns.is_empty()
+        self.diff.is_empty() && self.absent_columns.is_empty() && self.unread_buckets == 0
     }
 }
 
