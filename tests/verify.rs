@@ -518,3 +518,174 @@ async fn rows_only_clickhouse_has_beyond_what_a_run_holds_are_counted_not_read()
     assert_eq!(stream.stop(), 0);
     t.drop().await;
 }
+
+/// Updates, deletes and inserts under way while verify runs, through `--exactly-once` (whose
+/// transaction markers the sink's committed offsets never pass): equal, and no wait runs out.
+#[tokio::test]
+async fn a_table_under_updates_and_deletes_through_exactly_once_verifies_equal() {
+    let t = AnyTable::new(
+        "verload",
+        "CREATE TABLE {t} (k text PRIMARY KEY, n integer NOT NULL, f double precision, note text)",
+    )
+    .await;
+    let mut args = stream_args(&t.name, &["--ops", "insert,update,delete,truncate"]);
+    args.push("--exactly-once");
+    let stream = Relay::start(&t.name, &args, &[]);
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let (dlq, seed_table) = (format!("{}.dlq", t.name), format!("{}_seed", t.name));
+    let sink = Relay::start(
+        &format!("{}_sink", t.name),
+        &[
+            "sink",
+            "--group",
+            &t.name,
+            "--topic",
+            &t.name,
+            "--clickhouse-table",
+            &seed_table,
+            "--dlq-topic",
+            &dlq,
+        ],
+        &[],
+    );
+    t.exec(
+        "INSERT INTO {t} SELECT 'k' || g, g, g / 7.0, repeat('n', g % 50) FROM generate_series(1, 5000) g",
+    )
+    .await;
+    let view = format!("default.{}_current", t.name);
+    eventually(
+        "every row in ClickHouse",
+        Duration::from_secs(90),
+        || async { (ch_u64(&format!("SELECT count() FROM {view}")).await == 5000).then_some(()) },
+    )
+    .await;
+    let load = {
+        let pg = pg().await;
+        let name = t.name.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                pg.batch_execute(&format!(
+                    "UPDATE {name} SET n = n + 1, f = f * 1.5 WHERE k = 'k{}'; \
+                     DELETE FROM {name} WHERE k = 'k{}'; \
+                     INSERT INTO {name} VALUES ('new{i}', {i}, {i} / 3.0, 'x')",
+                    1 + (i * 7) % 5000,
+                    1 + (i * 13 + 1) % 5000
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    let (code, report, log) = verify(&[
+        "--table",
+        &t.name,
+        "--slot",
+        &t.name,
+        "--publication",
+        &t.name,
+        "--topic",
+        &t.name,
+        "--group",
+        &t.name,
+        "--clickhouse-table",
+        &seed_table,
+        "--wait-secs",
+        "60",
+    ]);
+    assert!(!load.is_finished(), "the load ended before verify did");
+    assert_eq!(code, 0, "{report:#}\n{log}");
+    load.await.unwrap();
+    // And once the load is over, equal again with every change counted.
+    let (code, report, log) = verify(&[
+        "--table",
+        &t.name,
+        "--slot",
+        &t.name,
+        "--publication",
+        &t.name,
+        "--topic",
+        &t.name,
+        "--group",
+        &t.name,
+        "--clickhouse-table",
+        &seed_table,
+    ]);
+    assert_eq!(code, 0, "{report:#}\n{log}");
+    let rows: i64 =
+        t.pg.query_one(&format!("SELECT count(*) FROM {}", t.name), &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(report["tables"][0]["postgres_rows"], rows);
+    assert_eq!(report["tables"][0]["clickhouse_rows"], rows);
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    t.drop().await;
+}
+
+/// ClickHouse 18.16 reads some doubles one ulp off; verify allows exactly that: a double one ulp
+/// below 2.5 (across the bits its first passes leave out) is equal, two ulps below is drift.
+#[tokio::test]
+async fn a_double_one_ulp_off_is_equal_and_two_ulps_off_is_drift() {
+    let t = AnyTable::new(
+        "verulp",
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, f double precision, g double precision)",
+    )
+    .await;
+    let stream = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let (dlq, seed_table) = (format!("{}.dlq", t.name), format!("{}_seed", t.name));
+    let sink = Relay::start(
+        &format!("{}_sink", t.name),
+        &[
+            "sink",
+            "--group",
+            &t.name,
+            "--topic",
+            &t.name,
+            "--clickhouse-table",
+            &seed_table,
+            "--dlq-topic",
+            &dlq,
+        ],
+        &[],
+    );
+    t.exec("INSERT INTO {t} VALUES (1, 2.5, 1), (2, 2.5, NULL), (3, 2.857142857142857, 2)")
+        .await;
+    let view = format!("default.{}_current", t.name);
+    eventually(
+        "every row in ClickHouse",
+        Duration::from_secs(60),
+        || async { (ch_u64(&format!("SELECT count() FROM {view}")).await == 3).then_some(()) },
+    )
+    .await;
+    let raw = format!("default.{}", t.name);
+    let v = ch_u64(&format!("SELECT max(_version) FROM {raw}")).await + 1;
+    ch_exec(&format!(
+        "INSERT INTO {raw} (id, f, g, _op, _lsn, _version, _deleted) VALUES \
+         (1, 2.4999999999999996, 1, 'update', '0/0', {v}, 0), \
+         (2, 2.499999999999999, NULL, 'update', '0/0', {v}, 0)"
+    ))
+    .await;
+    let (code, report, log) = verify(&[
+        "--table",
+        &t.name,
+        "--slot",
+        &t.name,
+        "--publication",
+        &t.name,
+        "--topic",
+        &t.name,
+        "--group",
+        &t.name,
+        "--clickhouse-table",
+        &seed_table,
+    ]);
+    assert_eq!(code, 1, "{report:#}\n{log}");
+    assert_eq!(keys(&report, "mismatched"), vec!["2"], "{report:#}");
+    assert!(log.contains("one ulp allowed"), "{log}");
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    t.drop().await;
+}

@@ -30,6 +30,19 @@ pub struct TablePlan {
     pub not_compared: Vec<String>,
     /// Columns of the PostgreSQL table that the view does not have.
     pub absent: Vec<String>,
+    /// Doubles compared without their last bits (ClickHouse 18.16): the keys that still differ are
+    /// compared again with these, one ulp allowed.
+    pub loose: Option<Loose>,
+}
+
+/// The second look at keys of a table with doubles on ClickHouse 18.16.
+#[derive(Debug, Clone)]
+pub struct Loose {
+    /// The row hash without the doubles.
+    pub pg_rest: String,
+    pub ch_rest: String,
+    /// Each double's exact bits (`NaN`, or NULL / `\N`): (column, PostgreSQL, ClickHouse).
+    pub columns: Vec<(String, String, String)>,
 }
 
 /// Where a PostgreSQL column is in ClickHouse: its name there and the kind its canonical text
@@ -58,6 +71,9 @@ impl TablePlan {
         let mut not_compared = Vec::new();
         let mut absent = Vec::new();
         let mut key_is_pg_text = true;
+        let mut rest_pg = Vec::new();
+        let mut rest_ch = Vec::new();
+        let mut loose = Vec::new();
         for (i, col) in schema.columns.iter().enumerate() {
             let (ch_name, kind) = clickhouse_column(shape, &col.name, &col.kind);
             let Some((_, ch_type)) = view_columns.iter().find(|(n, _)| *n == ch_name) else {
@@ -98,6 +114,18 @@ impl TablePlan {
                 pg_key_fields.push(pg_field.clone());
                 ch_key_fields.push(ch_field.clone());
             }
+            if canon.loose && !schema.key.contains(&i) {
+                let (pg_bits, ch_bits) = canonical::float8_bits_sql(&pg_col, &ch_value);
+                let ch_bits = if nullable {
+                    format!("if(isNull({ch_col}), '\\\\N', {ch_bits})")
+                } else {
+                    ch_bits
+                };
+                loose.push((col.name.clone(), pg_bits, ch_bits));
+            } else {
+                rest_pg.push(pg_field.clone());
+                rest_ch.push(ch_field.clone());
+            }
             pg_fields.push(pg_field);
             ch_fields.push(ch_field);
         }
@@ -133,6 +161,11 @@ impl TablePlan {
             key_is_pg_text,
             not_compared,
             absent,
+            loose: (!loose.is_empty()).then(|| Loose {
+                pg_rest: canonical::pg_hash(&canonical::pg_concat(&rest_pg)),
+                ch_rest: canonical::ch_hash(&canonical::ch_concat(&rest_ch)),
+                columns: loose,
+            }),
         })
     }
 }

@@ -125,6 +125,39 @@ impl ViewReader {
     }
 }
 
+impl ViewReader {
+    /// `exprs` (SQL over the view's columns, each a String, `\\N` for NULL) for every row
+    /// `filter` selects.
+    pub async fn text_rows(
+        &self,
+        view: &TableNames,
+        exprs: &[String],
+        filter: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, SinkError> {
+        let select: Vec<String> = exprs.iter().map(|e| format!("hex({e})")).collect();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {filter} FORMAT TSV",
+            select.join(", "),
+            view.qualified()
+        );
+        let context = format!("reading rows of {}", view.qualified());
+        let text = self.tsv(&sql, context.clone()).await?;
+        text.lines()
+            .map(|l| {
+                l.split('\t')
+                    .map(|f| match unhex(f) {
+                        Some(v) if v == "\\N" => Ok(None),
+                        Some(v) => Ok(Some(v)),
+                        None => Err(SinkError::Output(format!(
+                            "{context}: unexpected line {l:?}"
+                        ))),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 fn unhex(hex: &str) -> Option<String> {
     if !hex.len().is_multiple_of(2) {
         return None;

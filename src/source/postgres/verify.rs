@@ -145,6 +145,28 @@ pub async fn row_hashes(
         .collect())
 }
 
+/// `exprs` (SQL over the table's columns, aliased `t`) as text, for every row `filter` selects.
+pub async fn text_rows(
+    client: &Client,
+    table: &str,
+    exprs: &[String],
+    filter: &str,
+) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+    let select: Vec<String> = exprs.iter().map(|e| format!("({e})::text")).collect();
+    let sql = format!(
+        "SELECT {} FROM {table} AS t WHERE {filter}",
+        select.join(", ")
+    );
+    let rows = client
+        .query(&sql, &[])
+        .await
+        .map_err(SourceError::sql(format!("reading rows of {table}")))?;
+    Ok(rows
+        .iter()
+        .map(|r| (0..exprs.len()).map(|i| r.get(i)).collect())
+        .collect())
+}
+
 /// The slot's confirmed position; `None` when there is no such slot.
 pub async fn confirmed_position(client: &Client, slot: &str) -> Result<Option<Lsn>, SourceError> {
     let row = client
