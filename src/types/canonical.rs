@@ -80,14 +80,13 @@ pub fn canonical_sql(
                     "numeric({p}, …) is Decimal128, which ClickHouse 18.16 cannot print exactly"
                 )))
             }
-            Some(_) => CanonicalSql {
-                postgres: format!("(trim_scale({pg}))::text"),
-                clickhouse: format!(
+            // Not PostgreSQL's own text (`1.5` for `1.50`): the stream keys such a row `1.50`.
+            Some(_) => both(
+                format!("(trim_scale({pg}))::text"),
+                format!(
                     "replaceRegexpOne(toString({ch}), '(\\\\.[0-9]*[1-9])0+$|\\\\.0+$', '\\\\1')"
                 ),
-                is_pg_text: true,
-                loose: false,
-            },
+            ),
             None => text(),
         },
         // The IEEE bits as a signed integer: the servers print floats differently.
@@ -140,27 +139,17 @@ pub fn canonical_sql(
         }
         PgType::Array { element } => {
             let elem = canonical_sql(element, "e", "assumeNotNull(x)", caps)?;
-            // A NULL array is `[]` in ClickHouse (no Nullable(Array)): both print it empty.
-            // array_to_string prints each element with its output function: right as it is for
-            // the types whose canonical text is that.
-            let as_is = elem.postgres == "concat(e)"
-                || matches!(
-                    element.resolved(),
-                    PgType::Int2 | PgType::Int4 | PgType::Int8
-                );
-            let postgres = if as_is {
-                format!("coalesce(array_to_string({pg}, chr(31), '\\N'), '')")
-            } else {
-                format!(
-                    "coalesce(array_to_string(ARRAY(SELECT {} FROM unnest({pg}) AS u(e)), chr(31), '\\N'), '')",
-                    elem.postgres
-                )
-            };
+            // Each element a field of its own (`<bytes>:<text>`, `-` for NULL), so no element's
+            // text can pass for two. A NULL array is `[]` in ClickHouse (no Nullable(Array)):
+            // both print it empty.
             both(
-                postgres,
                 format!(
-                    "arrayStringConcat(arrayMap(x -> if(isNull(x), '\\\\N', {}), {ch}), '\\x1f')",
-                    elem.clickhouse
+                    "coalesce(array_to_string(ARRAY(SELECT {} FROM unnest({pg}) AS u(e)), ''), '')",
+                    pg_field("e", &elem.postgres)
+                ),
+                format!(
+                    "arrayStringConcat(arrayMap(x -> {}, {ch}))",
+                    ch_field("x", &elem.clickhouse, true)
                 ),
             )
         }

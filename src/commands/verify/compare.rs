@@ -162,6 +162,8 @@ pub struct RowDiff {
     pub extra: Vec<String>,
     /// In both, with different values.
     pub mismatched: Vec<String>,
+    /// Keys left out because ClickHouse already holds a change made after the snapshot.
+    pub newer: usize,
 }
 
 impl RowDiff {
@@ -189,6 +191,7 @@ impl RowDiff {
             missing: keep(self.missing),
             extra: keep(self.extra),
             mismatched: keep(self.mismatched),
+            newer: self.newer,
         }
     }
 
@@ -196,6 +199,7 @@ impl RowDiff {
         self.missing.extend(other.missing);
         self.extra.extend(other.extra);
         self.mismatched.extend(other.mismatched);
+        self.newer += other.newer;
     }
 
     /// Sorted: integer keys by value, others by text.
@@ -209,13 +213,29 @@ impl RowDiff {
     }
 }
 
-/// Compares the rows of the same buckets read from both sides.
-pub fn diff_rows(pg: Vec<(String, u64)>, ch: Vec<(String, u64)>) -> RowDiff {
-    let mut ch: HashMap<String, u64> = ch.into_iter().collect();
+/// Compares the rows of the same buckets read from both sides: PostgreSQL's (key, hash) in a
+/// snapshot at `at`, ClickHouse's (key, hash, version) read after it. A ClickHouse row whose
+/// version is above `at` holds a change the snapshot could not see (a key updated again and again
+/// is in flight at every point): it is left out, not drift.
+pub fn diff_rows(pg: Vec<(String, u64)>, ch: Vec<(String, u64, u64)>, at: u64) -> RowDiff {
     let mut diff = RowDiff::default();
+    let mut newer = std::collections::HashSet::new();
+    let mut ch: HashMap<String, u64> = ch
+        .into_iter()
+        .filter_map(|(k, h, version)| {
+            if version > at {
+                newer.insert(k);
+                None
+            } else {
+                Some((k, h))
+            }
+        })
+        .collect();
+    diff.newer = newer.len();
     for (key, hash) in pg {
         match ch.remove(&key) {
-            None => diff.missing.push(key),
+            None if !newer.contains(&key) => diff.missing.push(key),
+            None => {}
             Some(h) if h != hash => diff.mismatched.push(key),
             Some(_) => {}
         }
@@ -293,12 +313,24 @@ mod tests {
 
     #[test]
     fn rows_classify_by_key_and_hash() {
-        let pg = vec![("1".into(), 10), ("2".into(), 20), ("3".into(), 30)];
-        let ch = vec![("2".into(), 20), ("3".into(), 31), ("4".into(), 40)];
-        let d = diff_rows(pg, ch);
+        let pg = vec![
+            ("1".into(), 10),
+            ("2".into(), 20),
+            ("3".into(), 30),
+            ("5".into(), 50),
+        ];
+        let ch = vec![
+            ("2".into(), 20, 7),
+            ("3".into(), 31, 7),
+            ("4".into(), 40, 7),
+            ("5".into(), 51, 9),
+        ];
+        let d = diff_rows(pg, ch, 8);
         assert_eq!(d.missing, vec!["1"]);
         assert_eq!(d.mismatched, vec!["3"]);
         assert_eq!(d.extra, vec!["4"]);
+        // Changed after the snapshot: neither mismatched nor missing.
+        assert_eq!(d.newer, 1);
         let later = RowDiff {
             missing: vec!["1".into(), "9".into()],
             ..Default::default()

@@ -40,8 +40,6 @@ use crate::source::postgres::verify as pg;
 use crate::source::postgres::{catalog, PublishOps, SourceConfig, TableSpec};
 use crate::types::ServerCaps;
 
-/// Most differing keys re-checked (and kept for the report and `--repair`) per table.
-const MAX_KEYS: usize = 100_000;
 /// Most rows read from each side in one statement while narrowing down.
 const ROWS_PER_READ: f64 = 200_000.0;
 /// Keys per statement when re-reading keys.
@@ -49,6 +47,10 @@ const KEYS_PER_READ: usize = 1000;
 /// Most rows of differing buckets read row by row in one run (held from PostgreSQL while
 /// ClickHouse catches up): memory stays bounded however far the sides are apart.
 const MAX_ROWS_READ: u64 = 500_000;
+/// Most differing keys read again by key (more: their buckets are read again).
+const KEYS_BY_KEY: usize = 5000;
+/// Most buckets cut into finer ones per table (each cut is one more read of that bucket).
+const MAX_CUTS: usize = 20;
 
 /// Exit code: 0 equal, 1 drift (`Ok`); errors are 2 (main.rs).
 pub async fn run(args: VerifyArgs, shutdown: watch::Receiver<bool>) -> Result<i32, Error> {
@@ -88,6 +90,8 @@ pub(crate) struct Verifier {
     publication_ops: Option<Vec<&'static str>>,
     shutdown: watch::Receiver<bool>,
     metrics: VerifyMetrics,
+    /// ClickHouse's versions are positions of this server's WAL (see `verify`).
+    versions_trusted: bool,
 }
 
 /// One table as it is read.
@@ -103,6 +107,7 @@ impl Verifier {
         let cfg = super::source_config(&args.postgres, PublishOps(vec![]))?;
         let topics = super::table_topics(&cfg, &args.kafka)?;
         let sql = cfg.connect_sql().await?;
+        pg::prepare_session(&sql).await?;
         let ch_cfg = super::clickhouse_from_args(&args.clickhouse)?;
         let ch = ViewReader::new(&ch_cfg);
         let version = ch.version().await?;
@@ -123,6 +128,7 @@ impl Verifier {
             publication_ops,
             shutdown,
             metrics: VerifyMetrics::new(),
+            versions_trusted: true,
         })
     }
 
@@ -209,6 +215,21 @@ impl Verifier {
             pg_sums.iter().map(|b| (b.bucket, b.rows, b.hash)).collect();
         let differing = differing_buckets(&pg_sums, &ch_sums);
         let mut report = TableReport::new(plan, &pg_sums, &ch_sums, differing.len());
+        // Versions are this server's WAL positions: one above its position now means ClickHouse
+        // holds rows of another history (a restore, another server), and no row of it can be
+        // taken for a change in flight.
+        self.versions_trusted = true;
+        if !differing.is_empty() {
+            let newest = self.ch.max_version(&plan.view).await?;
+            let now = pg::current_position(&self.sql).await?;
+            if newest > now.0 {
+                self.versions_trusted = false;
+                report.notes.push(format!(
+                    "ClickHouse holds versions up to {} above PostgreSQL's WAL position {now}: rows of another history (a restore? another server?); --repair cannot win over them: see docs/operations.md",
+                    Lsn(newest)
+                ));
+            }
+        }
         self.metrics.postgres_rows.add(report.postgres_rows);
         self.metrics.differing_buckets.set(differing.len() as i64);
         tracing::info!(
@@ -220,32 +241,30 @@ impl Verifier {
             "bucket sums compared"
         );
         if !differing.is_empty() {
-            // 2. The rows of the differing buckets, at a second point.
-            let (read, unread) = within_budget(&differing, &pg_sums, &ch_sums);
+            // A bucket too large to read row by row is cut into buckets of its own, down to
+            // readable ones; what does not fit one run is counted, not read.
+            let (read, unread) = self
+                .narrow(s, Region::whole(buckets), &differing, &pg_sums, &ch_sums)
+                .await?;
             if !unread.is_empty() {
-                let rows = |sums: &[(i64, u64, u64)]| -> u64 {
-                    sums.iter()
-                        .filter(|(b, _, _)| unread.contains(b))
-                        .map(|x| x.1)
-                        .sum()
-                };
+                let rows: u64 = unread.iter().map(|u| u.1).sum();
                 report.unread_buckets = unread.len();
                 report.notes.push(format!(
-                    "{} of the {} differing buckets (PostgreSQL {} rows, ClickHouse {} rows) were not read row by row: more than a run holds ({MAX_ROWS_READ} rows); the keys listed are those of the others. --repair, then verify again, goes on",
+                    "{} differing buckets ({rows} rows) were not read row by row: more than a run holds ({MAX_ROWS_READ} rows); the keys listed are those of the others. --repair, then verify again, goes on",
                     unread.len(),
-                    differing.len(),
-                    rows(&pg_sums),
-                    rows(&ch_sums)
                 ));
             }
             self.metrics.pass.set(2);
-            let (found, total) = self.diff_buckets(s, buckets, &read).await?;
-            // 3. The differing keys once more, at a third.
+            let (found, total, again) = self.diff_buckets(s, &read).await?;
+            // 3. The differing keys once more, at a third: by key when they are few, else the
+            // buckets that held them (a statement per thousand keys would scan the view as often).
             self.metrics.pass.set(3);
             let mut confirmed = if found.is_empty() {
                 found
-            } else {
+            } else if found.len() <= KEYS_BY_KEY {
                 self.diff_keys(s, &found).await?.also_in(&found)
+            } else {
+                self.diff_buckets(s, &again).await?.0.also_in(&found)
             };
             if let Some(loose) = &plan.loose {
                 if !confirmed.mismatched.is_empty() {
@@ -269,30 +288,32 @@ impl Verifier {
         Ok(report)
     }
 
-    /// The differing rows of `differing` buckets (at most [`MAX_KEYS`] kept), and how many there
-    /// were in all.
+    /// The differing rows of the buckets `read` names, how many differences there were, and the
+    /// buckets (in groups) that had any.
     async fn diff_buckets(
         &mut self,
         s: &Subject,
-        buckets: Buckets,
-        differing: &[i64],
-    ) -> Result<(RowDiff, usize), Error> {
+        read: &[(Region, Vec<i64>)],
+    ) -> Result<(RowDiff, usize, Vec<(Region, Vec<i64>)>), Error> {
         let plan = &s.plan;
         let per_read = ((ROWS_PER_READ / compare::ROWS_PER_BUCKET) as usize).max(1);
-        let groups: Vec<&[i64]> = differing.chunks(per_read).collect();
-        tracing::info!(table = %plan.name, buckets = differing.len(), "reading the differing buckets row by row");
+        let groups: Vec<(&Region, &[i64])> = read
+            .iter()
+            .flat_map(|(r, b)| b.chunks(per_read).map(move |g| (r, g)))
+            .collect();
+        tracing::info!(table = %plan.name, buckets = read.iter().map(|r| r.1.len()).sum::<usize>(), "reading the differing buckets row by row");
         // PostgreSQL's rows of every group in one snapshot, held as key → hash until ClickHouse
         // has caught up with it; a group at a time would need a point per group.
         let at = pg::begin_snapshot(&self.sql).await?;
         let mut pg_rows = Vec::with_capacity(groups.len());
-        for g in &groups {
+        for (r, g) in &groups {
             pg_rows.push(
                 pg::row_hashes(
                     &self.sql,
                     &plan.pg_table,
                     &plan.pg_key,
                     &plan.pg_hash,
-                    &buckets.pg_filter(plan, g),
+                    &r.pg_filter(plan, g),
                 )
                 .await?,
             );
@@ -301,23 +322,117 @@ impl Verifier {
         self.wait_for(at, &s.topic).await?;
         let mut diff = RowDiff::default();
         let mut total = 0;
-        for (g, pg_rows) in groups.iter().zip(pg_rows) {
+        let mut with_diffs = Vec::new();
+        for ((r, g), pg_rows) in groups.iter().zip(pg_rows) {
             let ch_rows = self
                 .ch
                 .row_hashes(
                     &plan.view,
                     &plan.ch_key,
                     &plan.ch_hash,
-                    &buckets.ch_filter(plan, g),
+                    &r.ch_filter(plan, g),
                 )
                 .await?;
-            let d = diff_rows(pg_rows, ch_rows);
-            total += d.len();
-            if diff.len() < MAX_KEYS {
-                diff.extend(d);
+            let d = diff_rows(pg_rows, ch_rows, self.newer_than(at));
+            total += d.len() + d.newer;
+            if !d.is_empty() {
+                with_diffs.push(((*r).clone(), g.to_vec()));
+            }
+            diff.extend(d);
+        }
+        Ok((diff, total, with_diffs))
+    }
+
+    /// Which differing buckets of `region` to read row by row, in regions, while their rows fit
+    /// [`MAX_ROWS_READ`]; one larger than that is cut into buckets of its own, compared at a new
+    /// point (at most [`MAX_CUTS`] times a table); and the buckets left unread, with their rows.
+    async fn narrow(
+        &mut self,
+        s: &Subject,
+        region: Region,
+        differing: &[i64],
+        pg_sums: &[(i64, u64, u64)],
+        ch_sums: &[(i64, u64, u64)],
+    ) -> Result<(Vec<(Region, Vec<i64>)>, Vec<(i64, u64)>), Error> {
+        let plan = &s.plan;
+        let mut queue = std::collections::VecDeque::new();
+        queue.push_back((region, sized(differing, pg_sums, ch_sums)));
+        let (mut read, mut unread) = (Vec::new(), Vec::new());
+        let (mut left, mut cuts) = (MAX_ROWS_READ, 0);
+        while let Some((region, buckets)) = queue.pop_front() {
+            let mut take = Vec::new();
+            for (b, rows) in buckets {
+                if rows <= left {
+                    left -= rows;
+                    take.push(b);
+                } else if rows > MAX_ROWS_READ && cuts < MAX_CUTS {
+                    cuts += 1;
+                    let inner = region.cut(plan, b);
+                    let buckets = self.cut_buckets(s, &inner, rows).await?;
+                    let at = pg::begin_snapshot(&self.sql).await?;
+                    let pg = pg::bucket_sums_where(
+                        &self.sql,
+                        &plan.pg_table,
+                        &buckets.pg_sql(plan),
+                        &plan.pg_hash,
+                        &inner.pg_where,
+                    )
+                    .await?;
+                    pg::end_snapshot(&self.sql).await?;
+                    self.wait_for(at, &s.topic).await?;
+                    let ch = self
+                        .ch
+                        .bucket_sums_where(
+                            &plan.view,
+                            &buckets.ch_sql(plan),
+                            &plan.ch_hash,
+                            &inner.ch_where,
+                        )
+                        .await?;
+                    let pg: Vec<(i64, u64, u64)> =
+                        pg.iter().map(|b| (b.bucket, b.rows, b.hash)).collect();
+                    let differing = differing_buckets(&pg, &ch);
+                    tracing::info!(table = %plan.name, rows, buckets = pg.len().max(ch.len()), differing = differing.len(), "a bucket too large to read was cut");
+                    let sized = sized(&differing, &pg, &ch);
+                    queue.push_back((Region { buckets, ..inner }, sized));
+                } else {
+                    unread.push((b, rows));
+                }
+            }
+            if !take.is_empty() {
+                read.push((region, take));
             }
         }
-        Ok((diff, total))
+        Ok((read, unread))
+    }
+
+    /// The buckets to cut `inner` (about `rows` rows) into: a key range over the keys it holds on
+    /// either side, or a finer hash.
+    async fn cut_buckets(&self, s: &Subject, inner: &Region, rows: u64) -> Result<Buckets, Error> {
+        let plan = &s.plan;
+        match (&plan.int_key, inner.buckets) {
+            (Some((pg_key, ch_key)), _) => {
+                let (a, b) =
+                    pg::key_bounds_where(&self.sql, &plan.pg_table, pg_key, &inner.pg_where)
+                        .await?;
+                let (c, d) = self
+                    .ch
+                    .key_bounds_where(&plan.view, ch_key, &inner.ch_where)
+                    .await?;
+                let min = [a, c].into_iter().flatten().min().unwrap_or(0);
+                let max = [b, d].into_iter().flatten().max().unwrap_or(0);
+                Ok(Buckets::for_int_key(min, max, rows as f64))
+            }
+            (None, Buckets::Hash { count }) => {
+                // The rows of bucket b of `count` are those of the buckets c of count·k with
+                // c mod count = b: k of them hold its rows.
+                let k = (rows as f64 / compare::ROWS_PER_BUCKET).ceil().max(2.0) as u64;
+                Ok(Buckets::Hash {
+                    count: count.saturating_mul(k),
+                })
+            }
+            (None, b) => Ok(b),
+        }
     }
 
     /// `found`'s keys read again on both sides at a new point.
@@ -327,7 +442,7 @@ impl Verifier {
         tracing::info!(table = %plan.name, keys = keys.len(), "re-reading the differing keys");
         let at = pg::begin_snapshot(&self.sql).await?;
         let mut pg_rows = Vec::new();
-        for chunk in keys.chunks(KEYS_PER_READ) {
+        for chunk in key_chunks(&keys) {
             pg_rows.extend(
                 pg::row_hashes(
                     &self.sql,
@@ -342,7 +457,7 @@ impl Verifier {
         pg::end_snapshot(&self.sql).await?;
         self.wait_for(at, &s.topic).await?;
         let mut ch_rows = Vec::new();
-        for chunk in keys.chunks(KEYS_PER_READ) {
+        for chunk in key_chunks(&keys) {
             ch_rows.extend(
                 self.ch
                     .row_hashes(
@@ -354,7 +469,16 @@ impl Verifier {
                     .await?,
             );
         }
-        Ok(diff_rows(pg_rows, ch_rows))
+        Ok(diff_rows(pg_rows, ch_rows, self.newer_than(at)))
+    }
+
+    /// The version above which a ClickHouse row is a change the snapshot at `at` could not see.
+    fn newer_than(&self, at: Lsn) -> u64 {
+        if self.versions_trusted {
+            at.0
+        } else {
+            u64::MAX
+        }
     }
 
     /// Of `keys`, those whose rows are equal but for doubles one ulp apart (ClickHouse 18.16 reads
@@ -377,7 +501,7 @@ impl Verifier {
             .collect();
         let at = pg::begin_snapshot(&self.sql).await?;
         let mut pg_rows = Vec::new();
-        for chunk in keys.chunks(KEYS_PER_READ) {
+        for chunk in key_chunks(&keys) {
             pg_rows.extend(
                 pg::text_rows(
                     &self.sql,
@@ -391,7 +515,7 @@ impl Verifier {
         pg::end_snapshot(&self.sql).await?;
         self.wait_for(at, &s.topic).await?;
         let mut ch_rows = std::collections::HashMap::new();
-        for chunk in keys.chunks(KEYS_PER_READ) {
+        for chunk in key_chunks(&keys) {
             for row in self
                 .ch
                 .text_rows(&plan.view, &ch_exprs, &ch_key_filter(plan, chunk))
@@ -553,30 +677,69 @@ fn one_ulp_apart(a: &Option<String>, b: &Option<String>) -> bool {
     }
 }
 
-/// The differing buckets to read row by row, in order, while their rows (the larger side's) fit
-/// [`MAX_ROWS_READ`]; and the others.
-fn within_budget(
-    differing: &[i64],
-    pg: &[(i64, u64, u64)],
-    ch: &[(i64, u64, u64)],
-) -> (Vec<i64>, Vec<i64>) {
+/// Each of `differing` with its rows (the larger side's).
+fn sized(differing: &[i64], pg: &[(i64, u64, u64)], ch: &[(i64, u64, u64)]) -> Vec<(i64, u64)> {
     let mut size: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
     for &(b, rows, _) in pg.iter().chain(ch) {
         let n = size.entry(b).or_default();
         *n = (*n).max(rows);
     }
-    let (mut read, mut unread) = (Vec::new(), Vec::new());
-    let mut left = MAX_ROWS_READ;
-    for &b in differing {
-        let rows = size.get(&b).copied().unwrap_or(0);
-        if rows <= left {
-            left -= rows;
-            read.push(b);
-        } else {
-            unread.push(b);
+    differing
+        .iter()
+        .map(|&b| (b, size.get(&b).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// Part of a table and how it is cut into buckets: the whole table, or one bucket of a coarser
+/// cut (its conditions on each side).
+#[derive(Debug, Clone)]
+pub(crate) struct Region {
+    buckets: Buckets,
+    pg_where: String,
+    ch_where: String,
+}
+
+impl Region {
+    fn whole(buckets: Buckets) -> Self {
+        Region {
+            buckets,
+            pg_where: "true".into(),
+            ch_where: "1".into(),
         }
     }
-    (read, unread)
+
+    /// Bucket `b` of this region, to be cut again (its `buckets` are replaced).
+    fn cut(&self, plan: &TablePlan, b: i64) -> Region {
+        Region {
+            buckets: self.buckets,
+            pg_where: format!(
+                "({}) AND ({})",
+                self.pg_where,
+                self.buckets.pg_filter(plan, &[b])
+            ),
+            ch_where: format!(
+                "({}) AND ({})",
+                self.ch_where,
+                self.buckets.ch_filter(plan, &[b])
+            ),
+        }
+    }
+
+    fn pg_filter(&self, plan: &TablePlan, buckets: &[i64]) -> String {
+        format!(
+            "({}) AND ({})",
+            self.pg_where,
+            self.buckets.pg_filter(plan, buckets)
+        )
+    }
+
+    fn ch_filter(&self, plan: &TablePlan, buckets: &[i64]) -> String {
+        format!(
+            "({}) AND ({})",
+            self.ch_where,
+            self.buckets.ch_filter(plan, buckets)
+        )
+    }
 }
 
 /// The ledger column if the table has it (as the stream decides).
@@ -614,6 +777,31 @@ fn pg_key_filter(plan: &TablePlan, keys: &[&String]) -> String {
             }
             format!("{key} IN ({})", ints.join(", "))
         }
+        // By the key columns, as literals of their types (the index serves it), when the key
+        // texts are PostgreSQL's own.
+        None if plan.key_is_pg_text => {
+            let tuples: Vec<String> = keys
+                .iter()
+                .filter_map(|k| {
+                    let fields = crate::types::canonical::split_fields(k)?;
+                    let values: Option<Vec<String>> = fields
+                        .iter()
+                        .zip(&plan.pg_key_columns)
+                        .map(|(f, (_, ty))| f.map(|v| format!("{}::{ty}", pg_string(v))))
+                        .collect();
+                    Some(format!("({})", values?.join(", ")))
+                })
+                .collect();
+            if tuples.is_empty() {
+                return "false".into();
+            }
+            let cols: Vec<&str> = plan
+                .pg_key_columns
+                .iter()
+                .map(|(c, _)| c.as_str())
+                .collect();
+            format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
+        }
         None => format!(
             "({}) IN ({})",
             plan.pg_key,
@@ -623,6 +811,25 @@ fn pg_key_filter(plan: &TablePlan, keys: &[&String]) -> String {
                 .join(", ")
         ),
     }
+}
+
+/// Keys in chunks of at most [`KEYS_PER_READ`] and about 100 KB of text, so that one statement
+/// stays well inside ClickHouse's `max_query_size` (256 KiB).
+fn key_chunks<'a, 'k>(keys: &'a [&'k String]) -> Vec<&'a [&'k String]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, k) in keys.iter().enumerate() {
+        if i > start && (i - start >= KEYS_PER_READ || bytes + k.len() > 100_000) {
+            out.push(&keys[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += k.len() + 8;
+    }
+    if start < keys.len() {
+        out.push(&keys[start..]);
+    }
+    out
 }
 
 fn ch_key_filter(plan: &TablePlan, keys: &[&String]) -> String {

@@ -26,6 +26,8 @@ pub struct TablePlan {
     pub ch_hash: String,
     /// Every key column's canonical text is its PostgreSQL text (a deleted key can be named).
     pub key_is_pg_text: bool,
+    /// The key columns (quoted, `t.`) and their types, for a filter the primary key's index serves.
+    pub pg_key_columns: Vec<(String, String)>,
     /// Columns whose values are not compared, with the reason.
     pub not_compared: Vec<String>,
     /// Columns of the PostgreSQL table that the view does not have.
@@ -71,6 +73,7 @@ impl TablePlan {
         let mut not_compared = Vec::new();
         let mut absent = Vec::new();
         let mut key_is_pg_text = true;
+        let mut pg_key_columns = Vec::new();
         let mut rest_pg = Vec::new();
         let mut rest_ch = Vec::new();
         let mut loose = Vec::new();
@@ -87,7 +90,15 @@ impl TablePlan {
                 caps
             };
             let nullable = ch_type.starts_with("Nullable(");
-            let pg_col = format!("t.{}", pg_ident(&col.name));
+            let pg_col = if ch_name == "event_time_us" {
+                // The sink stores the seed's ±infinity as NULL there (event.rs parse_event_time).
+                format!(
+                    "(CASE WHEN isfinite(t.{0}) THEN t.{0} END)",
+                    pg_ident(&col.name)
+                )
+            } else {
+                format!("t.{}", pg_ident(&col.name))
+            };
             let ch_col = ch_ident(&ch_name);
             let ch_value = if nullable {
                 format!("assumeNotNull({ch_col})")
@@ -111,6 +122,7 @@ impl TablePlan {
             let ch_field = canonical::ch_field(&ch_col, &canon.clickhouse, nullable);
             if schema.key.contains(&i) {
                 key_is_pg_text &= canon.is_pg_text;
+                pg_key_columns.push((pg_col.clone(), col.type_name.clone()));
                 pg_key_fields.push(pg_field.clone());
                 ch_key_fields.push(ch_field.clone());
             }
@@ -159,6 +171,7 @@ impl TablePlan {
             pg_hash: canonical::pg_hash(&canonical::pg_concat(&pg_fields)),
             ch_hash: canonical::ch_hash(&canonical::ch_concat(&ch_fields)),
             key_is_pg_text,
+            pg_key_columns,
             not_compared,
             absent,
             loose: (!loose.is_empty()).then(|| Loose {

@@ -73,10 +73,58 @@ impl ViewReader {
         bucket: &str,
         hash: &str,
     ) -> Result<Vec<(i64, u64, u64)>, SinkError> {
+        self.bucket_sums_where(view, bucket, hash, "1").await
+    }
+
+    /// The largest `_version` the view shows (0 when empty).
+    pub async fn max_version(&self, view: &TableNames) -> Result<u64, SinkError> {
+        let sql = format!("SELECT max(_version) FROM {} FORMAT TSV", view.qualified());
+        let text = self
+            .tsv(
+                &sql,
+                format!("reading the versions of {}", view.qualified()),
+            )
+            .await?;
+        Ok(text.trim().parse().unwrap_or(0))
+    }
+
+    /// The smallest and largest value of an integer key among the rows `filter` selects.
+    pub async fn key_bounds_where(
+        &self,
+        view: &TableNames,
+        key: &str,
+        filter: &str,
+    ) -> Result<(Option<i64>, Option<i64>), SinkError> {
+        let sql = format!(
+            "SELECT toString(min(toInt64({key}))), toString(max(toInt64({key}))), count() FROM {} WHERE {filter} FORMAT TSV",
+            view.qualified()
+        );
+        let text = self
+            .tsv(&sql, format!("reading a key range of {}", view.qualified()))
+            .await?;
+        let mut f = text.trim_end().split('\t');
+        let (min, max, n) = (f.next(), f.next(), f.next());
+        if n == Some("0") {
+            return Ok((None, None));
+        }
+        Ok((
+            min.and_then(|v| v.parse().ok()),
+            max.and_then(|v| v.parse().ok()),
+        ))
+    }
+
+    /// [`Self::bucket_sums`] of the rows `filter` selects.
+    pub async fn bucket_sums_where(
+        &self,
+        view: &TableNames,
+        bucket: &str,
+        hash: &str,
+        filter: &str,
+    ) -> Result<Vec<(i64, u64, u64)>, SinkError> {
         // No alias: ClickHouse aliases are global, one named like a column (`b`) would replace
         // that column inside the hash.
         let sql = format!(
-            "SELECT toInt64({bucket}), count(), sum({hash}) FROM {} GROUP BY toInt64({bucket}) FORMAT TSV",
+            "SELECT toInt64({bucket}), count(), sum({hash}) FROM {} WHERE {filter} GROUP BY toInt64({bucket}) FORMAT TSV",
             view.qualified()
         );
         let context = format!("summing the buckets of {}", view.qualified());
@@ -96,26 +144,28 @@ impl ViewReader {
             .collect()
     }
 
-    /// The key text and hash of every row `filter` selects.
+    /// The key text, hash and `_version` of every row `filter` selects.
     pub async fn row_hashes(
         &self,
         view: &TableNames,
         key: &str,
         hash: &str,
         filter: &str,
-    ) -> Result<Vec<(String, u64)>, SinkError> {
+    ) -> Result<Vec<(String, u64, u64)>, SinkError> {
         // The key as hex: TSV would escape it.
         let sql = format!(
-            "SELECT hex({key}), {hash} FROM {} WHERE {filter} FORMAT TSV",
+            "SELECT hex({key}), {hash}, _version FROM {} WHERE {filter} FORMAT TSV",
             view.qualified()
         );
         let context = format!("hashing rows of {}", view.qualified());
         let text = self.tsv(&sql, context.clone()).await?;
         text.lines()
             .map(|l| {
-                let (k, h) = l.split_once('\t').unwrap_or_default();
-                match (unhex(k), h.parse()) {
-                    (Some(k), Ok(h)) => Ok((k, h)),
+                let mut f = l.split('\t');
+                let mut next = || f.next().unwrap_or_default();
+                let (k, h, v) = (next(), next(), next());
+                match (unhex(k), h.parse(), v.parse()) {
+                    (Some(k), Ok(h), Ok(v)) => Ok((k, h, v)),
                     _ => Err(SinkError::Output(format!(
                         "{context}: unexpected line {l:?}"
                     ))),

@@ -23,6 +23,25 @@ pub fn wrap_sum(sum: i128) -> u64 {
     sum.rem_euclid(1i128 << 64) as u64
 }
 
+/// Makes the session fit for `verify`: literals are standard strings whatever the server's
+/// default, a bucket scan of a large table is not cut by a `statement_timeout` the URL set, and
+/// the server is one whose SQL the canonical form uses (`trim_scale`, exact `extract(epoch)`).
+pub async fn prepare_session(client: &Client) -> Result<(), SourceError> {
+    client
+        .batch_execute("SET standard_conforming_strings = on; SET statement_timeout = 0")
+        .await
+        .map_err(SourceError::sql("preparing the verify session"))?;
+    let version = super::catalog::server_version(client).await?;
+    if version < 140_000 {
+        return Err(SourceError::Config(format!(
+            "verify needs PostgreSQL 14 or later (this server is {}.{}): its canonical form uses trim_scale() and the exact extract(epoch) of 14",
+            version / 10_000,
+            version % 10_000
+        )));
+    }
+    Ok(())
+}
+
 /// Starts a read-only REPEATABLE READ transaction and returns the WAL position its snapshot
 /// stands at: every change it sees was committed at or below it. Statements until
 /// [`end_snapshot`] read that snapshot.
@@ -31,9 +50,11 @@ pub async fn begin_snapshot(client: &Client) -> Result<Lsn, SourceError> {
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(SourceError::sql("starting the verify snapshot"))?;
-    // The snapshot is taken by this first statement, before the position is read.
+    // The snapshot is taken by this first statement, before the position is read. The insert
+    // position, not the write position: with synchronous_commit off a transaction is visible
+    // before its commit record is written out.
     let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(SourceError::sql("reading the snapshot's WAL position"))?;
     parse_lsn(row.get::<_, &str>(0))
@@ -42,7 +63,7 @@ pub async fn begin_snapshot(client: &Client) -> Result<Lsn, SourceError> {
 /// The WAL position now.
 pub async fn current_position(client: &Client) -> Result<Lsn, SourceError> {
     let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(SourceError::sql("reading the WAL position"))?;
     parse_lsn(row.get::<_, &str>(0))
@@ -75,6 +96,25 @@ pub async fn key_bounds(
     Ok((row.get(0), row.get(1), row.get(2)))
 }
 
+/// The smallest and largest value of an integer key among the rows `filter` selects.
+pub async fn key_bounds_where(
+    client: &Client,
+    table: &str,
+    key: &str,
+    filter: &str,
+) -> Result<(Option<i64>, Option<i64>), SourceError> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT min({key})::bigint, max({key})::bigint FROM {table} AS t WHERE {filter}"
+            ),
+            &[],
+        )
+        .await
+        .map_err(SourceError::sql(format!("reading a key range of {table}")))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// The planner's estimate of a table's rows (-1 before its first ANALYZE on PostgreSQL 14+).
 pub async fn estimated_rows(client: &Client, table: &str) -> Result<f64, SourceError> {
     let row = client
@@ -103,8 +143,19 @@ pub async fn bucket_sums(
     bucket: &str,
     hash: &str,
 ) -> Result<Vec<BucketSum>, SourceError> {
+    bucket_sums_where(client, table, bucket, hash, "true").await
+}
+
+/// [`bucket_sums`] of the rows `filter` selects.
+pub async fn bucket_sums_where(
+    client: &Client,
+    table: &str,
+    bucket: &str,
+    hash: &str,
+    filter: &str,
+) -> Result<Vec<BucketSum>, SourceError> {
     let sql = format!(
-        "SELECT ({bucket})::bigint, count(*), sum({hash})::text FROM {table} AS t GROUP BY 1"
+        "SELECT ({bucket})::bigint, count(*), sum({hash})::text FROM {table} AS t WHERE {filter} GROUP BY 1"
     );
     let rows = client
         .query(&sql, &[])
