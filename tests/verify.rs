@@ -9,10 +9,49 @@ use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+/// `verify`'s settings for the pipeline whose table, slot, publication, topic and group are all
+/// `name`, its ClickHouse table (the seed's, or a seed-shaped one's name) `ch_table`, then `extra`.
+fn pipeline(name: &str, ch_table: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--table", name, "--slot", name, "--publication", name]
+        .into_iter()
+        .chain([
+            "--topic",
+            name,
+            "--group",
+            name,
+            "--clickhouse-table",
+            ch_table,
+        ])
+        .map(String::from)
+        .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// `sink` of topic `name` in group `name`, the seed's shape into `ch_table`.
+fn start_sink(name: &str, ch_table: &str, log_suffix: &str) -> Relay {
+    let dlq = format!("{name}.dlq");
+    Relay::start(
+        &format!("{name}_sink{log_suffix}"),
+        &[
+            "sink",
+            "--group",
+            name,
+            "--topic",
+            name,
+            "--clickhouse-table",
+            ch_table,
+            "--dlq-topic",
+            &dlq,
+        ],
+        &[],
+    )
+}
+
 /// Runs `verify` and returns its exit code and its JSON report (`null` when it printed none).
-fn verify(args: &[&str]) -> (i32, serde_json::Value, String) {
+fn verify(args: &[String]) -> (i32, serde_json::Value, String) {
     let mut all = vec!["verify", "--json"];
-    all.extend_from_slice(args);
+    all.extend(args.iter().map(String::as_str));
     let out = relay(&all, &[]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -81,19 +120,8 @@ async fn every_type_verifies_equal_then_clickhouse_drift_is_found_by_key_and_rep
     let t = AnyTable::new("verall", EVERY_TYPE).await;
     let stream = t.start();
     wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
-    let (dlq, seed_table) = (format!("{}.dlq", t.name), format!("{}_seed", t.name));
-    let sink_args = [
-        "sink",
-        "--group",
-        &t.name,
-        "--topic",
-        &t.name,
-        "--clickhouse-table",
-        &seed_table,
-        "--dlq-topic",
-        &dlq,
-    ];
-    let sink = Relay::start(&format!("{}_sink", t.name), &sink_args, &[]);
+    let seed_table = format!("{}_seed", t.name);
+    let sink = start_sink(&t.name, &seed_table, "");
     t.exec(EVERY_TYPE_ROWS).await;
     let view = format!("default.{}_current", t.name);
     eventually(
@@ -102,20 +130,7 @@ async fn every_type_verifies_equal_then_clickhouse_drift_is_found_by_key_and_rep
         || async { (ch_u64(&format!("SELECT count() FROM {view}")).await == 3002).then_some(()) },
     )
     .await;
-    let args = [
-        "--table",
-        &t.name,
-        "--slot",
-        &t.name,
-        "--publication",
-        &t.name,
-        "--topic",
-        &t.name,
-        "--group",
-        &t.name,
-        "--clickhouse-table",
-        &seed_table,
-    ];
+    let args = pipeline(&t.name, &seed_table, &[]);
     let (code, report, log) = verify(&args);
     assert_eq!(code, 0, "{report:#}\n{log}");
     let table = &report["tables"][0];
@@ -155,8 +170,8 @@ async fn every_type_verifies_equal_then_clickhouse_drift_is_found_by_key_and_rep
     let differing = report["tables"][0]["differing_buckets"].as_u64().unwrap();
     assert!((1..=3).contains(&differing), "{report:#}");
 
-    let mut with_repair = args.to_vec();
-    with_repair.push("--repair");
+    let mut with_repair = args.clone();
+    with_repair.push("--repair".into());
     let (code, report, log) = verify(&with_repair);
     assert_eq!(code, 0, "{report:#}\n{log}");
     assert_eq!(report["repaired"]["sent"], 3, "{report:#}");
@@ -212,19 +227,7 @@ async fn the_seed_table_verifies_equal_under_load_and_messages_lost_in_kafka_are
     let name = t.name.clone();
     let stream = Relay::start(&name, &stream_args(&name, &[]), &[]);
     wait_slot_streaming(&t.pg, &name, Duration::from_secs(30)).await;
-    let dlq = format!("{name}.dlq");
-    let sink_args = [
-        "sink",
-        "--group",
-        &name,
-        "--topic",
-        &name,
-        "--clickhouse-table",
-        &name,
-        "--dlq-topic",
-        &dlq,
-    ];
-    let sink = Relay::start(&format!("{name}_sink"), &sink_args, &[]);
+    let sink = start_sink(&name, &name, "");
     t.exec(&format!(
         "INSERT INTO {name} (username, event_type, event_time) \
          SELECT 'user' || g, CASE WHEN g % 3 = 0 THEN NULL ELSE 'login' END, \
@@ -252,20 +255,7 @@ async fn the_seed_table_verifies_equal_under_load_and_messages_lost_in_kafka_are
             }
         })
     };
-    let args = [
-        "--table",
-        &name,
-        "--slot",
-        &name,
-        "--publication",
-        &name,
-        "--topic",
-        &name,
-        "--group",
-        &name,
-        "--clickhouse-table",
-        &name,
-    ];
+    let args = pipeline(&name, &name, &[]);
     let (code, report, log) = verify(&args);
     assert!(!load.is_finished(), "the load ended before verify did");
     assert_eq!(code, 0, "{report:#}\n{log}");
@@ -297,17 +287,17 @@ async fn the_seed_table_verifies_equal_under_load_and_messages_lost_in_kafka_are
         .collect();
     assert_eq!(lost.len(), 20);
     assert_eq!(t.count("true").await, before + 20);
-    let sink = Relay::start(&format!("{name}_sink2"), &sink_args, &[]);
-    let mut show_all = args.to_vec();
-    show_all.extend(["--examples", "100"]);
+    let sink = start_sink(&name, &name, "2");
+    let mut show_all = args.clone();
+    show_all.extend(["--examples".into(), "100".into()]);
     let (code, report, log) = verify(&show_all);
     assert_eq!(code, 1, "{report:#}\n{log}");
     assert_eq!(keys(&report, "missing"), lost, "{report:#}");
     assert_eq!(report["tables"][0]["mismatched"]["count"], 0, "{report:#}");
     assert_eq!(report["tables"][0]["extra"]["count"], 0, "{report:#}");
 
-    let mut with_repair = args.to_vec();
-    with_repair.push("--repair");
+    let mut with_repair = args.clone();
+    with_repair.push("--repair".into());
     let (code, report, log) = verify(&with_repair);
     assert_eq!(code, 0, "{report:#}\n{log}");
     assert_eq!(report["repaired"]["sent"], 20, "{report:#}");
@@ -327,20 +317,7 @@ async fn verify_says_what_is_wrong_with_exit_2_when_the_pipeline_is_not_there() 
     let t = Table::new("vernone").await;
     let name = t.name.clone();
     // No slot yet: verify cannot know what has been delivered.
-    let (code, _, log) = verify(&[
-        "--table",
-        &name,
-        "--slot",
-        &name,
-        "--publication",
-        &name,
-        "--topic",
-        &name,
-        "--group",
-        &name,
-        "--clickhouse-table",
-        &name,
-    ]);
+    let (code, _, log) = verify(&pipeline(&name, &name, &[]));
     assert_eq!(code, 2, "{log}");
     assert!(
         log.contains(&format!("{name}_current")) || log.contains("does not exist"),
@@ -458,22 +435,7 @@ async fn rows_only_clickhouse_has_beyond_what_a_run_holds_are_counted_not_read()
     let name = t.name.clone();
     let stream = Relay::start(&name, &stream_args(&name, &[]), &[]);
     wait_slot_streaming(&t.pg, &name, Duration::from_secs(30)).await;
-    let dlq = format!("{name}.dlq");
-    let sink = Relay::start(
-        &format!("{name}_sink"),
-        &[
-            "sink",
-            "--group",
-            &name,
-            "--topic",
-            &name,
-            "--clickhouse-table",
-            &name,
-            "--dlq-topic",
-            &dlq,
-        ],
-        &[],
-    );
+    let sink = start_sink(&name, &name, "");
     t.exec(&format!(
         "INSERT INTO {name} (username, event_type, event_time) \
          SELECT 'user' || g, 'login', now() FROM generate_series(1, 1000) g"
@@ -492,20 +454,7 @@ async fn rows_only_clickhouse_has_beyond_what_a_run_holds_are_counted_not_read()
          SELECT number + 100000, 'ghost', 'insert', '0/0', 1, 0 FROM system.numbers LIMIT 600000"
     ))
     .await;
-    let (code, report, log) = verify(&[
-        "--table",
-        &name,
-        "--slot",
-        &name,
-        "--publication",
-        &name,
-        "--topic",
-        &name,
-        "--group",
-        &name,
-        "--clickhouse-table",
-        &name,
-    ]);
+    let (code, report, log) = verify(&pipeline(&name, &name, &[]));
     assert_eq!(code, 1, "{report:#}\n{log}");
     let table = &report["tables"][0];
     assert_eq!(table["postgres_rows"], 1000, "{report:#}");
@@ -536,22 +485,8 @@ async fn a_table_under_updates_and_deletes_through_exactly_once_verifies_equal()
     args.push("--exactly-once");
     let stream = Relay::start(&t.name, &args, &[]);
     wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
-    let (dlq, seed_table) = (format!("{}.dlq", t.name), format!("{}_seed", t.name));
-    let sink = Relay::start(
-        &format!("{}_sink", t.name),
-        &[
-            "sink",
-            "--group",
-            &t.name,
-            "--topic",
-            &t.name,
-            "--clickhouse-table",
-            &seed_table,
-            "--dlq-topic",
-            &dlq,
-        ],
-        &[],
-    );
+    let seed_table = format!("{}_seed", t.name);
+    let sink = start_sink(&t.name, &seed_table, "");
     t.exec(
         "INSERT INTO {t} SELECT 'k' || g, g, g / 7.0, repeat('n', g % 50) FROM generate_series(1, 5000) g",
     )
@@ -583,40 +518,12 @@ async fn a_table_under_updates_and_deletes_through_exactly_once_verifies_equal()
             }
         })
     };
-    let (code, report, log) = verify(&[
-        "--table",
-        &t.name,
-        "--slot",
-        &t.name,
-        "--publication",
-        &t.name,
-        "--topic",
-        &t.name,
-        "--group",
-        &t.name,
-        "--clickhouse-table",
-        &seed_table,
-        "--wait-secs",
-        "60",
-    ]);
+    let (code, report, log) = verify(&pipeline(&t.name, &seed_table, &["--wait-secs", "60"]));
     assert!(!load.is_finished(), "the load ended before verify did");
     assert_eq!(code, 0, "{report:#}\n{log}");
     load.await.unwrap();
     // And once the load is over, equal again with every change counted.
-    let (code, report, log) = verify(&[
-        "--table",
-        &t.name,
-        "--slot",
-        &t.name,
-        "--publication",
-        &t.name,
-        "--topic",
-        &t.name,
-        "--group",
-        &t.name,
-        "--clickhouse-table",
-        &seed_table,
-    ]);
+    let (code, report, log) = verify(&pipeline(&t.name, &seed_table, &[]));
     assert_eq!(code, 0, "{report:#}\n{log}");
     let rows: i64 =
         t.pg.query_one(&format!("SELECT count(*) FROM {}", t.name), &[])
@@ -641,22 +548,8 @@ async fn a_double_one_ulp_off_is_equal_and_two_ulps_off_is_drift() {
     .await;
     let stream = t.start();
     wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
-    let (dlq, seed_table) = (format!("{}.dlq", t.name), format!("{}_seed", t.name));
-    let sink = Relay::start(
-        &format!("{}_sink", t.name),
-        &[
-            "sink",
-            "--group",
-            &t.name,
-            "--topic",
-            &t.name,
-            "--clickhouse-table",
-            &seed_table,
-            "--dlq-topic",
-            &dlq,
-        ],
-        &[],
-    );
+    let seed_table = format!("{}_seed", t.name);
+    let sink = start_sink(&t.name, &seed_table, "");
     t.exec("INSERT INTO {t} VALUES (1, 2.5, 1), (2, 2.5, NULL), (3, 2.857142857142857, 2)")
         .await;
     let view = format!("default.{}_current", t.name);
@@ -674,20 +567,7 @@ async fn a_double_one_ulp_off_is_equal_and_two_ulps_off_is_drift() {
          (2, 2.499999999999999, NULL, 'update', '0/0', {v}, 0)"
     ))
     .await;
-    let (code, report, log) = verify(&[
-        "--table",
-        &t.name,
-        "--slot",
-        &t.name,
-        "--publication",
-        &t.name,
-        "--topic",
-        &t.name,
-        "--group",
-        &t.name,
-        "--clickhouse-table",
-        &seed_table,
-    ]);
+    let (code, report, log) = verify(&pipeline(&t.name, &seed_table, &[]));
     assert_eq!(code, 1, "{report:#}\n{log}");
     assert_eq!(keys(&report, "mismatched"), vec!["2"], "{report:#}");
     assert!(log.contains("one ulp allowed"), "{log}");
@@ -707,22 +587,8 @@ async fn a_composite_key_out_of_column_order_is_found_and_repaired() {
     .await;
     let stream = t.start();
     wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
-    let (dlq, seed_table) = (format!("{}.dlq", t.name), format!("{}_seed", t.name));
-    let sink = Relay::start(
-        &format!("{}_sink", t.name),
-        &[
-            "sink",
-            "--group",
-            &t.name,
-            "--topic",
-            &t.name,
-            "--clickhouse-table",
-            &seed_table,
-            "--dlq-topic",
-            &dlq,
-        ],
-        &[],
-    );
+    let seed_table = format!("{}_seed", t.name);
+    let sink = start_sink(&t.name, &seed_table, "");
     t.exec(
         "INSERT INTO {t} SELECT 'c' || (g % 100), 'note ' || g, g / 100 FROM generate_series(0, 2999) g",
     )
@@ -743,28 +609,15 @@ async fn a_composite_key_out_of_column_order_is_found_and_repaired() {
          ('it''s', 'ghost', 99, 'insert', '0/0', 1, 0)"
     ))
     .await;
-    let args = [
-        "--table",
-        &t.name,
-        "--slot",
-        &t.name,
-        "--publication",
-        &t.name,
-        "--topic",
-        &t.name,
-        "--group",
-        &t.name,
-        "--clickhouse-table",
-        &seed_table,
-    ];
+    let args = pipeline(&t.name, &seed_table, &[]);
     let (code, report, log) = verify(&args);
     assert_eq!(code, 1, "{report:#}\n{log}");
     // Key fields in the table's column order: (code, tenant).
     assert_eq!(keys(&report, "missing"), vec!["(c5, 3)"], "{report:#}");
     assert_eq!(keys(&report, "mismatched"), vec!["(c7, 4)"], "{report:#}");
     assert_eq!(keys(&report, "extra"), vec!["(it's, 99)"], "{report:#}");
-    let mut with_repair = args.to_vec();
-    with_repair.push("--repair");
+    let mut with_repair = args.clone();
+    with_repair.push("--repair".into());
     let (code, report, log) = verify(&with_repair);
     assert_eq!(code, 0, "{report:#}\n{log}");
     assert_eq!(report["repaired"]["sent"], 3, "{report:#}");

@@ -59,6 +59,36 @@ fn watermarks(c: &BaseConsumer, topic: &str, p: i32) -> Result<(i64, i64), Kafka
         )))
 }
 
+/// `group`'s committed offset on each of `parts` of `topic` (`None`: nothing committed).
+fn committed(
+    c: &BaseConsumer,
+    topic: &str,
+    group: &str,
+    parts: &[i32],
+) -> Result<BTreeMap<i32, Option<i64>>, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in parts {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = c
+        .committed_offsets(tpl, TIMEOUT)
+        .map_err(KafkaError::client(format!(
+            "reading the offsets of group {group}"
+        )))?;
+    Ok(parts
+        .iter()
+        .map(|&p| {
+            let at = committed
+                .find_partition(topic, p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            (p, at)
+        })
+        .collect())
+}
+
 /// Lag of `group` on every partition of `topic`.
 pub fn group_lag(
     connection: &KafkaConnection,
@@ -67,24 +97,11 @@ pub fn group_lag(
 ) -> Result<Vec<PartitionLag>, KafkaError> {
     let c = client(connection, group)?;
     let parts = partitions(&c, topic)?;
-    let mut tpl = TopicPartitionList::new();
-    for p in &parts {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = c
-        .committed_offsets(tpl, TIMEOUT)
-        .map_err(KafkaError::client(format!(
-            "reading the offsets of group {group}"
-        )))?;
+    let offsets = committed(&c, topic, group, &parts)?;
     let mut out = Vec::new();
     for p in parts {
         let (low, high) = watermarks(&c, topic, p)?;
-        let committed = committed
-            .find_partition(topic, p)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
+        let committed = offsets.get(&p).copied().flatten();
         let lag = high - committed.unwrap_or(low).max(low);
         out.push(PartitionLag {
             partition: p,
@@ -155,24 +172,12 @@ pub fn behind(
     highs: &[(i32, i64)],
 ) -> Result<Vec<(i32, Option<i64>, i64)>, KafkaError> {
     let c = client(connection, group)?;
-    let mut tpl = TopicPartitionList::new();
-    for (p, _) in highs {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = c
-        .committed_offsets(tpl, TIMEOUT)
-        .map_err(KafkaError::client(format!(
-            "reading the offsets of group {group}"
-        )))?;
+    let parts: Vec<i32> = highs.iter().map(|h| h.0).collect();
+    let offsets = committed(&c, topic, group, &parts)?;
     let mut open = Vec::new();
     for &(p, high) in highs {
         let (low, _) = watermarks(&c, topic, p)?;
-        let at = committed
-            .find_partition(topic, p)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
+        let at = offsets.get(&p).copied().flatten();
         if at.unwrap_or(low).max(low) < high {
             open.push((p, at, high));
         }

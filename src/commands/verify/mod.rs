@@ -763,20 +763,23 @@ async fn ledger_column(
     Ok(row.map(|_| column))
 }
 
+/// `key IN (…)` of the integer keys among `keys` (the same SQL on both servers), or `none`.
+fn int_key_filter(key: &str, keys: &[&String], none: &str) -> String {
+    let ints: Vec<String> = keys
+        .iter()
+        .filter_map(|k| k.parse::<i64>().ok())
+        .map(|k| k.to_string())
+        .collect();
+    if ints.is_empty() {
+        return none.into();
+    }
+    format!("{key} IN ({})", ints.join(", "))
+}
+
 /// PostgreSQL's condition for rows with these key texts: by index for an integer key.
 fn pg_key_filter(plan: &TablePlan, keys: &[&String]) -> String {
     match &plan.int_key {
-        Some((key, _)) => {
-            let ints: Vec<String> = keys
-                .iter()
-                .filter_map(|k| k.parse::<i64>().ok())
-                .map(|k| k.to_string())
-                .collect();
-            if ints.is_empty() {
-                return "false".into();
-            }
-            format!("{key} IN ({})", ints.join(", "))
-        }
+        Some((key, _)) => int_key_filter(key, keys, "false"),
         // By the key columns, as literals of their types (the index serves it), when the key
         // texts are PostgreSQL's own.
         None if plan.key_is_pg_text => {
@@ -834,17 +837,7 @@ fn key_chunks<'a, 'k>(keys: &'a [&'k String]) -> Vec<&'a [&'k String]> {
 
 fn ch_key_filter(plan: &TablePlan, keys: &[&String]) -> String {
     match &plan.int_key {
-        Some((_, key)) => {
-            let ints: Vec<String> = keys
-                .iter()
-                .filter_map(|k| k.parse::<i64>().ok())
-                .map(|k| k.to_string())
-                .collect();
-            if ints.is_empty() {
-                return "0".into();
-            }
-            format!("{key} IN ({})", ints.join(", "))
-        }
+        Some((_, key)) => int_key_filter(key, keys, "0"),
         None => format!(
             "({}) IN ({})",
             plan.ch_key,
