@@ -77,6 +77,18 @@ pub fn apply_config_file(path: &std::path::Path) -> Result<Vec<String>, String> 
 
 #[cfg(test)]
 mod tests {
+    /// A config file key is a flag name: a flag that read two variables (in two commands) would
+    /// have the key set only one of them (verify's --metrics-addr once shadowed the stream's).
+    #[test]
+    fn each_flag_reads_one_variable() {
+        let mut by_flag = std::collections::BTreeMap::new();
+        for (env, flag) in super::known_settings() {
+            if let Some(other) = by_flag.insert(flag.clone(), env.clone()) {
+                panic!("--{flag} reads both {other} and {env}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

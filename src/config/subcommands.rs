@@ -233,7 +233,7 @@ pub struct VerifyArgs {
     pub examples: usize,
 
     /// Serve the progress as Prometheus metrics on this address at /metrics.
-    #[arg(long, env = "CDC_RELAY_VERIFY_METRICS_ADDR")]
+    #[arg(long, env = "CDC_RELAY_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
     /// Print JSON instead of a table.
