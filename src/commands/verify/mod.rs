@@ -179,40 +179,17 @@ impl Verifier {
         tracing::info!(table = %plan.name, view = %plan.view.qualified(), "comparing bucket sums");
         tracing::debug!(postgres = %plan.pg_hash, clickhouse = %plan.ch_hash, "row hashes");
 
-        // 1. Bucket sums at one point.
+        // 1. Bucket sums at one point. The bounds only shape the buckets: read before it.
         self.metrics.pass.set(1);
-        let at = pg::begin_snapshot(&self.sql).await?;
+        let rows = pg::rows_estimate(&self.sql, &plan.pg_table).await?;
         let buckets = match &plan.int_key {
             Some((key, _)) => {
-                let (min, max, rows) = pg::key_bounds(&self.sql, &plan.pg_table, key).await?;
-                let rows = match rows {
-                    r if r >= 0.0 => r,
-                    _ => pg::count_rows(&self.sql, &plan.pg_table).await?,
-                };
+                let (min, max) = pg::key_bounds(&self.sql, &plan.pg_table, key, "true").await?;
                 Buckets::for_int_key(min.unwrap_or(0), max.unwrap_or(0), rows)
             }
-            None => {
-                Buckets::for_rows(match pg::estimated_rows(&self.sql, &plan.pg_table).await? {
-                    r if r >= 0.0 => r,
-                    _ => pg::count_rows(&self.sql, &plan.pg_table).await?,
-                })
-            }
+            None => Buckets::for_rows(rows),
         };
-        let pg_sums = pg::bucket_sums(
-            &self.sql,
-            &plan.pg_table,
-            &buckets.pg_sql(plan),
-            &plan.pg_hash,
-        )
-        .await?;
-        pg::end_snapshot(&self.sql).await?;
-        self.wait_for(at, &s.topic).await?;
-        let ch_sums = self
-            .ch
-            .bucket_sums(&plan.view, &buckets.ch_sql(plan), &plan.ch_hash)
-            .await?;
-        let pg_sums: Vec<(i64, u64, u64)> =
-            pg_sums.iter().map(|b| (b.bucket, b.rows, b.hash)).collect();
+        let (pg_sums, ch_sums) = self.compare_sums(s, &Region::whole(buckets)).await?;
         let differing = differing_buckets(&pg_sums, &ch_sums);
         let mut report = TableReport::new(plan, &pg_sums, &ch_sums, differing.len());
         // Versions are this server's WAL positions: one above its position now means ClickHouse
@@ -369,32 +346,11 @@ impl Verifier {
                     cuts += 1;
                     let inner = region.cut(plan, b);
                     let buckets = self.cut_buckets(s, &inner, rows).await?;
-                    let at = pg::begin_snapshot(&self.sql).await?;
-                    let pg = pg::bucket_sums_where(
-                        &self.sql,
-                        &plan.pg_table,
-                        &buckets.pg_sql(plan),
-                        &plan.pg_hash,
-                        &inner.pg_where,
-                    )
-                    .await?;
-                    pg::end_snapshot(&self.sql).await?;
-                    self.wait_for(at, &s.topic).await?;
-                    let ch = self
-                        .ch
-                        .bucket_sums_where(
-                            &plan.view,
-                            &buckets.ch_sql(plan),
-                            &plan.ch_hash,
-                            &inner.ch_where,
-                        )
-                        .await?;
-                    let pg: Vec<(i64, u64, u64)> =
-                        pg.iter().map(|b| (b.bucket, b.rows, b.hash)).collect();
+                    let inner = Region { buckets, ..inner };
+                    let (pg, ch) = self.compare_sums(s, &inner).await?;
                     let differing = differing_buckets(&pg, &ch);
                     tracing::info!(table = %plan.name, rows, buckets = pg.len().max(ch.len()), differing = differing.len(), "a bucket too large to read was cut");
-                    let sized = sized(&differing, &pg, &ch);
-                    queue.push_back((Region { buckets, ..inner }, sized));
+                    queue.push_back((inner, sized(&differing, &pg, &ch)));
                 } else {
                     unread.push((b, rows));
                 }
@@ -406,6 +362,37 @@ impl Verifier {
         Ok((read, unread))
     }
 
+    /// Both servers' (bucket, rows, hash sum) of `region`: PostgreSQL in one snapshot, ClickHouse
+    /// once it holds everything that snapshot saw.
+    async fn compare_sums(
+        &mut self,
+        s: &Subject,
+        region: &Region,
+    ) -> Result<(Vec<(i64, u64, u64)>, Vec<(i64, u64, u64)>), Error> {
+        let plan = &s.plan;
+        let at = pg::begin_snapshot(&self.sql).await?;
+        let pg = pg::bucket_sums(
+            &self.sql,
+            &plan.pg_table,
+            &region.buckets.pg_sql(plan),
+            &plan.pg_hash,
+            &region.pg_where,
+        )
+        .await?;
+        pg::end_snapshot(&self.sql).await?;
+        self.wait_for(at, &s.topic).await?;
+        let ch = self
+            .ch
+            .bucket_sums(
+                &plan.view,
+                &region.buckets.ch_sql(plan),
+                &plan.ch_hash,
+                &region.ch_where,
+            )
+            .await?;
+        Ok((pg, ch))
+    }
+
     /// The buckets to cut `inner` (about `rows` rows) into: a key range over the keys it holds on
     /// either side, or a finer hash.
     async fn cut_buckets(&self, s: &Subject, inner: &Region, rows: u64) -> Result<Buckets, Error> {
@@ -413,11 +400,10 @@ impl Verifier {
         match (&plan.int_key, inner.buckets) {
             (Some((pg_key, ch_key)), _) => {
                 let (a, b) =
-                    pg::key_bounds_where(&self.sql, &plan.pg_table, pg_key, &inner.pg_where)
-                        .await?;
+                    pg::key_bounds(&self.sql, &plan.pg_table, pg_key, &inner.pg_where).await?;
                 let (c, d) = self
                     .ch
-                    .key_bounds_where(&plan.view, ch_key, &inner.ch_where)
+                    .key_bounds(&plan.view, ch_key, &inner.ch_where)
                     .await?;
                 let min = [a, c].into_iter().flatten().min().unwrap_or(0);
                 let max = [b, d].into_iter().flatten().max().unwrap_or(0);

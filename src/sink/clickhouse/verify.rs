@@ -65,17 +65,6 @@ impl ViewReader {
             .collect())
     }
 
-    /// (bucket, rows, hash sum) of every bucket; `bucket` and `hash` are SQL over the view's
-    /// columns.
-    pub async fn bucket_sums(
-        &self,
-        view: &TableNames,
-        bucket: &str,
-        hash: &str,
-    ) -> Result<Vec<(i64, u64, u64)>, SinkError> {
-        self.bucket_sums_where(view, bucket, hash, "1").await
-    }
-
     /// The largest `_version` the view shows (0 when empty).
     pub async fn max_version(&self, view: &TableNames) -> Result<u64, SinkError> {
         let sql = format!("SELECT max(_version) FROM {} FORMAT TSV", view.qualified());
@@ -89,7 +78,7 @@ impl ViewReader {
     }
 
     /// The smallest and largest value of an integer key among the rows `filter` selects.
-    pub async fn key_bounds_where(
+    pub async fn key_bounds(
         &self,
         view: &TableNames,
         key: &str,
@@ -113,8 +102,9 @@ impl ViewReader {
         ))
     }
 
-    /// [`Self::bucket_sums`] of the rows `filter` selects.
-    pub async fn bucket_sums_where(
+    /// (bucket, rows, hash sum) of every bucket of the rows `filter` selects; `bucket`, `hash` and
+    /// `filter` are SQL over the view's columns.
+    pub async fn bucket_sums(
         &self,
         view: &TableNames,
         bucket: &str,

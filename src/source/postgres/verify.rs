@@ -10,14 +10,6 @@ use super::pgoutput::Value;
 use super::{parse_lsn, SourceError};
 use crate::event::Lsn;
 
-/// One bucket's row count and the sum (mod 2^64) of its rows' hashes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketSum {
-    pub bucket: i64,
-    pub rows: u64,
-    pub hash: u64,
-}
-
 /// A sum of signed 64-bit hashes, as ClickHouse's wrapping UInt64 sum of the same bits.
 pub fn wrap_sum(sum: i128) -> u64 {
     sum.rem_euclid(1i128 << 64) as u64
@@ -76,28 +68,8 @@ pub async fn end_snapshot(client: &Client) -> Result<(), SourceError> {
         .map_err(SourceError::sql("ending the verify snapshot"))
 }
 
-/// The smallest and largest value of an integer key (through its index) and the planner's
-/// estimate of the table's rows.
-pub async fn key_bounds(
-    client: &Client,
-    table: &str,
-    key: &str,
-) -> Result<(Option<i64>, Option<i64>, f64), SourceError> {
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT min({key})::bigint, max({key})::bigint, \
-                 (SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass)::float8 FROM {table} AS t"
-            ),
-            &[&table],
-        )
-        .await
-        .map_err(SourceError::sql(format!("reading the key range of {table}")))?;
-    Ok((row.get(0), row.get(1), row.get(2)))
-}
-
 /// The smallest and largest value of an integer key among the rows `filter` selects.
-pub async fn key_bounds_where(
+pub async fn key_bounds(
     client: &Client,
     table: &str,
     key: &str,
@@ -115,8 +87,9 @@ pub async fn key_bounds_where(
     Ok((row.get(0), row.get(1)))
 }
 
-/// The planner's estimate of a table's rows (-1 before its first ANALYZE on PostgreSQL 14+).
-pub async fn estimated_rows(client: &Client, table: &str) -> Result<f64, SourceError> {
+/// The table's rows as the planner estimates them, or counted when it has no estimate (before
+/// the table's first ANALYZE; always for a partitioned table's root).
+pub async fn rows_estimate(client: &Client, table: &str) -> Result<f64, SourceError> {
     let row = client
         .query_one(
             "SELECT reltuples::float8 FROM pg_class WHERE oid = $1::text::regclass",
@@ -124,11 +97,10 @@ pub async fn estimated_rows(client: &Client, table: &str) -> Result<f64, SourceE
         )
         .await
         .map_err(SourceError::sql(format!("reading the size of {table}")))?;
-    Ok(row.get(0))
-}
-
-/// The table's rows, counted (for a table never analyzed, whose size the planner does not know).
-pub async fn count_rows(client: &Client, table: &str) -> Result<f64, SourceError> {
+    let estimate: f64 = row.get(0);
+    if estimate >= 0.0 {
+        return Ok(estimate);
+    }
     let row = client
         .query_one(&format!("SELECT count(*)::float8 FROM {table}"), &[])
         .await
@@ -136,24 +108,15 @@ pub async fn count_rows(client: &Client, table: &str) -> Result<f64, SourceError
     Ok(row.get(0))
 }
 
-/// `bucket` and `hash` are SQL over the table's columns (aliased `t`).
+/// (bucket, rows, hash sum mod 2^64) of every bucket of the rows `filter` selects; `bucket`,
+/// `hash` and `filter` are SQL over the table's columns (aliased `t`).
 pub async fn bucket_sums(
     client: &Client,
     table: &str,
     bucket: &str,
     hash: &str,
-) -> Result<Vec<BucketSum>, SourceError> {
-    bucket_sums_where(client, table, bucket, hash, "true").await
-}
-
-/// [`bucket_sums`] of the rows `filter` selects.
-pub async fn bucket_sums_where(
-    client: &Client,
-    table: &str,
-    bucket: &str,
-    hash: &str,
     filter: &str,
-) -> Result<Vec<BucketSum>, SourceError> {
+) -> Result<Vec<(i64, u64, u64)>, SourceError> {
     let sql = format!(
         "SELECT ({bucket})::bigint, count(*), sum({hash})::text FROM {table} AS t WHERE {filter} GROUP BY 1"
     );
@@ -168,11 +131,7 @@ pub async fn bucket_sums_where(
                 column: "sum",
                 reason: format!("not an integer: {sum:?}"),
             })?;
-            Ok(BucketSum {
-                bucket: r.get(0),
-                rows: r.get::<_, i64>(1) as u64,
-                hash: wrap_sum(sum),
-            })
+            Ok((r.get(0), r.get::<_, i64>(1) as u64, wrap_sum(sum)))
         })
         .collect()
 }
