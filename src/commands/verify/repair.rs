@@ -17,7 +17,7 @@ use crate::source::postgres::verify as pg;
 use crate::types::canonical::split_fields;
 
 /// Most deletes in flight at once.
-const KEYS_PER_READ: usize = 1000;
+const DELETES_IN_FLIGHT: usize = 1000;
 
 /// Produces the repairs of every table `report` found drift in; the number of messages sent.
 pub(super) async fn send_again(v: &Verifier, report: &Report) -> Result<u64, Error> {
@@ -93,7 +93,7 @@ async fn send_table(
         let event = s.shape.event(Op::Delete, &values, at, at.0)?;
         acks.push(producer.send(&event, &s.topic).await?.0);
         deletes += 1;
-        if acks.len() >= KEYS_PER_READ {
+        if acks.len() >= DELETES_IN_FLIGHT {
             for ack in acks.drain(..) {
                 ack.await?;
             }
