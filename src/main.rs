@@ -27,13 +27,15 @@ fn main() -> ExitCode {
             clickhouse_version,
             clickhouse_database,
             clickhouse_table,
+            clickhouse_cluster,
         }) => {
             print!(
                 "{}",
                 commands::config::clickhouse_schema(
                     *clickhouse_version,
                     clickhouse_database,
-                    clickhouse_table
+                    clickhouse_table,
+                    clickhouse_cluster.as_deref()
                 )
             );
             return ExitCode::SUCCESS;

@@ -339,6 +339,7 @@ fn config(url: String) -> ClickHouseConfig {
         database: "default".into(),
         table: "user_logins".into(),
         tls: None,
+        cluster: None,
     }
 }
 

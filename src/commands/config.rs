@@ -70,7 +70,12 @@ fn validate(name: &str) -> Result<(), String> {
 
 /// The statements [`crate::sink::clickhouse::schema::ensure_schema`] sends to a server of
 /// `version`, in order, each after a comment saying when and ending with `;`.
-pub fn clickhouse_schema(version: ClickHouseVersion, database: &str, table: &str) -> String {
+pub fn clickhouse_schema(
+    version: ClickHouseVersion,
+    database: &str,
+    table: &str,
+    cluster: Option<&str>,
+) -> String {
     let version = ServerVersion {
         major: version.major,
         minor: version.minor,
@@ -82,6 +87,7 @@ pub fn clickhouse_schema(version: ClickHouseVersion, database: &str, table: &str
         database: database.to_string(),
         table: table.to_string(),
         tls: None,
+        cluster: cluster.map(str::to_string),
     };
     let mut out = format!(
         "-- The statements cdc-relay's sink and setup send to ClickHouse {version} to create and check the schema, in order.\n"

@@ -165,6 +165,10 @@ pub fn clickhouse_from_args(c: &ClickHouseArgs) -> Result<ClickHouseConfig, Erro
         &c.clickhouse_database,
         &c.clickhouse_table,
     )
+    .map(|cfg| ClickHouseConfig {
+        cluster: c.clickhouse_cluster.clone(),
+        ..cfg
+    })
 }
 
 /// Serves `registry` at `addr` if one is given.
@@ -204,6 +208,8 @@ pub fn clickhouse_config(
         database: database.to_string(),
         table: table.to_string(),
         tls: tls_for_url(url, ca_file).map_err(Error::Config)?,
+        // Set by the callers that write (`clickhouse_from_args`).
+        cluster: None,
     })
 }
 

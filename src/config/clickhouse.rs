@@ -41,6 +41,12 @@ pub struct ClickHouseArgs {
         default_value = "user_logins"
     )]
     pub clickhouse_table: String,
+
+    /// A cluster of the servers' `remote_servers`: every table is created `ON CLUSTER` as a
+    /// ReplicatedReplacingMergeTree `<table>_local` under a Distributed table `<table>` sharded by
+    /// the key, which the sink inserts into (synchronously) and the current-rows view reads.
+    #[arg(long, env = "CDC_RELAY_CLICKHOUSE_CLUSTER")]
+    pub clickhouse_cluster: Option<String>,
 }
 
 /// `major.minor` of a ClickHouse server, as `--clickhouse-version` gives it (`26.9`, `18.16.1`).

@@ -106,6 +106,10 @@ pub enum ConfigCommand {
             default_value = "user_logins"
         )]
         clickhouse_table: String,
+
+        /// The statements for tables replicated and sharded over this cluster.
+        #[arg(long, env = "CDC_RELAY_CLICKHOUSE_CLUSTER")]
+        clickhouse_cluster: Option<String>,
     },
 }
 

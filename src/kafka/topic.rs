@@ -17,6 +17,13 @@ pub fn auto_replication(brokers: usize) -> i32 {
     brokers.clamp(1, 3) as i32
 }
 
+/// `min.insync.replicas` of a topic the relay creates with `replication` copies: with three or
+/// more, 2, so a write acknowledged by `acks=all` is on two brokers and survives the loss of any
+/// one while the topic stays writable with one broker down; with fewer, the broker's default.
+pub fn min_insync_replicas(replication: i32) -> Option<i32> {
+    (replication >= 3).then_some(2)
+}
+
 /// Creates `topic` with `partitions` partitions if it does not exist; returns its partition count.
 /// `replication` `None` is [`auto_replication`] of the brokers in the cluster metadata.
 pub async fn ensure_topic(
@@ -47,6 +54,12 @@ pub async fn ensure_topic_with(
     for (k, v) in settings {
         new = new.set(k, v);
     }
+    let min_isr = min_insync_replicas(replication).map(|n| n.to_string());
+    if let Some(n) = &min_isr {
+        if !settings.iter().any(|(k, _)| *k == "min.insync.replicas") {
+            new = new.set("min.insync.replicas", n);
+        }
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics([&new], &opts)
@@ -54,7 +67,9 @@ pub async fn ensure_topic_with(
         .map_err(KafkaError::client(format!("creating topic {topic}")))?;
     for r in results {
         match r {
-            Ok(_) => tracing::info!(topic, partitions, replication, "created Kafka topic"),
+            Ok(_) => {
+                tracing::info!(topic, partitions, replication, min_insync_replicas = ?min_isr, "created Kafka topic")
+            }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             // The controller did not answer in time (a broker restarting): worth another try.
             Err((t, code)) if super::is_transient(&RdKafkaError::AdminOp(code)) => {
@@ -124,5 +139,14 @@ mod tests {
             .map(super::auto_replication)
             .collect();
         assert_eq!(r, vec![1, 1, 2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn two_in_sync_copies_from_three_replicas_on() {
+        let m: Vec<Option<i32>> = [1, 2, 3, 5]
+            .into_iter()
+            .map(super::min_insync_replicas)
+            .collect();
+        assert_eq!(m, vec![None, None, Some(2), Some(2)]);
     }
 }

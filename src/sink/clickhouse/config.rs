@@ -17,6 +17,8 @@ pub struct ClickHouseConfig {
     pub table: String,
     /// For `https://` URLs: how the server's certificate is verified.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `--clickhouse-cluster`: the tables are replicated and sharded over this cluster (cluster.rs).
+    pub cluster: Option<String>,
 }
 
 impl std::fmt::Debug for ClickHouseConfig {
@@ -27,6 +29,7 @@ impl std::fmt::Debug for ClickHouseConfig {
             .field("database", &self.database)
             .field("table", &self.table)
             .field("https", &self.tls.is_some())
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -54,12 +57,32 @@ impl ClickHouseConfig {
                 clickhouse::Client::with_http_client(http)
             }
         };
-        client
+        let client = client
             .with_url(&self.url)
             .with_user(&self.user)
             .with_password(&self.password)
             .with_database(&self.database)
-            .with_validation(false)
+            .with_validation(false);
+        match self.cluster {
+            // An insert into a Distributed table returns once every shard has its part (not once
+            // it is spooled on the node we talk to): only then may the sink commit offsets.
+            Some(_) => client.with_setting("insert_distributed_sync", "1"),
+            None => client,
+        }
+    }
+
+    /// The table that holds the rows: the table itself, or on a cluster `<table>_local` under the
+    /// Distributed table of that name.
+    pub fn qualified_storage(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.database),
+            quote_ident(&self.storage_name())
+        )
+    }
+
+    pub fn storage_name(&self) -> String {
+        super::cluster::storage_name(&self.table, self.cluster.as_deref())
     }
 
     /// `` `db`.`table` ``, quoted for SQL.

@@ -46,30 +46,46 @@ pub enum Change {
 }
 
 impl Change {
+    /// The change on one server.
     pub fn sql(&self, names: &TableNames) -> String {
-        let t = names.qualified();
+        format!("ALTER TABLE {} {}", names.qualified(), self.clause())
+    }
+
+    /// Every statement of the change: on a cluster the storage's `ALTER … ON CLUSTER`, then the
+    /// Distributed table (sharded by `key`, quoted) re-created over it (cluster.rs).
+    pub fn statements(&self, names: &TableNames, key: &[String]) -> Vec<String> {
+        super::cluster::alter_statements(
+            names.cluster(),
+            &names.qualified(),
+            &names.database,
+            &names.storage_name(),
+            key,
+            &self.clause(),
+        )
+    }
+
+    /// What follows `ALTER TABLE <table>`.
+    fn clause(&self) -> String {
         match self {
             Change::Add {
                 column,
                 ty,
                 default: None,
-            } => format!("ALTER TABLE {t} ADD COLUMN {} {ty}", quote_ident(column)),
+            } => format!("ADD COLUMN {} {ty}", quote_ident(column)),
             Change::Add {
                 column,
                 ty,
                 default: Some(value),
             } => format!(
-                "ALTER TABLE {t} ADD COLUMN {} {ty} DEFAULT CAST({value} AS {ty})",
+                "ADD COLUMN {} {ty} DEFAULT CAST({value} AS {ty})",
                 quote_ident(column)
             ),
             Change::Modify { column, to, .. } => {
-                format!("ALTER TABLE {t} MODIFY COLUMN {} {to}", quote_ident(column))
+                format!("MODIFY COLUMN {} {to}", quote_ident(column))
             }
-            Change::Rename { from, to } => format!(
-                "ALTER TABLE {t} RENAME COLUMN {} TO {}",
-                quote_ident(from),
-                quote_ident(to)
-            ),
+            Change::Rename { from, to } => {
+                format!("RENAME COLUMN {} TO {}", quote_ident(from), quote_ident(to))
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //! takes [`crate::event::ChangeEvent`]s and says when they are stored.
 
 pub mod batch;
+pub mod cluster;
 pub mod config;
 pub mod evolve;
 pub mod row;
@@ -57,6 +58,14 @@ impl SinkError {
                     "Code: 242",
                     "Code: 210",
                     "Code: 209",
+                    // A cluster with a node or ZooKeeper restarting: no replica of a shard
+                    // reachable, no ZooKeeper session, an insert whose fate a shard did not
+                    // report, an ON CLUSTER DDL still waiting for a node that is down.
+                    "Code: 279",
+                    "Code: 225",
+                    "Code: 999",
+                    "Code: 319",
+                    "Code: 159",
                 ]
                 .iter()
                 .any(|c| text.contains(c)),

@@ -9,6 +9,7 @@
 //! was applied (from other partitions) with lower versions. Views of earlier releases lack that
 //! filter and are re-created; tables of earlier releases (`id UInt64`) keep working.
 
+use super::cluster;
 use super::config::{quote_ident, quote_string};
 use super::{ClickHouseConfig, SinkError};
 
@@ -67,8 +68,24 @@ pub const COLUMNS: &[(&str, &str)] = &[
 
 pub fn create_database_sql(cfg: &ClickHouseConfig) -> String {
     format!(
-        "CREATE DATABASE IF NOT EXISTS {}",
-        quote_ident(&cfg.database)
+        "CREATE DATABASE IF NOT EXISTS {}{}",
+        quote_ident(&cfg.database),
+        on_cluster(cfg)
+    )
+}
+
+fn on_cluster(cfg: &ClickHouseConfig) -> String {
+    cluster::on_cluster(cfg.cluster.as_deref())
+}
+
+/// On a cluster, the Distributed table over the storage, sharded by id (cluster.rs).
+pub fn create_distributed_sql(cfg: &ClickHouseConfig) -> Option<String> {
+    cluster::distributed_sql(
+        cfg.cluster.as_deref(),
+        &cfg.qualified_table(),
+        &cfg.database,
+        &cfg.storage_name(),
+        &["id".to_string()],
     )
 }
 
@@ -80,14 +97,21 @@ pub fn create_table_sql(cfg: &ClickHouseConfig, version: ServerVersion) -> Strin
             "    _ingested_at DateTime DEFAULT now()".to_string(),
         ))
         .collect();
-    let engine = if version.has_is_deleted() {
-        "ReplacingMergeTree(_version, _deleted)"
+    let args = if version.has_is_deleted() {
+        "_version, _deleted"
     } else {
-        "ReplacingMergeTree(_version)"
+        "_version"
     };
+    let engine = cluster::replacing_engine(
+        cfg.cluster.as_deref(),
+        &cfg.database,
+        &cfg.storage_name(),
+        args,
+    );
     format!(
-        "CREATE TABLE IF NOT EXISTS {} (\n{}\n) ENGINE = {engine} ORDER BY id",
-        cfg.qualified_table(),
+        "CREATE TABLE IF NOT EXISTS {}{} (\n{}\n) ENGINE = {engine} ORDER BY id",
+        cfg.qualified_storage(),
+        on_cluster(cfg),
         cols.join(",\n")
     )
 }
@@ -98,8 +122,10 @@ pub const LEGACY_ID_TYPE: &str = "UInt64";
 /// One row per applied truncate. `max(version)` of an empty table is 0, which hides nothing.
 pub fn create_truncates_sql(cfg: &ClickHouseConfig) -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {} (\n    version UInt64,\n    applied_at DateTime DEFAULT now()\n) ENGINE = MergeTree ORDER BY version",
-        cfg.qualified_truncates()
+        "CREATE TABLE IF NOT EXISTS {}{} (\n    version UInt64,\n    applied_at DateTime DEFAULT now()\n) ENGINE = {} ORDER BY version",
+        cfg.qualified_truncates(),
+        on_cluster(cfg),
+        cluster::truncates_engine(cfg.cluster.as_deref(), &cfg.database, &cfg.truncates_name())
     )
 }
 
@@ -118,8 +144,9 @@ pub fn create_view_with_sql(cfg: &ClickHouseConfig, added: &[String]) -> String 
         .chain(added.iter().map(|c| quote_ident(c)))
         .collect();
     format!(
-        "CREATE VIEW IF NOT EXISTS {} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
+        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
         cfg.qualified_view(),
+        on_cluster(cfg),
         cols.join(", "),
         cfg.qualified_table(),
         cfg.qualified_truncates()
@@ -146,7 +173,11 @@ pub fn view_ddl_sql(cfg: &ClickHouseConfig) -> String {
 
 /// Drops a view of an earlier release, which lacks the truncate filter.
 pub fn drop_view_sql(cfg: &ClickHouseConfig) -> String {
-    format!("DROP TABLE IF EXISTS {}", cfg.qualified_view())
+    format!(
+        "DROP TABLE IF EXISTS {}{}",
+        cfg.qualified_view(),
+        on_cluster(cfg)
+    )
 }
 
 /// One statement [`ensure_schema`] sends, and when.
@@ -163,9 +194,15 @@ pub fn schema_statements(cfg: &ClickHouseConfig, version: ServerVersion) -> Vec<
         when: "always",
         sql,
     };
-    vec![
+    let mut out = vec![
         always(create_database_sql(cfg)),
         always(create_table_sql(cfg, version)),
+    ];
+    out.extend(create_distributed_sql(cfg).map(|sql| Statement {
+        when: "always, on a cluster",
+        sql,
+    }));
+    out.extend([
         Statement {
             when: "always: the sink checks that every column has the type it writes",
             sql: columns_sql(cfg),
@@ -180,7 +217,8 @@ pub fn schema_statements(cfg: &ClickHouseConfig, version: ServerVersion) -> Vec<
             sql: drop_view_sql(cfg),
         },
         always(create_view_sql(cfg)),
-    ]
+    ]);
+    out
 }
 
 /// What the sink must know about the table it writes.
@@ -234,6 +272,13 @@ pub async fn ensure_schema(
         .execute()
         .await
         .map_err(err("creating the table"))?;
+    if let Some(sql) = create_distributed_sql(cfg) {
+        client
+            .query(&sql)
+            .execute()
+            .await
+            .map_err(err("creating the Distributed table over the cluster"))?;
+    }
     let info = check_table(client, cfg).await?;
     client
         .query(&create_truncates_sql(cfg))
@@ -327,6 +372,7 @@ mod tests {
             database: "default".into(),
             table: "user_logins".into(),
             tls: None,
+            cluster: None,
         }
     }
 

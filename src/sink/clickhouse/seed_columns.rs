@@ -191,7 +191,8 @@ impl SeedTable {
         rel: &RelationSchema,
         history: &[Arc<RelationSchema>],
     ) -> Result<ApplyOutcome, SinkError> {
-        let names = TableNames::new(&self.cfg.database, &self.cfg.table);
+        let names = TableNames::new(&self.cfg.database, &self.cfg.table)
+            .with_cluster(self.cfg.cluster.clone());
         let existing = self.writer.columns(&names).await?;
         let (changes, added) = match plan_added(&names, &existing, rel, history, self.version) {
             Ok(p) => p,
@@ -207,9 +208,11 @@ impl SeedTable {
         };
         for change in &changes {
             tracing::info!(table = %names.qualified(), change = ?change, "applying a schema change");
-            self.writer
-                .execute(&change.sql(&names), "changing a table's columns")
-                .await?;
+            for sql in change.statements(&names, &["id".to_string()]) {
+                self.writer
+                    .execute(&sql, "changing a table's columns")
+                    .await?;
+            }
         }
         let added_names: Vec<String> = self
             .writer

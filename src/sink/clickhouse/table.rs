@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::event::{ChangeEvent, Op, Row, RowKey};
 use crate::types::{clickhouse_json_text, clickhouse_type, PgType, RelationSchema, ServerCaps};
 
+use super::cluster;
 use super::config::{quote_ident, quote_string};
 use super::schema::ServerVersion;
 
@@ -37,6 +38,8 @@ pub fn is_meta(name: &str) -> bool {
 pub struct TableNames {
     pub database: String,
     pub table: String,
+    /// `--clickhouse-cluster`: DDL runs ON CLUSTER, rows live in `<table>_local` (cluster.rs).
+    pub cluster: Option<String>,
 }
 
 impl TableNames {
@@ -44,7 +47,30 @@ impl TableNames {
         TableNames {
             database: database.to_string(),
             table: table.to_string(),
+            cluster: None,
         }
+    }
+
+    pub fn with_cluster(mut self, cluster: Option<String>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    pub fn cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
+    }
+
+    /// The table that holds the rows (itself, or on a cluster `<table>_local`).
+    pub fn storage_name(&self) -> String {
+        cluster::storage_name(&self.table, self.cluster())
+    }
+
+    pub fn storage(&self) -> String {
+        self.qualify(&self.storage_name())
+    }
+
+    fn on_cluster(&self) -> String {
+        cluster::on_cluster(self.cluster())
     }
 
     fn qualify(&self, name: &str) -> String {
@@ -95,29 +121,56 @@ pub fn create_table_sql(
             "    {INGESTED_AT} DateTime DEFAULT now()"
         )))
         .collect();
-    let engine = if version.has_is_deleted() {
-        "ReplacingMergeTree(_version, _deleted)"
+    let args = if version.has_is_deleted() {
+        "_version, _deleted"
     } else {
-        "ReplacingMergeTree(_version)"
+        "_version"
     };
-    let key: Vec<String> = rel
-        .key
+    let engine = cluster::replacing_engine(
+        names.cluster(),
+        &names.database,
+        &names.storage_name(),
+        args,
+    );
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}{} (\n{}\n) ENGINE = {engine} ORDER BY ({})",
+        names.storage(),
+        names.on_cluster(),
+        cols.join(",\n"),
+        key_columns(rel).join(", ")
+    )
+}
+
+/// The key columns, quoted: the ORDER BY of the storage, the sharding key on a cluster.
+pub fn key_columns(rel: &RelationSchema) -> Vec<String> {
+    rel.key
         .iter()
         .filter_map(|&i| rel.columns.get(i))
         .map(|c| quote_ident(&c.name))
-        .collect();
-    format!(
-        "CREATE TABLE IF NOT EXISTS {} (\n{}\n) ENGINE = {engine} ORDER BY ({})",
-        names.qualified(),
-        cols.join(",\n"),
-        key.join(", ")
+        .collect()
+}
+
+/// On a cluster, the Distributed table over the storage (cluster.rs).
+pub fn create_distributed_sql(names: &TableNames, rel: &RelationSchema) -> Option<String> {
+    cluster::distributed_sql(
+        names.cluster(),
+        &names.qualified(),
+        &names.database,
+        &names.storage_name(),
+        &key_columns(rel),
     )
 }
 
 pub fn create_truncates_sql(names: &TableNames) -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {} (\n    version UInt64,\n    applied_at DateTime DEFAULT now()\n) ENGINE = MergeTree ORDER BY version",
-        names.truncates()
+        "CREATE TABLE IF NOT EXISTS {}{} (\n    version UInt64,\n    applied_at DateTime DEFAULT now()\n) ENGINE = {} ORDER BY version",
+        names.truncates(),
+        names.on_cluster(),
+        cluster::truncates_engine(
+            names.cluster(),
+            &names.database,
+            &format!("{}_truncates", names.table)
+        )
     )
 }
 
@@ -131,8 +184,9 @@ pub fn create_view_sql(names: &TableNames, user_columns: &[String]) -> String {
         .chain(["_op", "_lsn", "_version"].map(String::from))
         .collect();
     format!(
-        "CREATE VIEW IF NOT EXISTS {} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
+        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
         names.view(),
+        names.on_cluster(),
         cols.join(", "),
         names.qualified(),
         names.truncates()
@@ -140,7 +194,11 @@ pub fn create_view_sql(names: &TableNames, user_columns: &[String]) -> String {
 }
 
 pub fn drop_view_sql(names: &TableNames) -> String {
-    format!("DROP TABLE IF EXISTS {}", names.view())
+    format!(
+        "DROP TABLE IF EXISTS {}{}",
+        names.view(),
+        names.on_cluster()
+    )
 }
 
 pub fn columns_sql(names: &TableNames) -> String {

@@ -15,8 +15,8 @@ use super::config::{quote_ident, quote_string};
 use super::evolve::{plan, Refusal};
 use super::schema::ServerVersion;
 use super::table::{
-    columns_sql, create_table_sql, create_truncates_sql, create_view_sql, drop_view_sql,
-    insert_body, is_meta, key_text, GenericRow, TableNames, TableState,
+    columns_sql, create_distributed_sql, create_table_sql, create_truncates_sql, create_view_sql,
+    drop_view_sql, insert_body, is_meta, key_columns, key_text, GenericRow, TableNames, TableState,
 };
 use super::{ClickHouseConfig, SinkError};
 
@@ -85,7 +85,7 @@ impl GenericTables {
     ) -> Result<ApplyOutcome, SinkError> {
         let w = &self.writer;
         let table = clickhouse_table_name(rel);
-        let names = TableNames::new(&w.database, &table);
+        let names = w.names(&table);
         let mut existing = w.columns(&names).await?;
         let created = existing.is_empty();
         if created {
@@ -97,6 +97,10 @@ impl GenericTables {
                 "creating a table",
             )
             .await?;
+            if let Some(sql) = create_distributed_sql(&names, rel) {
+                w.execute(&sql, "creating the Distributed table over the cluster")
+                    .await?;
+            }
             existing = w.columns(&names).await?;
         }
         let p = match plan(&names, &existing, rel, history, self.version) {
@@ -105,8 +109,9 @@ impl GenericTables {
         };
         for change in &p.changes {
             tracing::info!(table = %names.qualified(), change = ?change, "applying a schema change");
-            w.execute(&change.sql(&names), "changing a table's columns")
-                .await?;
+            for sql in change.statements(&names, &key_columns(rel)) {
+                w.execute(&sql, "changing a table's columns").await?;
+            }
         }
         if !self.watermarks.contains_key(&table) {
             w.execute(&create_truncates_sql(&names), "creating a truncates table")
@@ -163,6 +168,7 @@ pub struct GenericWriter {
     client: clickhouse::Client,
     url: String,
     database: String,
+    cluster: Option<String>,
 }
 
 impl GenericWriter {
@@ -171,7 +177,13 @@ impl GenericWriter {
             client: cfg.client(),
             url: cfg.url.clone(),
             database: cfg.database.clone(),
+            cluster: cfg.cluster.clone(),
         }
+    }
+
+    /// The objects of `table` in the sink's database (and cluster).
+    pub fn names(&self, table: &str) -> TableNames {
+        TableNames::new(&self.database, table).with_cluster(self.cluster.clone())
     }
 
     fn err(
@@ -244,7 +256,7 @@ impl GenericWriter {
 
     /// Records a truncate of `table` (see [`super::ClickHouseWriter::truncate_before`]).
     pub async fn truncate_before(&self, table: &str, version: u64) -> Result<(), SinkError> {
-        let names = TableNames::new(&self.database, table);
+        let names = self.names(table);
         let sql = format!(
             "INSERT INTO {} (version) VALUES ({version})",
             names.truncates()
@@ -282,7 +294,7 @@ impl GenericWriter {
         if rows.is_empty() {
             return Ok(());
         }
-        let names = TableNames::new(&self.database, table);
+        let names = self.names(table);
         let (columns, body) = insert_body(rows);
         let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
         let sql = format!(

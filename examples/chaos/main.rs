@@ -2,12 +2,15 @@
 //! moments and PostgreSQL, Kafka and ClickHouse are each stopped and started once; then waits for the
 //! pipeline to catch up and compares every committed PostgreSQL row with the ClickHouse current view.
 //!
-//!   cargo run --release --example chaos -- --rows N --kills K --seed S [--exactly-once]
+//!   cargo run --release --example chaos -- --rows N --kills K --seed S [--exactly-once] [--cluster]
 //!
 //! Reads the settings of `.local/services.env` from the environment. Exits non-zero on any missing,
 //! mismatched or extra row, or if the pipeline does not converge. With `--exactly-once` the stream
 //! runs in that mode, and a `read_committed` reader of the topic must see every row exactly once
-//! (`duplicates: 0`).
+//! (`duplicates: 0`). With `--cluster` it runs on the cluster stack (cluster.rs): three sinks, a
+//! broker and a ClickHouse replica killed -9 and restarted, every replica checked.
+
+mod cluster;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -97,8 +100,10 @@ fn committed_counts(topic: &str) -> HashMap<u64, u64> {
 }
 
 struct Proc {
-    name: &'static str,
+    name: String,
     args: Vec<String>,
+    /// Settings of this process only (a sink's own ClickHouse node).
+    env: Vec<(String, String)>,
     log: std::path::PathBuf,
     child: Option<Child>,
 }
@@ -116,6 +121,7 @@ impl Proc {
             .args(&self.args)
             .env("CDC_RELAY_PG_URL", relay_url)
             .env("CDC_RELAY_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -200,6 +206,7 @@ async fn main() {
     let kills = arg("--kills", 20);
     let seed = arg("--seed", 1);
     let exactly_once = std::env::args().any(|a| a == "--exactly-once");
+    let on_cluster = std::env::args().any(|a| a == "--cluster");
     let mut rng = Rng(seed.max(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let started = Instant::now();
     let name = format!("chaos_{}_{}", std::process::id(), seed);
@@ -221,7 +228,8 @@ async fn main() {
         .unwrap();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let mut stream = Proc {
-        name: "stream",
+        name: "stream".into(),
+        env: Vec::new(),
         args: s(&[
             "stream",
             "--table",
@@ -236,27 +244,62 @@ async fn main() {
         log: dir.join(format!("{name}.stream.log")),
         child: None,
     };
-    let mut sink = Proc {
-        name: "sink",
-        args: s(&[
-            "sink",
-            "--topic",
-            &name,
-            "--group",
-            &name,
-            "--clickhouse-table",
-            &name,
-            "--dlq-topic",
-            &format!("{name}.dlq"),
-        ]),
-        log: dir.join(format!("{name}.sink.log")),
-        child: None,
+    // On the cluster, three sinks in the group, sink i talking to ClickHouse node i.
+    let sink_nodes = if on_cluster {
+        cluster::nodes().into_iter().take(3).map(Some).collect()
+    } else {
+        vec![None]
     };
+    let mut sinks: Vec<Proc> = sink_nodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let mut args = s(&[
+                "sink",
+                "--topic",
+                &name,
+                "--group",
+                &name,
+                "--clickhouse-table",
+                &name,
+                "--dlq-topic",
+                &format!("{name}.dlq"),
+            ]);
+            let mut env = Vec::new();
+            if let Some(url) = node {
+                args.extend(s(&[
+                    "--clickhouse-cluster",
+                    &std::env::var("CDC_RELAY_CLICKHOUSE_CLUSTER").unwrap_or_default(),
+                ]));
+                env.push(("CDC_RELAY_CLICKHOUSE_URL".to_string(), url));
+            }
+            Proc {
+                name: if on_cluster {
+                    format!("sink-{}", i + 1)
+                } else {
+                    "sink".into()
+                },
+                args,
+                env,
+                log: dir.join(format!(
+                    "{name}.sink{}.log",
+                    if on_cluster {
+                        format!("-{}", i + 1)
+                    } else {
+                        String::new()
+                    }
+                )),
+                child: None,
+            }
+        })
+        .collect();
     if exactly_once {
         stream.args.push("--exactly-once".into());
     }
     stream.start();
-    sink.start();
+    for sink in &mut sinks {
+        sink.start();
+    }
 
     // The chaos below takes about a second per event; the load is paced to last as long, so every
     // kill and restart lands while rows are flowing.
@@ -306,31 +349,53 @@ async fn main() {
         })
     };
 
-    // Chaos: kills spread over the load, and each service restarted once among them.
-    let mut restarts = vec!["postgres", "kafka", "clickhouse"];
+    // Chaos: kills spread over the load, and each service restarted once among them; on the
+    // cluster one broker and one ClickHouse replica, each killed -9.
+    let mut restarts: Vec<String> = if on_cluster {
+        vec![
+            "postgres".into(),
+            format!("kafka-{}", 1 + rng.below(3)),
+            format!("clickhouse-{}", 1 + rng.below(4)),
+        ]
+    } else {
+        vec!["postgres".into(), "kafka".into(), "clickhouse".into()]
+    };
+    let up: &[&str] = if on_cluster {
+        &["up", "--cluster"]
+    } else {
+        &["up"]
+    };
     let mut done_kills = 0;
     let mut done_restarts = 0;
     let mut step = 0u64;
     let mut exits: Vec<String> = Vec::new();
     while !loader.is_finished() || step < events {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1500))).await;
-        exits.extend(stream.exited().into_iter().chain(sink.exited()));
+        exits.extend(stream.exited());
+        exits.extend(sinks.iter_mut().filter_map(Proc::exited));
         if step >= events {
             continue;
         }
         let restart_now = !restarts.is_empty() && rng.below(events - step) < restarts.len() as u64;
         if restart_now {
             let svc = restarts.remove(rng.below(restarts.len() as u64) as usize);
-            eprintln!("chaos: stopping {svc}");
-            services(&["stop", svc]);
+            // A node of the cluster dies at once; a single service is stopped.
+            let how = if on_cluster && svc != "postgres" {
+                "kill"
+            } else {
+                "stop"
+            };
+            eprintln!("chaos: {how} {svc}");
+            services(&[how, &svc]);
             tokio::time::sleep(Duration::from_millis(500 + rng.below(3000))).await;
-            services(&["up"]);
+            services(up);
             done_restarts += 1;
         } else {
-            let p = if rng.below(2) == 0 {
+            let pick = rng.below(1 + sinks.len() as u64) as usize;
+            let p = if pick == 0 {
                 &mut stream
             } else {
-                &mut sink
+                &mut sinks[pick - 1]
             };
             eprintln!("chaos: kill -9 {}", p.name);
             p.kill9();
@@ -375,7 +440,8 @@ async fn main() {
             converged = true;
             break;
         }
-        exits.extend(stream.exited().into_iter().chain(sink.exited()));
+        exits.extend(stream.exited());
+        exits.extend(sinks.iter_mut().filter_map(Proc::exited));
         if !exits.is_empty() {
             break;
         }
@@ -435,8 +501,23 @@ async fn main() {
     .await
     .unwrap()
     .unwrap_or(-1);
+    // Replication within a shard is asynchronous: replicas get a minute to agree.
+    let replicas = if on_cluster {
+        let pg_vals: HashMap<u64, cluster::Values> = pg_map.clone();
+        let mut r = cluster::check(&name, &pg_vals).await;
+        let until = Instant::now() + Duration::from_secs(60);
+        while !r.ok(pg_rows as u64) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r = cluster::check(&name, &pg_vals).await;
+        }
+        Some(r)
+    } else {
+        None
+    };
     stream.stop();
-    sink.stop();
+    for sink in &mut sinks {
+        sink.stop();
+    }
     let (topic, expected) = (name.clone(), pg_rows);
     let (duplicates, unseen) = tokio::task::spawn_blocking(move || {
         let counts = committed_counts(&topic);
@@ -453,6 +534,7 @@ async fn main() {
     println!("{:<28} {}", "seed", seed);
     println!("{:<28} {}", "rows committed (PostgreSQL)", pg_rows);
     println!("{:<28} {}", "rows rolled back", rolled_back);
+    println!("{:<28} {}", "sinks in the group", sinks.len());
     println!("{:<28} {}", "kill -9 of stream/sink", done_kills);
     println!("{:<28} {}", "service restarts", done_restarts);
     println!("{:<28} {}", "missing in ClickHouse", missing);
@@ -477,6 +559,14 @@ async fn main() {
         converge_secs,
         started.elapsed().as_secs_f64()
     );
+    if let Some(r) = &replicas {
+        println!("{:<28} {:?}", "rows per shard", r.shard_rows);
+        println!("{:<28} {:?}", "missing per replica", r.missing);
+        println!("{:<28} {:?}", "wrong/extra per replica", r.wrong);
+        println!("{:<28} {}", "ids on both shards", r.on_both_shards);
+        println!("{:<28} {:?}", "view rows per node", r.view_rows);
+        println!("{:<28} {}", "ids twice in a view", r.view_doubled);
+    }
     println!("{:<28} {}", "relays that exited", exits.len());
     for e in &exits {
         println!("  {e}");
@@ -489,7 +579,8 @@ async fn main() {
         && doubled == 0
         && slot_ok
         && unseen == 0
-        && (!exactly_once || duplicates == 0);
+        && (!exactly_once || duplicates == 0)
+        && replicas.as_ref().is_none_or(|r| r.ok(pg_rows as u64));
     println!("{:<28} {}", "result", if ok { "PASS" } else { "FAIL" });
     if ok {
         println!("chaos: 1 passed, 0 failed");

@@ -1,0 +1,165 @@
+//! The sink's tables on a ClickHouse cluster (`--clickhouse-cluster NAME`, a cluster of the servers'
+//! `remote_servers`): every DDL runs `ON CLUSTER`, and a table the sink writes becomes two.
+//!
+//! - `<table>_local`, a `ReplicatedReplacingMergeTree` on every node, replicated within its shard
+//!   (ZooKeeper path `/clickhouse/tables/{shard}/<db>/<table>_local`, replica `{replica}`: the
+//!   servers' macros);
+//! - `<table>`, a `Distributed` table over them, sharded by `cityHash64(<key columns>)`. The sink
+//!   inserts into it, and the current-rows view reads it.
+//!
+//! Why insert through the Distributed table rather than into the local tables: the shard of a key
+//! is then ClickHouse's own sharding expression, the one every reader goes through, so every
+//! version of a key lands on one shard, where `FINAL` collapses them; and with
+//! `insert_distributed_sync = 1` the insert returns only once every shard's part is written to one
+//! of its replicas (replication then copies it within the shard), so an acknowledged batch is
+//! never only in a local spool directory of the node the sink talked to. That is what lets the sink
+//! commit its Kafka offsets after the insert.
+//!
+//! `<table>_truncates` is replicated across the whole cluster (one ZooKeeper path, no `{shard}`):
+//! each node's view reads its own copy of the watermark.
+
+use super::config::{quote_ident, quote_string};
+
+/// Suffix of the replicated table under a Distributed one.
+pub const LOCAL_SUFFIX: &str = "_local";
+
+/// `` ON CLUSTER `name` `` for a DDL statement, or nothing on a single server.
+pub fn on_cluster(cluster: Option<&str>) -> String {
+    match cluster {
+        Some(c) => format!(" ON CLUSTER {}", quote_ident(c)),
+        None => String::new(),
+    }
+}
+
+/// The table that holds a written table's rows: itself on one server, `<table>_local` on a cluster.
+pub fn storage_name(table: &str, cluster: Option<&str>) -> String {
+    match cluster {
+        Some(_) => format!("{table}{LOCAL_SUFFIX}"),
+        None => table.to_string(),
+    }
+}
+
+/// The engine of a written table's storage; `args` are ReplacingMergeTree's (`_version[, _deleted]`).
+pub fn replacing_engine(
+    cluster: Option<&str>,
+    database: &str,
+    storage: &str,
+    args: &str,
+) -> String {
+    match cluster {
+        None => format!("ReplacingMergeTree({args})"),
+        Some(_) => format!(
+            "ReplicatedReplacingMergeTree({}, '{{replica}}', {args})",
+            quote_string(&format!(
+                "/clickhouse/tables/{{shard}}/{database}/{storage}"
+            ))
+        ),
+    }
+}
+
+/// The engine of a truncates table: on a cluster, one copy on every node of every shard.
+pub fn truncates_engine(cluster: Option<&str>, database: &str, table: &str) -> String {
+    match cluster {
+        None => "MergeTree".to_string(),
+        Some(_) => format!(
+            "ReplicatedMergeTree({}, '{{replica}}')",
+            quote_string(&format!("/clickhouse/tables/all/{database}/{table}"))
+        ),
+    }
+}
+
+/// The Distributed table `qualified` over `database`.`storage` on `cluster`, sharded by the key
+/// columns (quoted); `None` on a single server.
+pub fn distributed_sql(
+    cluster: Option<&str>,
+    qualified: &str,
+    database: &str,
+    storage: &str,
+    key: &[String],
+) -> Option<String> {
+    let c = cluster?;
+    Some(format!(
+        "CREATE TABLE IF NOT EXISTS {qualified}{} AS {}.{} ENGINE = Distributed({}, {}, {}, cityHash64({}))",
+        on_cluster(cluster),
+        quote_ident(database),
+        quote_ident(storage),
+        quote_ident(c),
+        quote_ident(database),
+        quote_ident(storage),
+        key.join(", ")
+    ))
+}
+
+/// The statements of one column change (`change` is what follows `ALTER TABLE <name>`): the
+/// storage's `ALTER`; on a cluster then the Distributed table dropped and created again over the
+/// changed storage. ClickHouse 18.16 refuses `ALTER … ON CLUSTER` of a Distributed table whose
+/// shards replicate internally (Code 371), and a Distributed table holds no rows, so re-creating
+/// it loses nothing; a query that reaches it in between fails with "doesn't exist" and is retried.
+pub fn alter_statements(
+    cluster: Option<&str>,
+    qualified: &str,
+    database: &str,
+    storage: &str,
+    key: &[String],
+    change: &str,
+) -> Vec<String> {
+    let on = on_cluster(cluster);
+    let mut out = vec![format!(
+        "ALTER TABLE {}.{}{on} {change}",
+        quote_ident(database),
+        quote_ident(storage)
+    )];
+    if let Some(create) = distributed_sql(cluster, qualified, database, storage, key) {
+        out.push(format!("DROP TABLE IF EXISTS {qualified}{on}"));
+        out.push(create);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_server_keeps_the_plain_names_and_engines() {
+        assert_eq!(on_cluster(None), "");
+        assert_eq!(storage_name("t", None), "t");
+        assert_eq!(
+            replacing_engine(None, "db", "t", "_version"),
+            "ReplacingMergeTree(_version)"
+        );
+        assert_eq!(truncates_engine(None, "db", "t_truncates"), "MergeTree");
+        assert_eq!(distributed_sql(None, "`db`.`t`", "db", "t", &[]), None);
+        assert_eq!(
+            alter_statements(None, "`db`.`t`", "db", "t", &[], "ADD COLUMN `c` Int32"),
+            vec!["ALTER TABLE `db`.`t` ADD COLUMN `c` Int32"]
+        );
+    }
+
+    #[test]
+    fn a_cluster_gets_replicated_storage_under_a_sharded_distributed_table() {
+        let c = Some("cdc_relay");
+        assert_eq!(on_cluster(c), " ON CLUSTER `cdc_relay`");
+        assert_eq!(storage_name("t", c), "t_local");
+        assert_eq!(
+            replacing_engine(c, "db", "t_local", "_version, _deleted"),
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db/t_local', '{replica}', _version, _deleted)"
+        );
+        assert_eq!(
+            truncates_engine(c, "db", "t_truncates"),
+            "ReplicatedMergeTree('/clickhouse/tables/all/db/t_truncates', '{replica}')"
+        );
+        assert_eq!(
+            distributed_sql(c, "`db`.`t`", "db", "t_local", &["`a`".into(), "`b`".into()]).unwrap(),
+            "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `cdc_relay` AS `db`.`t_local` ENGINE = Distributed(`cdc_relay`, `db`, `t_local`, cityHash64(`a`, `b`))"
+        );
+        assert_eq!(
+            alter_statements(c, "`db`.`t`", "db", "t_local", &["`id`".into()], "DROP COLUMN `c`"),
+            vec![
+                "ALTER TABLE `db`.`t_local` ON CLUSTER `cdc_relay` DROP COLUMN `c`".to_string(),
+                "DROP TABLE IF EXISTS `db`.`t` ON CLUSTER `cdc_relay`".to_string(),
+                "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `cdc_relay` AS `db`.`t_local` ENGINE = Distributed(`cdc_relay`, `db`, `t_local`, cityHash64(`id`))".to_string()
+            ]
+        );
+    }
+}
