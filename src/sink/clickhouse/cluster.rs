@@ -116,6 +116,48 @@ pub fn alter_statements(
     out
 }
 
+/// Counts `database` (with `name` `None`) or the table or view `database`.`name` on the server
+/// asked: `0` or `1`.
+///
+/// On a cluster the sink sends a `CREATE … ON CLUSTER` only when the object is missing on the server
+/// it talks to: such a statement waits for every server of the cluster, up to
+/// `distributed_ddl_task_timeout` (180 s), so one server down would hold up the start of every
+/// sink for minutes, though the objects were created long ago.
+pub fn exists_sql(database: &str, name: Option<&str>) -> String {
+    match name {
+        None => format!(
+            "SELECT count() FROM system.databases WHERE name = {}",
+            quote_string(database)
+        ),
+        Some(n) => format!(
+            "SELECT count() FROM system.tables WHERE database = {} AND name = {}",
+            quote_string(database),
+            quote_string(n)
+        ),
+    }
+}
+
+/// Runs `create` unless on a cluster the object already exists on the server `client` talks to
+/// (see [`exists_sql`]); on one server `CREATE … IF NOT EXISTS` costs nothing.
+pub async fn create_missing(
+    client: &clickhouse::Client,
+    cluster: Option<&str>,
+    database: &str,
+    name: Option<&str>,
+    create: &str,
+) -> Result<(), clickhouse::error::Error> {
+    if cluster.is_some() {
+        let n: u64 = client
+            .query_raw(&exists_sql(database, name))
+            .fetch_one()
+            .await?;
+        if n > 0 {
+            return Ok(());
+        }
+    }
+    client.query_raw(create).execute().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -262,27 +262,24 @@ pub async fn ensure_schema(
             source,
         }
     };
-    client
-        .query(&create_database_sql(cfg))
-        .execute()
+    let on = cfg.cluster.as_deref();
+    let db = cfg.database.as_str();
+    cluster::create_missing(client, on, db, None, &create_database_sql(cfg))
         .await
         .map_err(err("creating the database"))?;
-    client
-        .query(&create_table_sql(cfg, version))
-        .execute()
+    let storage = cfg.storage_name();
+    let sql = create_table_sql(cfg, version);
+    cluster::create_missing(client, on, db, Some(&storage), &sql)
         .await
         .map_err(err("creating the table"))?;
     if let Some(sql) = create_distributed_sql(cfg) {
-        client
-            .query(&sql)
-            .execute()
+        cluster::create_missing(client, on, db, Some(&cfg.table), &sql)
             .await
             .map_err(err("creating the Distributed table over the cluster"))?;
     }
     let info = check_table(client, cfg).await?;
-    client
-        .query(&create_truncates_sql(cfg))
-        .execute()
+    let truncates = cfg.truncates_name();
+    cluster::create_missing(client, on, db, Some(&truncates), &create_truncates_sql(cfg))
         .await
         .map_err(err("creating the truncates table"))?;
     let view: Vec<String> = client
@@ -302,9 +299,8 @@ pub async fn ensure_schema(
             .await
             .map_err(err("dropping the current-rows view of an earlier release"))?;
     }
-    client
-        .query(&create_view_sql(cfg))
-        .execute()
+    let view = cfg.view_name();
+    cluster::create_missing(client, on, db, Some(&view), &create_view_sql(cfg))
         .await
         .map_err(err("creating the current-rows view"))?;
     Ok(info)

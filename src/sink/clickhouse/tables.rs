@@ -114,8 +114,16 @@ impl GenericTables {
             }
         }
         if !self.watermarks.contains_key(&table) {
-            w.execute(&create_truncates_sql(&names), "creating a truncates table")
-                .await?;
+            let truncates = format!("{}_truncates", names.table);
+            super::cluster::create_missing(
+                &w.client,
+                names.cluster(),
+                &names.database,
+                Some(&truncates),
+                &create_truncates_sql(&names),
+            )
+            .await
+            .map_err(w.err("creating a truncates table"))?;
             let mark = w.truncate_watermark(&names).await?;
             self.watermarks.insert(table.clone(), mark);
         }
