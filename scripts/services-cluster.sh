@@ -41,6 +41,13 @@ cluster_install() {
   touch "$ZK_LIBS/.complete"
 }
 
+# A readiness probe runs with its output discarded (wait_for); a server that died says so on the
+# stderr `up` was started with (fd 3, opened in scripts/services), not silently.
+probe_died() { # name logfile
+  { tail -n 40 "$2"; printf '[services] error: %s exited (see %s)\n' "$1" "$2"; } >&3 2>/dev/null || true
+  exit 1
+}
+
 # --- ZooKeeper -------------------------------------------------------------------------------------
 
 zk_up() {
@@ -77,10 +84,12 @@ EOF
 }
 
 zk_ready() {
-  our_pid "$ZK_DIR/zookeeper.pid" "$ZK_DIR/zoo.cfg" >/dev/null || { tail -n 40 "$ZK_DIR/zookeeper.log" >&2; die "zookeeper exited"; }
+  our_pid "$ZK_DIR/zookeeper.pid" "$ZK_DIR/zoo.cfg" >/dev/null || probe_died zookeeper "$ZK_DIR/zookeeper.log"
   # `ruok` answers imok even while the server failed to load its data; `srvr` names a mode only
   # once it serves.
-  (exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT" && printf srvr >&3 && timeout 2 cat <&3) 2>/dev/null | grep -q '^Mode: standalone'
+  local answer
+  answer=$( (exec 5<>"/dev/tcp/127.0.0.1/$ZK_PORT" && printf srvr >&5 && timeout 2 cat <&5) 2>/dev/null) || true
+  [[ "$answer" == *"Mode: standalone"* ]]
 }
 
 # --- Kafka brokers ---------------------------------------------------------------------------------
@@ -145,7 +154,7 @@ EOF
 
 cluster_kafka_ready() { # node
   local dir=$CLUSTER_DIR/kafka-$1
-  our_pid "$dir/kafka.pid" "$dir/server.properties" >/dev/null || { tail -n 40 "$dir/kafka.log" >&2; die "kafka broker $1 exited"; }
+  our_pid "$dir/kafka.pid" "$dir/server.properties" >/dev/null || probe_died "kafka broker $1" "$dir/kafka.log"
   port_open "$(cluster_kafka_port "$1")" && grep -q "Kafka Server started" "$dir/kafka.log"
 }
 
@@ -219,7 +228,7 @@ EOF
 
 cluster_ch_ready() { # node
   local dir=$CLUSTER_DIR/clickhouse-$1
-  our_pid "$dir/clickhouse.pid" "$dir/config.xml" >/dev/null || { tail -n 40 "$dir/log/stdout.log" "$dir/log/clickhouse.err.log" >&2; die "clickhouse node $1 exited"; }
+  our_pid "$dir/clickhouse.pid" "$dir/config.xml" >/dev/null || probe_died "clickhouse node $1" "$dir/log/clickhouse.err.log"
   [ "$(curl -fsS "http://127.0.0.1:$(cluster_ch_http_port "$1")/ping" 2>/dev/null)" = "Ok." ]
 }
 

@@ -74,9 +74,9 @@ async fn try_lines(url: &str, sql: &str) -> Result<Vec<String>, clickhouse::erro
 }
 
 /// `id \t v` of every current row of `table` that node `url` holds itself (its replica of its
-/// shard), by id.
+/// shard), by id; empty while the node cannot answer.
 async fn local_rows(url: &str, table: &str) -> BTreeMap<i64, String> {
-    lines(
+    try_lines(
         url,
         &format!(
             "SELECT id, v FROM default.{table}_local FINAL WHERE _deleted = 0 \
@@ -84,6 +84,7 @@ async fn local_rows(url: &str, table: &str) -> BTreeMap<i64, String> {
         ),
     )
     .await
+    .unwrap_or_default()
     .into_iter()
     .map(|l| {
         let (id, v) = l.split_once('\t').unwrap();
@@ -157,15 +158,26 @@ async fn every_replica_holds(t: &AnyTable, want: &BTreeMap<i64, String>) -> Resu
         ));
     }
     for url in &nodes {
-        let view = lines(url, &format!("SELECT id FROM default.{}_current", t.name)).await;
-        let ids: BTreeSet<&String> = view.iter().collect();
-        if view.len() != ids.len() {
+        let view = try_lines(
+            url,
+            &format!("SELECT id, v FROM default.{}_current", t.name),
+        )
+        .await
+        .map_err(|e| format!("the view on {url}: {e}"))?;
+        let rows: BTreeMap<i64, String> = view
+            .iter()
+            .map(|l| {
+                let (id, v) = l.split_once('\t').unwrap();
+                (id.parse().unwrap(), v.to_string())
+            })
+            .collect();
+        if view.len() != rows.len() {
             return Err(format!("an id twice in the view on {url}"));
         }
-        if view.len() != want.len() {
+        if &rows != want {
             return Err(format!(
-                "the view on {url} has {} rows, not {}",
-                view.len(),
+                "the view on {url} ({} rows) differs from PostgreSQL ({} rows)",
+                rows.len(),
                 want.len()
             ));
         }
@@ -355,6 +367,43 @@ async fn two_shards_of_two_replicas_hold_each_current_row_once_through_updates_d
         serde_json::json!([gone.to_string()]),
         "{report:#}"
     );
+
+    // A column added in PostgreSQL reaches every node's storage, Distributed table and view.
+    t.exec("ALTER TABLE {t} ADD COLUMN n int; INSERT INTO {t} VALUES (999999, 'n', 5)")
+        .await;
+    let mut want = pg_rows(&t).await;
+    want.remove(&gone);
+    converge(&t, &want).await;
+    for url in nodes() {
+        let n = eventually(
+            "the new column on every node",
+            Duration::from_secs(60),
+            || {
+                let (url, name) = (url.clone(), t.name.clone());
+                async move {
+                    let n = try_lines(
+                        &url,
+                        &format!("SELECT n FROM default.{name}_current WHERE id = 999999"),
+                    )
+                    .await
+                    .ok()?;
+                    n.first().cloned()
+                }
+            },
+        )
+        .await;
+        assert_eq!(n, "5", "on {url}");
+        let columns = lines(
+            &url,
+            &format!(
+                "SELECT table FROM system.columns WHERE database = 'default' AND name = 'n' \
+                 AND table IN ('{0}', '{0}_local', '{0}_current') ORDER BY table",
+                t.name
+            ),
+        )
+        .await;
+        assert_eq!(columns.len(), 3, "column n on {url}: {columns:?}");
+    }
 
     // A truncate hides every earlier row on every node; rows after it show.
     t.exec("TRUNCATE {t}; INSERT INTO {t} SELECT g, 'after' || g FROM generate_series(1, 50) g")

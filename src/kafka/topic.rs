@@ -19,9 +19,15 @@ pub fn auto_replication(brokers: usize) -> i32 {
 
 /// `min.insync.replicas` of a topic the relay creates with `replication` copies: with three or
 /// more, 2, so a write acknowledged by `acks=all` is on two brokers and survives the loss of any
-/// one while the topic stays writable with one broker down; with fewer, the broker's default.
+/// one while the topic stays writable with one broker down. With 2 copies (a 3-broker cluster with
+/// one broker down when the topic is created), 1: a broker default of 2 would stop every write as
+/// soon as one of the two is down. With one, the broker's default.
 pub fn min_insync_replicas(replication: i32) -> Option<i32> {
-    (replication >= 3).then_some(2)
+    match replication {
+        i32::MIN..=1 => None,
+        2 => Some(1),
+        _ => Some(2),
+    }
 }
 
 /// Creates `topic` with `partitions` partitions if it does not exist; returns its partition count.
@@ -147,6 +153,6 @@ mod tests {
             .into_iter()
             .map(super::min_insync_replicas)
             .collect();
-        assert_eq!(m, vec![None, None, Some(2), Some(2)]);
+        assert_eq!(m, vec![None, Some(1), Some(2), Some(2)]);
     }
 }

@@ -66,7 +66,12 @@ impl ClickHouseConfig {
         match self.cluster {
             // An insert into a Distributed table returns once every shard has its part (not once
             // it is spooled on the node we talk to): only then may the sink commit offsets.
-            Some(_) => client.with_setting("insert_distributed_sync", "1"),
+            // Inserts and reads pick each shard's replicas in their configured order (the first
+            // live one), not at random: the sink reads back what it just wrote (unchanged TOAST
+            // values, watermarks) from the replica it wrote it to, not from one still fetching it.
+            Some(_) => client
+                .with_setting("insert_distributed_sync", "1")
+                .with_setting("load_balancing", "in_order"),
             None => client,
         }
     }

@@ -66,6 +66,12 @@ impl SinkError {
                     "Code: 999",
                     "Code: 319",
                     "Code: 159",
+                    // A Distributed table being re-created after a column change (cluster.rs);
+                    // a server killed in the middle of an answer.
+                    "Code: 60,",
+                    "Code: 60.",
+                    "Code: 32,",
+                    "Code: 32.",
                 ]
                 .iter()
                 .any(|c| text.contains(c)),

@@ -193,7 +193,8 @@ impl SeedTable {
     ) -> Result<ApplyOutcome, SinkError> {
         let names = TableNames::new(&self.cfg.database, &self.cfg.table)
             .with_cluster(self.cfg.cluster.clone());
-        let existing = self.writer.columns(&names).await?;
+        // Planned against the storage (on a cluster `<table>_local`; see `sync_distributed`).
+        let existing = self.writer.columns(&names.storage_names()).await?;
         let (changes, added) = match plan_added(&names, &existing, rel, history, self.version) {
             Ok(p) => p,
             Err(refusal) => {
@@ -214,6 +215,9 @@ impl SeedTable {
                     .await?;
             }
         }
+        self.writer
+            .sync_distributed(&names, &["id".to_string()])
+            .await?;
         let added_names: Vec<String> = self
             .writer
             .columns(&names)

@@ -69,6 +69,11 @@ impl TableNames {
         self.qualify(&self.storage_name())
     }
 
+    /// The storage as a table of its own (to read its columns).
+    pub fn storage_names(&self) -> TableNames {
+        TableNames::new(&self.database, &self.storage_name())
+    }
+
     fn on_cluster(&self) -> String {
         cluster::on_cluster(self.cluster())
     }

@@ -15,8 +15,8 @@ use super::config::{quote_ident, quote_string};
 use super::evolve::{plan, Refusal};
 use super::schema::ServerVersion;
 use super::table::{
-    columns_sql, create_distributed_sql, create_table_sql, create_truncates_sql, create_view_sql,
-    drop_view_sql, insert_body, is_meta, key_columns, key_text, GenericRow, TableNames, TableState,
+    columns_sql, create_table_sql, create_truncates_sql, create_view_sql, drop_view_sql,
+    insert_body, is_meta, key_columns, key_text, GenericRow, TableNames, TableState,
 };
 use super::{ClickHouseConfig, SinkError};
 
@@ -86,22 +86,25 @@ impl GenericTables {
         let w = &self.writer;
         let table = clickhouse_table_name(rel);
         let names = w.names(&table);
-        let mut existing = w.columns(&names).await?;
+        // Planned against the storage: on a cluster the Distributed table may lag behind it after
+        // an interrupted change (see `sync_distributed`).
+        let storage = names.storage_names();
+        let mut existing = w.columns(&storage).await?;
         let created = existing.is_empty();
         if created {
             if let Err(refusal) = plan(&names, &[], rel, history, self.version) {
                 return Ok(self.refuse(id, refusal));
             }
-            w.execute(
+            super::cluster::create_missing(
+                &w.client,
+                names.cluster(),
+                &names.database,
+                Some(&names.storage_name()),
                 &create_table_sql(&names, rel, self.version),
-                "creating a table",
             )
-            .await?;
-            if let Some(sql) = create_distributed_sql(&names, rel) {
-                w.execute(&sql, "creating the Distributed table over the cluster")
-                    .await?;
-            }
-            existing = w.columns(&names).await?;
+            .await
+            .map_err(w.err("creating a table"))?;
+            existing = w.columns(&storage).await?;
         }
         let p = match plan(&names, &existing, rel, history, self.version) {
             Ok(p) => p,
@@ -113,6 +116,7 @@ impl GenericTables {
                 w.execute(&sql, "changing a table's columns").await?;
             }
         }
+        w.sync_distributed(&names, &key_columns(rel)).await?;
         if !self.watermarks.contains_key(&table) {
             let truncates = format!("{}_truncates", names.table);
             super::cluster::create_missing(
@@ -187,6 +191,46 @@ impl GenericWriter {
             database: cfg.database.clone(),
             cluster: cfg.cluster.clone(),
         }
+    }
+
+    /// On a cluster: the Distributed table created if missing, and dropped and created again when
+    /// its columns are not the storage's (a change whose `ALTER` ran but whose re-creation of the
+    /// Distributed table did not: a kill -9, a server down). Nothing on one server.
+    pub async fn sync_distributed(
+        &self,
+        names: &TableNames,
+        key: &[String],
+    ) -> Result<(), SinkError> {
+        let Some(create) = super::cluster::distributed_sql(
+            names.cluster(),
+            &names.qualified(),
+            &names.database,
+            &names.storage_name(),
+            key,
+        ) else {
+            return Ok(());
+        };
+        let distributed = self.columns(names).await?;
+        if distributed.is_empty() {
+            return self
+                .execute(&create, "creating the Distributed table over the cluster")
+                .await;
+        }
+        if distributed != self.columns(&names.storage_names()).await? {
+            tracing::info!(table = %names.qualified(), "the Distributed table's columns are not its storage's; re-creating it");
+            self.execute(
+                &format!(
+                    "DROP TABLE IF EXISTS {}{}",
+                    names.qualified(),
+                    super::cluster::on_cluster(names.cluster())
+                ),
+                "dropping a stale Distributed table",
+            )
+            .await?;
+            self.execute(&create, "creating the Distributed table over the cluster")
+                .await?;
+        }
+        Ok(())
     }
 
     /// The objects of `table` in the sink's database (and cluster).
