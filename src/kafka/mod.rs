@@ -146,6 +146,10 @@ pub enum KafkaError {
     Refused { brokers: String, reason: String },
     #[error("Kafka topic {topic}: {reason}")]
     Topic { topic: String, reason: String },
+    /// A topic could not be created for a reason that passes (fewer live brokers than a moment
+    /// ago, during a broker's restart).
+    #[error("Kafka topic {topic}: {reason}; retrying")]
+    TopicNotYet { topic: String, reason: String },
     #[error("Kafka did not acknowledge a message: {0}")]
     Delivery(String),
     /// The producer cannot go on (fenced by a newer producer with its transactional id).
@@ -165,7 +169,7 @@ impl KafkaError {
     pub fn is_transient(&self) -> bool {
         match self {
             KafkaError::Client { source, .. } => is_transient(source),
-            KafkaError::Delivery(_) => true,
+            KafkaError::Delivery(_) | KafkaError::TopicNotYet { .. } => true,
             _ => false,
         }
     }

@@ -52,6 +52,7 @@ pub async fn ensure_topic_with(
     let admin: AdminClient<DefaultClientContext> = base
         .create()
         .map_err(KafkaError::client("creating the admin client"))?;
+    let auto = replication.is_none();
     let replication = match replication {
         Some(r) => r,
         None => auto_replication(broker_count(base, topic)?),
@@ -78,6 +79,16 @@ pub async fn ensure_topic_with(
             }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             // The controller did not answer in time (a broker restarting): worth another try.
+            // More replicas than live brokers, though the count came from the metadata a moment
+            // ago: a broker stopping or restarting in between. Another try counts again.
+            Err((t, RDKafkaErrorCode::InvalidReplicationFactor)) if auto => {
+                return Err(KafkaError::TopicNotYet {
+                    topic: t,
+                    reason: format!(
+                        "{replication} replicas are more than the live brokers (one stopping?)"
+                    ),
+                })
+            }
             Err((t, code)) if super::is_transient(&RdKafkaError::AdminOp(code)) => {
                 return Err(KafkaError::Client {
                     context: format!("creating topic {t}"),
