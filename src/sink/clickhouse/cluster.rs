@@ -90,32 +90,6 @@ pub fn distributed_sql(
     ))
 }
 
-/// The statements of one column change (`change` is what follows `ALTER TABLE <name>`): the
-/// storage's `ALTER`; on a cluster then the Distributed table dropped and created again over the
-/// changed storage. ClickHouse 18.16 refuses `ALTER … ON CLUSTER` of a Distributed table whose
-/// shards replicate internally (Code 371), and a Distributed table holds no rows, so re-creating
-/// it loses nothing; a query that reaches it in between fails with "doesn't exist" and is retried.
-pub fn alter_statements(
-    cluster: Option<&str>,
-    qualified: &str,
-    database: &str,
-    storage: &str,
-    key: &[String],
-    change: &str,
-) -> Vec<String> {
-    let on = on_cluster(cluster);
-    let mut out = vec![format!(
-        "ALTER TABLE {}.{}{on} {change}",
-        quote_ident(database),
-        quote_ident(storage)
-    )];
-    if let Some(create) = distributed_sql(cluster, qualified, database, storage, key) {
-        out.push(format!("DROP TABLE IF EXISTS {qualified}{on}"));
-        out.push(create);
-    }
-    out
-}
-
 /// Counts `database` (with `name` `None`) or the table or view `database`.`name` on the server
 /// asked: `0` or `1`.
 ///
@@ -172,10 +146,6 @@ mod tests {
         );
         assert_eq!(truncates_engine(None, "db", "t_truncates"), "MergeTree");
         assert_eq!(distributed_sql(None, "`db`.`t`", "db", "t", &[]), None);
-        assert_eq!(
-            alter_statements(None, "`db`.`t`", "db", "t", &[], "ADD COLUMN `c` Int32"),
-            vec!["ALTER TABLE `db`.`t` ADD COLUMN `c` Int32"]
-        );
     }
 
     #[test]
@@ -194,14 +164,6 @@ mod tests {
         assert_eq!(
             distributed_sql(c, "`db`.`t`", "db", "t_local", &["`a`".into(), "`b`".into()]).unwrap(),
             "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `cdc_relay` AS `db`.`t_local` ENGINE = Distributed(`cdc_relay`, `db`, `t_local`, cityHash64(`a`, `b`))"
-        );
-        assert_eq!(
-            alter_statements(c, "`db`.`t`", "db", "t_local", &["`id`".into()], "DROP COLUMN `c`"),
-            vec![
-                "ALTER TABLE `db`.`t_local` ON CLUSTER `cdc_relay` DROP COLUMN `c`".to_string(),
-                "DROP TABLE IF EXISTS `db`.`t` ON CLUSTER `cdc_relay`".to_string(),
-                "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `cdc_relay` AS `db`.`t_local` ENGINE = Distributed(`cdc_relay`, `db`, `t_local`, cityHash64(`id`))".to_string()
-            ]
         );
     }
 }

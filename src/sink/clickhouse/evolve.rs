@@ -46,21 +46,14 @@ pub enum Change {
 }
 
 impl Change {
-    /// The change on one server.
+    /// The change of the table's storage; on a cluster `ALTER <table>_local ON CLUSTER`, after which
+    /// the caller brings the Distributed table over it along (`GenericWriter::sync_distributed`).
     pub fn sql(&self, names: &TableNames) -> String {
-        format!("ALTER TABLE {} {}", names.qualified(), self.clause())
-    }
-
-    /// Every statement of the change: on a cluster the storage's `ALTER … ON CLUSTER`, then the
-    /// Distributed table (sharded by `key`, quoted) re-created over it (cluster.rs).
-    pub fn statements(&self, names: &TableNames, key: &[String]) -> Vec<String> {
-        super::cluster::alter_statements(
-            names.cluster(),
-            &names.qualified(),
-            &names.database,
-            &names.storage_name(),
-            key,
-            &self.clause(),
+        format!(
+            "ALTER TABLE {}{} {}",
+            names.storage(),
+            super::cluster::on_cluster(names.cluster()),
+            self.clause()
         )
     }
 

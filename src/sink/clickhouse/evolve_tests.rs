@@ -240,3 +240,20 @@ fn a_column_added_with_a_default_gives_the_rows_already_there_its_value() {
         r"ALTER TABLE `db`.`orders` ADD COLUMN `note` Nullable(String) DEFAULT CAST('it\'s' AS Nullable(String))"
     );
 }
+
+#[test]
+fn on_a_cluster_a_change_alters_the_replicated_storage_on_every_server() {
+    let change = Change::Add {
+        column: "c".into(),
+        ty: "Nullable(Int32)".into(),
+        default: None,
+    };
+    assert_eq!(
+        change.sql(&names()),
+        "ALTER TABLE `db`.`orders` ADD COLUMN `c` Nullable(Int32)"
+    );
+    assert_eq!(
+        change.sql(&names().with_cluster(Some("cdc_relay".into()))),
+        "ALTER TABLE `db`.`orders_local` ON CLUSTER `cdc_relay` ADD COLUMN `c` Nullable(Int32)"
+    );
+}

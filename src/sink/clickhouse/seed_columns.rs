@@ -209,11 +209,9 @@ impl SeedTable {
         };
         for change in &changes {
             tracing::info!(table = %names.qualified(), change = ?change, "applying a schema change");
-            for sql in change.statements(&names, &["id".to_string()]) {
-                self.writer
-                    .execute(&sql, "changing a table's columns")
-                    .await?;
-            }
+            self.writer
+                .execute(&change.sql(&names), "changing a table's columns")
+                .await?;
         }
         self.writer
             .sync_distributed(&names, &["id".to_string()])

@@ -155,17 +155,6 @@ pub fn key_columns(rel: &RelationSchema) -> Vec<String> {
         .collect()
 }
 
-/// On a cluster, the Distributed table over the storage (cluster.rs).
-pub fn create_distributed_sql(names: &TableNames, rel: &RelationSchema) -> Option<String> {
-    cluster::distributed_sql(
-        names.cluster(),
-        &names.qualified(),
-        &names.database,
-        &names.storage_name(),
-        &key_columns(rel),
-    )
-}
-
 pub fn create_truncates_sql(names: &TableNames) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {}{} (\n    version UInt64,\n    applied_at DateTime DEFAULT now()\n) ENGINE = {} ORDER BY version",

@@ -95,15 +95,13 @@ impl GenericTables {
             if let Err(refusal) = plan(&names, &[], rel, history, self.version) {
                 return Ok(self.refuse(id, refusal));
             }
-            super::cluster::create_missing(
-                &w.client,
-                names.cluster(),
-                &names.database,
-                Some(&names.storage_name()),
+            w.create_missing(
+                &names,
+                &names.storage_name(),
                 &create_table_sql(&names, rel, self.version),
+                "creating a table",
             )
-            .await
-            .map_err(w.err("creating a table"))?;
+            .await?;
             existing = w.columns(&storage).await?;
         }
         let p = match plan(&names, &existing, rel, history, self.version) {
@@ -112,22 +110,19 @@ impl GenericTables {
         };
         for change in &p.changes {
             tracing::info!(table = %names.qualified(), change = ?change, "applying a schema change");
-            for sql in change.statements(&names, &key_columns(rel)) {
-                w.execute(&sql, "changing a table's columns").await?;
-            }
+            w.execute(&change.sql(&names), "changing a table's columns")
+                .await?;
         }
         w.sync_distributed(&names, &key_columns(rel)).await?;
         if !self.watermarks.contains_key(&table) {
             let truncates = format!("{}_truncates", names.table);
-            super::cluster::create_missing(
-                &w.client,
-                names.cluster(),
-                &names.database,
-                Some(&truncates),
+            w.create_missing(
+                &names,
+                &truncates,
                 &create_truncates_sql(&names),
+                "creating a truncates table",
             )
-            .await
-            .map_err(w.err("creating a truncates table"))?;
+            .await?;
             let mark = w.truncate_watermark(&names).await?;
             self.watermarks.insert(table.clone(), mark);
         }
@@ -193,9 +188,32 @@ impl GenericWriter {
         }
     }
 
+    /// `create`, unless on a cluster the object `name` of `names`' database exists already on the
+    /// server asked (cluster.rs, `create_missing`).
+    async fn create_missing(
+        &self,
+        names: &TableNames,
+        name: &str,
+        create: &str,
+        context: &str,
+    ) -> Result<(), SinkError> {
+        super::cluster::create_missing(
+            &self.client,
+            names.cluster(),
+            &names.database,
+            Some(name),
+            create,
+        )
+        .await
+        .map_err(self.err(context))
+    }
+
     /// On a cluster: the Distributed table created if missing, and dropped and created again when
-    /// its columns are not the storage's (a change whose `ALTER` ran but whose re-creation of the
-    /// Distributed table did not: a kill -9, a server down). Nothing on one server.
+    /// its columns are not the storage's: after every column change, and after one whose `ALTER`
+    /// ran while this did not (a kill -9, a server down). ClickHouse 18.16 refuses `ALTER … ON
+    /// CLUSTER` of a Distributed table whose shards replicate internally (Code 371), and a
+    /// Distributed table holds no rows, so re-creating it loses nothing; a query that reaches it in
+    /// between fails with "doesn't exist" (Code 60, transient) and is retried. Nothing on one server.
     pub async fn sync_distributed(
         &self,
         names: &TableNames,
