@@ -102,6 +102,19 @@ async fn pg_rows(t: &AnyTable) -> BTreeMap<i64, String> {
         .collect()
 }
 
+/// The first 10 ids whose rows differ between `a` and `b`, or that only one of them has.
+fn first_differences<'a>(
+    a: &'a BTreeMap<i64, String>,
+    b: &'a BTreeMap<i64, String>,
+) -> Vec<&'a i64> {
+    a.iter()
+        .filter(|(k, v)| b.get(k) != Some(v))
+        .map(|(k, _)| k)
+        .chain(b.keys().filter(|k| !a.contains_key(k)))
+        .take(10)
+        .collect()
+}
+
 /// Each shard's two replicas hold the same rows; no id is on both shards; together they are
 /// exactly `want`; and the current-rows view, read through each node, is `want` too, each id once.
 async fn every_replica_holds(t: &AnyTable, want: &BTreeMap<i64, String>) -> Result<(), String> {
@@ -111,13 +124,7 @@ async fn every_replica_holds(t: &AnyTable, want: &BTreeMap<i64, String>) -> Resu
         let a = local_rows(&pair[0], &t.name).await;
         let b = local_rows(&pair[1], &t.name).await;
         if a != b {
-            let differ: Vec<&i64> = a
-                .iter()
-                .filter(|(k, v)| b.get(k) != Some(v))
-                .map(|(k, _)| k)
-                .chain(b.keys().filter(|k| !a.contains_key(k)))
-                .take(10)
-                .collect();
+            let differ = first_differences(&a, &b);
             return Err(format!(
                 "the replicas {} and {} of one shard differ ({} / {} rows; first ids that differ: {differ:?})",
                 pair[0],
@@ -144,13 +151,7 @@ async fn every_replica_holds(t: &AnyTable, want: &BTreeMap<i64, String>) -> Resu
     }
     let union: BTreeMap<i64, String> = shards.into_iter().flatten().collect();
     if &union != want {
-        let differ: Vec<&i64> = want
-            .iter()
-            .filter(|(k, v)| union.get(k) != Some(v))
-            .map(|(k, _)| k)
-            .chain(union.keys().filter(|k| !want.contains_key(k)))
-            .take(10)
-            .collect();
+        let differ = first_differences(want, &union);
         return Err(format!(
             "the shards together ({} rows) differ from PostgreSQL ({} rows); first ids: {differ:?}",
             union.len(),
