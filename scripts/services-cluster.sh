@@ -101,7 +101,7 @@ cluster_kafka_java() { # node
 cluster_kafka_up() {
   local n voters="" cluster_id_file=$CLUSTER_DIR/kafka-cluster-id cluster_id
   mkdir -p "$CLUSTER_DIR"
-  [ -s "$cluster_id_file" ] || head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=' >"$cluster_id_file"
+  [ -s "$cluster_id_file" ] || kafka_cluster_id >"$cluster_id_file"
   cluster_id=$(cat "$cluster_id_file")
   for n in $KAFKA_NODES; do voters="$voters${voters:+,}$n@127.0.0.1:$(cluster_controller_port "$n")"; done
   for n in $KAFKA_NODES; do
