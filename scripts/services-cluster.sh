@@ -243,8 +243,17 @@ cluster_up() {
 }
 
 cluster_down() {
-  local n pid
-  for n in $KAFKA_NODES; do cluster_stop "kafka-$n"; done
+  local n pid i pids=() names=()
+  # All brokers are signalled at once: each one's controlled shutdown needs an active controller,
+  # and stopped one by one the last broker is left without a quorum (2 of 3 voters gone) and
+  # waits out its 30 s before it is killed.
+  for n in $KAFKA_NODES; do
+    if pid=$(our_pid "$CLUSTER_DIR/kafka-$n/kafka.pid" "$CLUSTER_DIR/kafka-$n/server.properties"); then
+      kill -TERM "$pid" 2>/dev/null && { pids+=("$pid"); names+=("kafka-$n"); }
+    fi
+  done
+  for i in "${!pids[@]}"; do stop_pid "${names[$i]}" "${pids[$i]}"; done
+  for n in $KAFKA_NODES; do rm -f "$CLUSTER_DIR/kafka-$n/kafka.pid"; done
   for n in $CH_NODES; do cluster_stop "clickhouse-$n"; done
   if pid=$(our_pid "$ZK_DIR/zookeeper.pid" "$ZK_DIR/zoo.cfg"); then stop_pid zookeeper "$pid"; fi
   return 0
