@@ -216,6 +216,7 @@ $(printf "%b" "$remote")    </$CLUSTER_NAME>
     </remote_servers>
 </yandex>
 EOF
+    chmod 600 "$dir/config.xml" # it holds the cluster's password, as users.xml does
     if ! our_pid "$dir/clickhouse.pid" "$dir/config.xml" >/dev/null; then
       port_open "$http" && die "port $http is taken by another process"
       spawn "$dir/clickhouse.pid" "$dir/log/stdout.log" "$dir" clickhouse-server --config-file="$dir/config.xml"

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
                     *clickhouse_version,
                     clickhouse_database,
                     clickhouse_table,
-                    clickhouse_cluster.as_deref()
+                    cdc_relay::config::cluster_name(clickhouse_cluster.as_deref())
                 )
             );
             return ExitCode::SUCCESS;

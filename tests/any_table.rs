@@ -436,6 +436,14 @@ async fn a_table_added_to_the_list_later_is_backfilled_then_streamed_and_the_oth
         Duration::from_millis(200),
     );
     assert_eq!(seen.len(), 50);
+    // A's initial snapshot (it has no ledger) runs beside those rows; a stop before it is
+    // recorded done would make the next start read the whole table again, sending 1..50 a second
+    // time as snapshot rows (docs/operations.md: an interrupted snapshot starts over).
+    eventually("A's initial snapshot done", Duration::from_secs(30), || {
+        let log = first.log_text();
+        async move { log.contains("initial snapshot done").then_some(()) }
+    })
+    .await;
     assert_eq!(first.stop(), 0);
 
     // While it is stopped: more rows in A, and B's rows (unsent) before B is relayed at all.

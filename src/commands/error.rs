@@ -41,7 +41,7 @@ impl Error {
                 | S::SlotLost { .. },
             ) => 2,
             Error::Config(_) => 2,
-            Error::Sink(SinkError::Schema { .. }) => 2,
+            Error::Sink(SinkError::Schema { .. } | SinkError::Layout(_)) => 2,
             _ => 1,
         }
     }

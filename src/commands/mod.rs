@@ -166,7 +166,7 @@ pub fn clickhouse_from_args(c: &ClickHouseArgs) -> Result<ClickHouseConfig, Erro
         &c.clickhouse_table,
     )
     .map(|cfg| ClickHouseConfig {
-        cluster: c.clickhouse_cluster.clone(),
+        cluster: crate::config::cluster_name(c.clickhouse_cluster.as_deref()).map(String::from),
         ..cfg
     })
 }

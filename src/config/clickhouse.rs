@@ -49,6 +49,12 @@ pub struct ClickHouseArgs {
     pub clickhouse_cluster: Option<String>,
 }
 
+/// `--clickhouse-cluster` as given: an empty value (a variable set to nothing, as compose files
+/// write an unset one) means one server, not a cluster named ``.
+pub fn cluster_name(arg: Option<&str>) -> Option<&str> {
+    arg.map(str::trim).filter(|c| !c.is_empty())
+}
+
 /// `major.minor` of a ClickHouse server, as `--clickhouse-version` gives it (`26.9`, `18.16.1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClickHouseVersion {
@@ -72,6 +78,14 @@ impl ClickHouseVersion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_cluster_name_is_one_server() {
+        assert_eq!(cluster_name(None), None);
+        assert_eq!(cluster_name(Some("")), None);
+        assert_eq!(cluster_name(Some("  ")), None);
+        assert_eq!(cluster_name(Some("cdc_relay")), Some("cdc_relay"));
+    }
 
     #[test]
     fn version_is_major_dot_minor() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-pub use clickhouse::{ClickHouseArgs, ClickHouseVersion};
+pub use clickhouse::{cluster_name, ClickHouseArgs, ClickHouseVersion};
 pub use file::{apply_config_file, known_settings};
 pub use kafka::{KafkaArgs, KafkaSecurityArgs, SinkKafkaArgs};
 pub use postgres::{Op, PostgresArgs};

@@ -29,7 +29,8 @@ pub struct StreamArgs {
     #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topic when it has to be created (default: min(3, brokers)).
+    /// Replication factor of the topic when it has to be created (default: min(3, live brokers), at
+    /// least the brokers' default.replication.factor).
     #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION")]
     pub topic_replication: Option<i32>,
 
@@ -190,7 +191,8 @@ pub struct SetupArgs {
     #[arg(long, env = "CDC_RELAY_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
 
-    /// Replication factor of the topic when it has to be created (default: min(3, brokers)).
+    /// Replication factor of the topic when it has to be created (default: min(3, live brokers), at
+    /// least the brokers' default.replication.factor).
     #[arg(long, env = "CDC_RELAY_TOPIC_REPLICATION")]
     pub topic_replication: Option<i32>,
 

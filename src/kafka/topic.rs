@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
@@ -12,9 +12,14 @@ use rdkafka::types::RDKafkaErrorCode;
 use super::{KafkaError, RdKafkaError};
 
 /// The replication factor of a topic the relay creates, unless told otherwise: three copies where
-/// the cluster has three brokers, as many as there are brokers on a smaller one.
-pub fn auto_replication(brokers: usize) -> i32 {
-    brokers.clamp(1, 3) as i32
+/// the cluster has three live brokers, as many as there are on a smaller one; but never fewer than
+/// the brokers' own `default.replication.factor`. A broker down when the topic is created leaves
+/// fewer live brokers than the cluster has: counting them would make the topic 2 copies (and
+/// `min.insync.replicas` 1) for good, while a KRaft controller places the third replica on the
+/// stopped broker, which catches up once back (an older controller refuses, and the creation is
+/// tried again).
+pub fn auto_replication(live_brokers: usize, broker_default: Option<i32>) -> i32 {
+    (live_brokers.clamp(1, 3) as i32).max(broker_default.unwrap_or(1))
 }
 
 /// `min.insync.replicas` of a topic the relay creates with `replication` copies: with three or
@@ -55,7 +60,10 @@ pub async fn ensure_topic_with(
     let auto = replication.is_none();
     let replication = match replication {
         Some(r) => r,
-        None => auto_replication(broker_count(base, topic)?),
+        None => {
+            let (live, first) = brokers(base, topic)?;
+            auto_replication(live, default_replication(&admin, first).await)
+        }
     };
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     for (k, v) in settings {
@@ -85,7 +93,7 @@ pub async fn ensure_topic_with(
                 return Err(KafkaError::TopicNotYet {
                     topic: t,
                     reason: format!(
-                        "{replication} replicas are more than the live brokers (one stopping?)"
+                        "{replication} replicas are more than the live brokers (one down or restarting?); waiting for it rather than making the topic with fewer copies"
                     ),
                 })
             }
@@ -106,9 +114,9 @@ pub async fn ensure_topic_with(
     partition_count(base, topic).await
 }
 
-/// Brokers in the cluster metadata (asked along with `topic`'s, to keep the answer small; a
-/// consumer never creates the topic by asking).
-fn broker_count(base: &ClientConfig, topic: &str) -> Result<usize, KafkaError> {
+/// Live brokers in the cluster metadata, and one of their ids (asked along with `topic`'s, to keep
+/// the answer small; a consumer never creates the topic by asking).
+fn brokers(base: &ClientConfig, topic: &str) -> Result<(usize, Option<i32>), KafkaError> {
     let consumer: rdkafka::consumer::BaseConsumer = base
         .create()
         .map_err(KafkaError::client("creating a metadata client"))?;
@@ -116,7 +124,32 @@ fn broker_count(base: &ClientConfig, topic: &str) -> Result<usize, KafkaError> {
         consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
     })
     .map_err(KafkaError::client("reading the cluster metadata"))?;
-    Ok(md.brokers().len())
+    Ok((md.brokers().len(), md.brokers().first().map(|b| b.id())))
+}
+
+/// The broker's `default.replication.factor`, or `None` where it cannot be read (a user allowed
+/// to create topics but not to describe the cluster's configuration): then the live brokers alone
+/// decide, as the warning says.
+async fn default_replication(
+    admin: &AdminClient<DefaultClientContext>,
+    broker: Option<i32>,
+) -> Option<i32> {
+    let broker = broker?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let read = admin
+        .describe_configs([&ResourceSpecifier::Broker(broker)], &opts)
+        .await;
+    let value = match read.as_ref().map(|r| r.first()) {
+        Ok(Some(Ok(resource))) => resource
+            .get("default.replication.factor")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse().ok()),
+        _ => None,
+    };
+    if value.is_none() {
+        tracing::warn!(broker, "could not read the broker's default.replication.factor; a topic created now gets min(3, live brokers) replicas");
+    }
+    value
 }
 
 /// Partitions of `topic` per the cluster metadata (retried briefly: a new topic takes a moment to
@@ -150,12 +183,17 @@ pub async fn partition_count(base: &ClientConfig, topic: &str) -> Result<usize, 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn replication_is_three_or_every_broker() {
+    fn replication_is_three_or_every_broker_but_not_below_the_brokers_default() {
         let r: Vec<i32> = [0, 1, 2, 3, 4, 9]
             .into_iter()
-            .map(super::auto_replication)
+            .map(|n| super::auto_replication(n, None))
             .collect();
         assert_eq!(r, vec![1, 1, 2, 3, 3, 3]);
+        // A cluster of three whose brokers ask for 3 copies, one broker down: still 3.
+        assert_eq!(super::auto_replication(2, Some(3)), 3);
+        assert_eq!(super::auto_replication(3, Some(1)), 3);
+        assert_eq!(super::auto_replication(1, Some(1)), 1);
+        assert_eq!(super::auto_replication(5, Some(5)), 5);
     }
 
     #[test]

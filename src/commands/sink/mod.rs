@@ -145,6 +145,11 @@ impl SinkCommand {
     async fn run(&mut self) -> Result<(), Error> {
         let mut batch = Batch::new();
         loop {
+            // A wait inside a message's handling may have seen the shutdown first (a watch
+            // notifies once per receiver): the flag, not only the notification, ends the loop.
+            if *self.shutdown.borrow() {
+                break;
+            }
             let deadline = batch.deadline;
             let room = batch.len() < self.args.batch_rows;
             let unsigned_id = self.unsigned_id;

@@ -19,6 +19,7 @@
 //! each node's view reads its own copy of the watermark.
 
 use super::config::{quote_ident, quote_string};
+use super::SinkError;
 
 /// Suffix of the replicated table under a Distributed one.
 pub const LOCAL_SUFFIX: &str = "_local";
@@ -132,6 +133,102 @@ pub async fn create_missing(
     client.query_raw(create).execute().await
 }
 
+/// What is wrong with an existing table's engine for the way the sink writes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "ClickHouse table {table} is a {engine} table, not the Distributed table that \
+         --clickhouse-cluster writes through: it was created without --clickhouse-cluster, or it \
+         is the {LOCAL_SUFFIX} storage of another table. The sink leaves it alone: run without \
+         --clickhouse-cluster, or point --clickhouse-database elsewhere (and copy its rows over \
+         with INSERT … SELECT)"
+    )]
+    NotDistributed { table: String, engine: String },
+    #[error(
+        "ClickHouse table {table} is a {engine} table, not the replicated storage that \
+         --clickhouse-cluster writes under its Distributed table: it was created without \
+         --clickhouse-cluster, or it is another table's Distributed table (two PostgreSQL tables \
+         named T and T{LOCAL_SUFFIX}). The sink leaves it alone: rename one of the tables through \
+         --route, or point --clickhouse-database elsewhere"
+    )]
+    NotReplicated { table: String, engine: String },
+    #[error(
+        "ClickHouse table {table} is a Distributed table: a sink with --clickhouse-cluster created \
+         it. Inserting into it without that flag would be acknowledged from a local spool before \
+         the shards have the rows. Give every sink the same --clickhouse-cluster \
+         (CDC_RELAY_CLICKHOUSE_CLUSTER)"
+    )]
+    Distributed { table: String },
+}
+
+/// Checks the engines of an existing written table and of its storage (empty: none) against the
+/// layout the sink writes. On a cluster the written table must be Distributed and its storage
+/// replicated: anything else would be dropped and re-created by `sync_distributed`, or written
+/// unreplicated. On one server it must not be Distributed: an insert into it without
+/// `insert_distributed_sync` returns before the shards have the rows.
+pub fn check_layout(
+    cluster: Option<&str>,
+    (table, table_engine): (&str, &str),
+    (storage, storage_engine): (&str, &str),
+) -> Result<(), LayoutError> {
+    let distributed = table_engine == "Distributed";
+    match cluster {
+        Some(_) if !table_engine.is_empty() && !distributed => Err(LayoutError::NotDistributed {
+            table: table.to_string(),
+            engine: table_engine.to_string(),
+        }),
+        Some(_) if !storage_engine.is_empty() && !storage_engine.starts_with("Replicated") => {
+            Err(LayoutError::NotReplicated {
+                table: storage.to_string(),
+                engine: storage_engine.to_string(),
+            })
+        }
+        None if distributed => Err(LayoutError::Distributed {
+            table: table.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the engines of `database`.`table` and of its storage on the server `url` and checks them
+/// ([`check_layout`]); before anything is created or dropped.
+pub async fn check_existing(
+    client: &clickhouse::Client,
+    url: &str,
+    cluster: Option<&str>,
+    database: &str,
+    table: &str,
+) -> Result<(), SinkError> {
+    let storage = storage_name(table, cluster);
+    let found: Vec<(String, String)> = client
+        .query_raw(&format!(
+            "SELECT name, engine FROM system.tables WHERE database = {} AND name IN ({}, {})",
+            quote_string(database),
+            quote_string(table),
+            quote_string(&storage)
+        ))
+        .fetch_all()
+        .await
+        .map_err(|source| SinkError::Client {
+            url: url.to_string(),
+            context: "reading the engines of the table and of its storage".into(),
+            source,
+        })?;
+    let engine = |n: &str| {
+        found
+            .iter()
+            .find(|(name, _)| name == n)
+            .map_or("", |(_, e)| e.as_str())
+    };
+    let qualified = |n: &str| format!("{}.{}", quote_ident(database), quote_ident(n));
+    check_layout(
+        cluster,
+        (&qualified(table), engine(table)),
+        (&qualified(&storage), engine(&storage)),
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +262,32 @@ mod tests {
             distributed_sql(c, "`db`.`t`", "db", "t_local", &["`a`".into(), "`b`".into()]).unwrap(),
             "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `cdc_relay` AS `db`.`t_local` ENGINE = Distributed(`cdc_relay`, `db`, `t_local`, cityHash64(`a`, `b`))"
         );
+    }
+
+    #[test]
+    fn a_table_of_the_other_layout_is_refused_not_dropped() {
+        let c = Some("cdc_relay");
+        let (t, l) = ("`db`.`t`", "`db`.`t_local`");
+        assert_eq!(check_layout(c, (t, ""), (l, "")), Ok(()));
+        assert_eq!(check_layout(None, (t, ""), (t, "")), Ok(()));
+        let replicated = "ReplicatedReplacingMergeTree";
+        assert_eq!(check_layout(c, (t, "Distributed"), (l, replicated)), Ok(()));
+        assert_eq!(check_layout(c, (t, ""), (l, replicated)), Ok(()));
+        let plain = "ReplacingMergeTree";
+        assert_eq!(check_layout(None, (t, plain), (t, plain)), Ok(()));
+        let e = check_layout(c, (t, plain), (l, "")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`db`.`t` is a ReplacingMergeTree table, not the Distributed"),
+            "{e}"
+        );
+        let e = check_layout(c, (t, "Distributed"), (l, "Distributed")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`db`.`t_local` is a Distributed table, not the replicated storage"),
+            "{e}"
+        );
+        let e = check_layout(None, (t, "Distributed"), (t, "Distributed")).unwrap_err();
+        assert!(e.to_string().contains("same --clickhouse-cluster"), "{e}");
     }
 }

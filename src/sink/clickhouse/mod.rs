@@ -40,6 +40,8 @@ pub enum SinkError {
     Version(String),
     #[error("ClickHouse answered what the sink cannot read: {0}")]
     Output(String),
+    #[error(transparent)]
+    Layout(#[from] cluster::LayoutError),
 }
 
 impl SinkError {

@@ -267,6 +267,7 @@ pub async fn ensure_schema(
     cluster::create_missing(client, on, db, None, &create_database_sql(cfg))
         .await
         .map_err(err("creating the database"))?;
+    cluster::check_existing(client, &cfg.url, on, db, &cfg.table).await?;
     let storage = cfg.storage_name();
     let sql = create_table_sql(cfg, version);
     cluster::create_missing(client, on, db, Some(&storage), &sql)

@@ -86,6 +86,14 @@ impl GenericTables {
         let w = &self.writer;
         let table = clickhouse_table_name(rel);
         let names = w.names(&table);
+        super::cluster::check_existing(
+            &w.client,
+            &w.url,
+            names.cluster(),
+            &names.database,
+            &names.table,
+        )
+        .await?;
         // Planned against the storage: on a cluster the Distributed table may lag behind it after
         // an interrupted change (see `sync_distributed`).
         let storage = names.storage_names();
@@ -126,14 +134,19 @@ impl GenericTables {
             let mark = w.truncate_watermark(&names).await?;
             self.watermarks.insert(table.clone(), mark);
         }
-        if !p.changes.is_empty() || created || !w.has_view(&names).await? {
-            let cols: Vec<String> = w
-                .columns(&names)
-                .await?
-                .into_iter()
+        let user_columns = |cols: Vec<(String, String)>| -> Vec<String> {
+            cols.into_iter()
                 .map(|(n, _)| n)
                 .filter(|n| !is_meta(n))
-                .collect();
+                .collect()
+        };
+        let cols = user_columns(w.columns(&names).await?);
+        // The view lists its columns when created: after a change (or one whose view step was cut
+        // short by a kill or a server down, so that this run plans no change) it is made again
+        // until it shows exactly the table's columns.
+        let view = TableNames::new(&names.database, &format!("{}_current", names.table));
+        let shown = user_columns(w.columns(&view).await?);
+        if !p.changes.is_empty() || created || shown != cols {
             w.execute(&drop_view_sql(&names), "dropping the current-rows view")
                 .await?;
             w.execute(
@@ -235,6 +248,15 @@ impl GenericWriter {
                 .await;
         }
         if distributed != self.columns(&names.storage_names()).await? {
+            // Never drop what is not a Distributed table (it would be rows).
+            super::cluster::check_existing(
+                &self.client,
+                &self.url,
+                names.cluster(),
+                &names.database,
+                &names.table,
+            )
+            .await?;
             tracing::info!(table = %names.qualified(), "the Distributed table's columns are not its storage's; re-creating it");
             self.execute(
                 &format!(
@@ -303,19 +325,6 @@ impl GenericWriter {
             .filter_map(|l| l.split_once('\t'))
             .map(|(n, t)| (unescape_tsv(n), unescape_tsv(t)))
             .collect())
-    }
-
-    async fn has_view(&self, names: &TableNames) -> Result<bool, SinkError> {
-        let sql = format!(
-            "SELECT count() FROM system.tables WHERE database = {} AND name = {} FORMAT TSV",
-            quote_string(&names.database),
-            quote_string(&format!("{}_current", names.table))
-        );
-        Ok(self
-            .text(&sql, "looking for the current-rows view")
-            .await?
-            .trim()
-            != "0")
     }
 
     pub async fn truncate_watermark(&self, names: &TableNames) -> Result<u64, SinkError> {
