@@ -1,6 +1,6 @@
 //! `scripts/chaos --cluster`: the run on the stack of `scripts/services up --cluster` (3 KRaft
 //! brokers, ClickHouse cluster of 2 shards x 2 replicas). Three sinks share the consumer group,
-//! each talking to its own ClickHouse node; the faults are a broker and a ClickHouse replica
+//! talking to the first replica of a shard (nodes 1, 3, 1); the faults are a broker and a ClickHouse replica
 //! killed with -9 and started again, and kill -9 of the stream and of sinks; at the end every
 //! replica of every shard is read on its own.
 

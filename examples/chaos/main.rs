@@ -244,9 +244,11 @@ async fn main() {
         log: dir.join(format!("{name}.stream.log")),
         child: None,
     };
-    // On the cluster, three sinks in the group, sink i talking to ClickHouse node i.
+    // On the cluster, three sinks in the group, each talking to the first replica of a shard
+    // (docs/operations.md): nodes 1, 3 and 1 again.
     let sink_nodes = if on_cluster {
-        cluster::nodes().into_iter().take(3).map(Some).collect()
+        let nodes = cluster::nodes();
+        [0, 2, 0].iter().map(|&i| Some(nodes[i].clone())).collect()
     } else {
         vec![None]
     };

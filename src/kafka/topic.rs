@@ -61,8 +61,15 @@ pub async fn ensure_topic_with(
     let replication = match replication {
         Some(r) => r,
         None => {
-            let (live, first) = brokers(base, topic)?;
-            auto_replication(live, default_replication(&admin, first).await)
+            let md = metadata(base, topic)?;
+            if md.topic_exists {
+                // Nothing to create: no need to ask a broker for its defaults.
+                return partition_count(base, topic).await;
+            }
+            auto_replication(
+                md.live_brokers,
+                default_replication(&admin, md.a_broker).await,
+            )
         }
     };
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
@@ -114,9 +121,17 @@ pub async fn ensure_topic_with(
     partition_count(base, topic).await
 }
 
-/// Live brokers in the cluster metadata, and one of their ids (asked along with `topic`'s, to keep
-/// the answer small; a consumer never creates the topic by asking).
-fn brokers(base: &ClientConfig, topic: &str) -> Result<(usize, Option<i32>), KafkaError> {
+/// What the cluster metadata says before a topic is created.
+struct TopicMetadata {
+    live_brokers: usize,
+    /// One live broker's id, to ask for the brokers' defaults.
+    a_broker: Option<i32>,
+    topic_exists: bool,
+}
+
+/// The cluster metadata, asked along with `topic`'s to keep the answer small (a consumer never
+/// creates the topic by asking).
+fn metadata(base: &ClientConfig, topic: &str) -> Result<TopicMetadata, KafkaError> {
     let consumer: rdkafka::consumer::BaseConsumer = base
         .create()
         .map_err(KafkaError::client("creating a metadata client"))?;
@@ -124,7 +139,14 @@ fn brokers(base: &ClientConfig, topic: &str) -> Result<(usize, Option<i32>), Kaf
         consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
     })
     .map_err(KafkaError::client("reading the cluster metadata"))?;
-    Ok((md.brokers().len(), md.brokers().first().map(|b| b.id())))
+    Ok(TopicMetadata {
+        live_brokers: md.brokers().len(),
+        a_broker: md.brokers().first().map(|b| b.id()),
+        topic_exists: md
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()),
+    })
 }
 
 /// The broker's `default.replication.factor`, or `None` where it cannot be read (a user allowed

@@ -23,6 +23,9 @@ enum Outcome {
     Reject(String),
     /// Shutdown came first: the message is read again next time.
     Interrupted,
+    /// Waiting cannot mend it (a table of the other layout): the sink stops, the message is read
+    /// again by the next start.
+    Fatal(SinkError),
 }
 
 impl SinkCommand {
@@ -33,11 +36,17 @@ impl SinkCommand {
         msg: &Consumed,
         event: ChangeEvent,
         batch: &mut Batch,
-    ) -> bool {
-        match self.columns_outcome(msg, event, batch).await {
-            Outcome::Stored => true,
-            Outcome::Interrupted => false,
-            Outcome::Reject(reason) => self.dead_letter(msg, &reason).await,
+    ) -> Result<bool, SinkError> {
+        let outcome = self.columns_outcome(msg, event, batch).await;
+        self.settle(msg, outcome).await
+    }
+
+    async fn settle(&mut self, msg: &Consumed, outcome: Outcome) -> Result<bool, SinkError> {
+        match outcome {
+            Outcome::Stored => Ok(true),
+            Outcome::Interrupted => Ok(false),
+            Outcome::Reject(reason) => Ok(self.dead_letter(msg, &reason).await),
+            Outcome::Fatal(e) => Err(e),
         }
     }
 
@@ -61,6 +70,7 @@ impl SinkCommand {
             let outcome = loop {
                 match self.tables.apply(&id, &rel, &history).await {
                     Ok(o) => break o,
+                    Err(e) if e.needs_operator() => return Outcome::Fatal(e),
                     Err(e) => {
                         if !self
                             .pause_after(&e, "applying a table's schema", &mut backoff)
@@ -148,12 +158,9 @@ impl SinkCommand {
         msg: &Consumed,
         m: SeedMessage,
         batch: &mut Batch,
-    ) -> bool {
-        match self.seed_outcome(msg, m, batch).await {
-            Outcome::Stored => true,
-            Outcome::Interrupted => false,
-            Outcome::Reject(reason) => self.dead_letter(msg, &reason).await,
-        }
+    ) -> Result<bool, SinkError> {
+        let outcome = self.seed_outcome(msg, m, batch).await;
+        self.settle(msg, outcome).await
     }
 
     async fn seed_outcome(&mut self, msg: &Consumed, m: SeedMessage, batch: &mut Batch) -> Outcome {
@@ -175,6 +182,7 @@ impl SinkCommand {
             let outcome = loop {
                 match self.seed_table.apply(&id, &rel, &history).await {
                     Ok(o) => break o,
+                    Err(e) if e.needs_operator() => return Outcome::Fatal(e),
                     Err(e) => {
                         if !self
                             .pause_after(
@@ -209,8 +217,8 @@ impl SinkCommand {
     }
 
     /// Logs a failed ClickHouse step and waits before the next try; `false` on shutdown. Every
-    /// failure is retried, as inserts are: a refused statement is a bug to see in the log, not a
-    /// reason to drop rows.
+    /// failure but one that needs the operator is retried, as inserts are: a refused statement is
+    /// a bug to see in the log, not a reason to drop rows.
     async fn pause_after(&mut self, e: &SinkError, what: &str, backoff: &mut Backoff) -> bool {
         let pause = backoff.next_pause();
         self.metrics.retries.inc();

@@ -206,7 +206,7 @@ impl SinkCommand {
         self.metrics.bytes.add(msg.len as u64);
         match parsed {
             Ok(Parsed::Row(m)) => {
-                if !self.seed_message(&msg, m, batch).await {
+                if !self.seed_message(&msg, m, batch).await? {
                     return Ok(()); // shutting down: not marked, so read again next time
                 }
             }
@@ -225,7 +225,7 @@ impl SinkCommand {
                 self.watermark = self.watermark.max(version);
             }
             Ok(Parsed::Columns(event)) => {
-                if !self.columns_message(&msg, *event, batch).await {
+                if !self.columns_message(&msg, *event, batch).await? {
                     return Ok(()); // shutting down: not marked, so read again next time
                 }
             }

@@ -159,18 +159,33 @@ pub enum LayoutError {
          (CDC_RELAY_CLICKHOUSE_CLUSTER)"
     )]
     Distributed { table: String },
+    #[error(
+        "ClickHouse table {table} is a {engine} table, not the current-rows view the sink keeps \
+         there (it drops and re-creates that view): most likely a PostgreSQL table of that name \
+         is relayed too. The sink leaves it alone: route one of the tables to another name with \
+         --route"
+    )]
+    NotAView { table: String, engine: String },
 }
 
-/// Checks the engines of an existing written table and of its storage (empty: none) against the
-/// layout the sink writes. On a cluster the written table must be Distributed and its storage
-/// replicated: anything else would be dropped and re-created by `sync_distributed`, or written
-/// unreplicated. On one server it must not be Distributed: an insert into it without
-/// `insert_distributed_sync` returns before the shards have the rows.
+/// Checks the engines of an existing written table, of its storage and of its current-rows view
+/// (empty: none) against the layout the sink writes. On a cluster the written table must be
+/// Distributed and its storage replicated: anything else would be dropped and re-created by
+/// `sync_distributed`, or written unreplicated. On one server it must not be Distributed: an
+/// insert into it without `insert_distributed_sync` returns before the shards have the rows. The
+/// view must be a view: the sink drops it to make it again.
 pub fn check_layout(
     cluster: Option<&str>,
     (table, table_engine): (&str, &str),
     (storage, storage_engine): (&str, &str),
+    (view, view_engine): (&str, &str),
 ) -> Result<(), LayoutError> {
+    if !view_engine.is_empty() && view_engine != "View" {
+        return Err(LayoutError::NotAView {
+            table: view.to_string(),
+            engine: view_engine.to_string(),
+        });
+    }
     let distributed = table_engine == "Distributed";
     match cluster {
         Some(_) if !table_engine.is_empty() && !distributed => Err(LayoutError::NotDistributed {
@@ -190,8 +205,9 @@ pub fn check_layout(
     }
 }
 
-/// Reads the engines of `database`.`table` and of its storage on the server `url` and checks them
-/// ([`check_layout`]); before anything is created or dropped.
+/// Reads the engines of `database`.`table`, of its storage and of its current-rows view on the
+/// server `url` and checks them ([`check_layout`]); before anything is created or dropped. Only
+/// that server is asked: a table of that name on another server of the cluster is not seen.
 pub async fn check_existing(
     client: &clickhouse::Client,
     url: &str,
@@ -200,12 +216,14 @@ pub async fn check_existing(
     table: &str,
 ) -> Result<(), SinkError> {
     let storage = storage_name(table, cluster);
+    let view = format!("{table}_current");
     let found: Vec<(String, String)> = client
         .query_raw(&format!(
-            "SELECT name, engine FROM system.tables WHERE database = {} AND name IN ({}, {})",
+            "SELECT name, engine FROM system.tables WHERE database = {} AND name IN ({}, {}, {})",
             quote_string(database),
             quote_string(table),
-            quote_string(&storage)
+            quote_string(&storage),
+            quote_string(&view)
         ))
         .fetch_all()
         .await
@@ -225,6 +243,7 @@ pub async fn check_existing(
         cluster,
         (&qualified(table), engine(table)),
         (&qualified(&storage), engine(&storage)),
+        (&qualified(&view), engine(&view)),
     )?;
     Ok(())
 }
@@ -267,27 +286,39 @@ mod tests {
     #[test]
     fn a_table_of_the_other_layout_is_refused_not_dropped() {
         let c = Some("cdc_relay");
-        let (t, l) = ("`db`.`t`", "`db`.`t_local`");
-        assert_eq!(check_layout(c, (t, ""), (l, "")), Ok(()));
-        assert_eq!(check_layout(None, (t, ""), (t, "")), Ok(()));
+        let (t, l, v) = ("`db`.`t`", "`db`.`t_local`", "`db`.`t_current`");
+        let none = (v, "");
+        assert_eq!(check_layout(c, (t, ""), (l, ""), none), Ok(()));
+        assert_eq!(check_layout(None, (t, ""), (t, ""), none), Ok(()));
         let replicated = "ReplicatedReplacingMergeTree";
-        assert_eq!(check_layout(c, (t, "Distributed"), (l, replicated)), Ok(()));
-        assert_eq!(check_layout(c, (t, ""), (l, replicated)), Ok(()));
+        let view = (v, "View");
+        assert_eq!(
+            check_layout(c, (t, "Distributed"), (l, replicated), view),
+            Ok(())
+        );
+        assert_eq!(check_layout(c, (t, ""), (l, replicated), none), Ok(()));
         let plain = "ReplacingMergeTree";
-        assert_eq!(check_layout(None, (t, plain), (t, plain)), Ok(()));
-        let e = check_layout(c, (t, plain), (l, "")).unwrap_err();
+        assert_eq!(check_layout(None, (t, plain), (t, plain), view), Ok(()));
+        let e = check_layout(c, (t, plain), (l, ""), none).unwrap_err();
         assert!(
             e.to_string()
                 .contains("`db`.`t` is a ReplacingMergeTree table, not the Distributed"),
             "{e}"
         );
-        let e = check_layout(c, (t, "Distributed"), (l, "Distributed")).unwrap_err();
+        let e = check_layout(c, (t, "Distributed"), (l, "Distributed"), none).unwrap_err();
         assert!(
             e.to_string()
                 .contains("`db`.`t_local` is a Distributed table, not the replicated storage"),
             "{e}"
         );
-        let e = check_layout(None, (t, "Distributed"), (t, "Distributed")).unwrap_err();
+        let e = check_layout(None, (t, "Distributed"), (t, "Distributed"), none).unwrap_err();
         assert!(e.to_string().contains("same --clickhouse-cluster"), "{e}");
+        let e = check_layout(None, (t, plain), (t, plain), (v, plain)).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "`db`.`t_current` is a ReplacingMergeTree table, not the current-rows view"
+            ),
+            "{e}"
+        );
     }
 }

@@ -67,16 +67,15 @@ impl ClickHouseConfig {
             // An insert into a Distributed table returns once every shard has its part (not once
             // it is spooled on the node we talk to): only then may the sink commit offsets.
             // Which replica: 18.16 writes the shard the node holds itself to its own replica
-            // (whatever `prefer_localhost_replica` says) and every other shard to its first live
-            // replica in the configured order (`in_order`, not at random); reads go the same way,
-            // so a sink reads back what it wrote (unchanged TOAST values) where it wrote it. A
-            // replica that is a second or more behind is passed over by reads: the sink's own
-            // server back from being down, or on a partition handed over by a sink on the other
-            // replica, reads from the replica that has the rows, not from a copy still fetching.
+            // (whatever `prefer_localhost_replica` says; measured) and every other shard to its
+            // first live replica in the configured order (`in_order`, not at random); reads go
+            // the same way, so a sink reads back what it wrote (unchanged TOAST values) where it
+            // wrote it. Sinks that all talk to first replicas (docs/operations.md) therefore
+            // write and read each shard on one replica. Reads are not steered by replica delay:
+            // inserts are not, and a sink would then read elsewhere than it just wrote.
             Some(_) => client
                 .with_setting("insert_distributed_sync", "1")
-                .with_setting("load_balancing", "in_order")
-                .with_setting("max_replica_delay_for_distributed_queries", "1"),
+                .with_setting("load_balancing", "in_order"),
             None => client,
         }
     }

@@ -45,6 +45,12 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// What no retry mends: an existing table of the other layout, for the operator to move or
+    /// the flag to change. The sink stops with it (exit code 2) rather than wait forever.
+    pub fn needs_operator(&self) -> bool {
+        matches!(self, SinkError::Layout(_))
+    }
+
     /// Network trouble and timeouts pass; a refused login or a bad query does not.
     pub fn is_transient(&self) -> bool {
         match self {
