@@ -4,8 +4,8 @@
 //! - `<table>_local`, a `ReplicatedReplacingMergeTree` on every node, replicated within its shard
 //!   (ZooKeeper path `/clickhouse/tables/{shard}/<db>/<table>_local`, replica `{replica}`: the
 //!   servers' macros);
-//! - `<table>`, a `Distributed` table over them, sharded by `cityHash64(<key columns>)`. The sink
-//!   inserts into it, and the current-rows view reads it.
+//! - `<table>`, a `Distributed` table over them, sharded by `cityHash64(<key columns>)`
+//!   ([`sharding_key`]). The sink inserts into it, and the current-rows view reads it.
 //!
 //! Why insert through the Distributed table rather than into the local tables: the shard of a key
 //! is then ClickHouse's own sharding expression, the one every reader goes through, so every
@@ -69,26 +69,61 @@ pub fn truncates_engine(cluster: Option<&str>, database: &str, table: &str) -> S
     }
 }
 
-/// The Distributed table `qualified` over `database`.`storage` on `cluster`, sharded by the key
-/// columns (quoted); `None` on a single server.
+/// The sharding expression of a new Distributed table: `cityHash64` of the key columns (name,
+/// ClickHouse type). ClickHouse 18.16's `cityHash64` refuses UUID and Decimal arguments (Code 43),
+/// so those go in as their text, on every version: a table's expression must never change, or the
+/// versions of one key would land on two shards (`recreate_distributed_sql` keeps it).
+pub fn sharding_key(key: &[(String, String)]) -> String {
+    let args: Vec<String> = key
+        .iter()
+        .map(|(name, ty)| {
+            let col = quote_ident(name);
+            if ty.contains("UUID") || ty.contains("Decimal") {
+                format!("toString({col})")
+            } else {
+                col
+            }
+        })
+        .collect();
+    format!("cityHash64({})", args.join(", "))
+}
+
+/// The Distributed table `qualified` over `database`.`storage` on `cluster`, sharded by
+/// `sharding` ([`sharding_key`]); `None` on a single server.
 pub fn distributed_sql(
     cluster: Option<&str>,
     qualified: &str,
     database: &str,
     storage: &str,
-    key: &[String],
+    sharding: &str,
 ) -> Option<String> {
     let c = cluster?;
     Some(format!(
-        "CREATE TABLE IF NOT EXISTS {qualified}{} AS {}.{} ENGINE = Distributed({}, {}, {}, cityHash64({}))",
+        "CREATE TABLE IF NOT EXISTS {qualified}{} AS {}.{} ENGINE = Distributed({}, {}, {}, {sharding})",
         on_cluster(cluster),
         quote_ident(database),
         quote_ident(storage),
         quote_ident(c),
         quote_ident(database),
         quote_ident(storage),
-        key.join(", ")
     ))
+}
+
+/// The Distributed table `qualified` made again over the storage's current columns with the
+/// engine it had (`system.tables.engine_full`): the same cluster and the same sharding expression.
+pub fn recreate_distributed_sql(
+    cluster: Option<&str>,
+    qualified: &str,
+    database: &str,
+    storage: &str,
+    engine_full: &str,
+) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {qualified}{} AS {}.{} ENGINE = {engine_full}",
+        on_cluster(cluster),
+        quote_ident(database),
+        quote_ident(storage),
+    )
 }
 
 /// Counts `database` (with `name` `None`) or the table or view `database`.`name` on the server
@@ -261,7 +296,10 @@ mod tests {
             "ReplacingMergeTree(_version)"
         );
         assert_eq!(truncates_engine(None, "db", "t_truncates"), "MergeTree");
-        assert_eq!(distributed_sql(None, "`db`.`t`", "db", "t", &[]), None);
+        assert_eq!(
+            distributed_sql(None, "`db`.`t`", "db", "t", "cityHash64(id)"),
+            None
+        );
     }
 
     #[test]
@@ -277,9 +315,24 @@ mod tests {
             truncates_engine(c, "db", "t_truncates"),
             "ReplicatedMergeTree('/clickhouse/tables/all/db/t_truncates', '{replica}')"
         );
+        let key = [("a", "Int64"), ("b", "String")].map(|(n, t)| (n.to_string(), t.to_string()));
         assert_eq!(
-            distributed_sql(c, "`db`.`t`", "db", "t_local", &["`a`".into(), "`b`".into()]).unwrap(),
+            distributed_sql(c, "`db`.`t`", "db", "t_local", &sharding_key(&key)).unwrap(),
             "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `cdc_relay` AS `db`.`t_local` ENGINE = Distributed(`cdc_relay`, `db`, `t_local`, cityHash64(`a`, `b`))"
+        );
+        assert_eq!(
+            recreate_distributed_sql(c, "`db`.`t`", "db", "t_local", "Distributed(x, y, z, cityHash64(a))"),
+            "CREATE TABLE IF NOT EXISTS `db`.`t` ON CLUSTER `cdc_relay` AS `db`.`t_local` ENGINE = Distributed(x, y, z, cityHash64(a))"
+        );
+    }
+
+    #[test]
+    fn keys_18_16_cannot_hash_are_hashed_as_text() {
+        let key = [("u", "UUID"), ("n", "Decimal(10, 2)"), ("i", "Int32")]
+            .map(|(n, t)| (n.to_string(), t.to_string()));
+        assert_eq!(
+            sharding_key(&key),
+            "cityHash64(toString(`u`), toString(`n`), `i`)"
         );
     }
 

@@ -85,7 +85,7 @@ pub fn create_distributed_sql(cfg: &ClickHouseConfig) -> Option<String> {
         &cfg.qualified_table(),
         &cfg.database,
         &cfg.storage_name(),
-        &["id".to_string()],
+        "cityHash64(id)",
     )
 }
 

@@ -146,12 +146,17 @@ pub fn create_table_sql(
     )
 }
 
-/// The key columns, quoted: the ORDER BY of the storage, the sharding key on a cluster.
+/// The key columns, quoted: the ORDER BY of the storage.
 pub fn key_columns(rel: &RelationSchema) -> Vec<String> {
+    key_names(rel).iter().map(|n| quote_ident(n)).collect()
+}
+
+/// The key columns' names (the sharding key on a cluster, with their types).
+pub fn key_names(rel: &RelationSchema) -> Vec<String> {
     rel.key
         .iter()
         .filter_map(|&i| rel.columns.get(i))
-        .map(|c| quote_ident(&c.name))
+        .map(|c| c.name.clone())
         .collect()
 }
 

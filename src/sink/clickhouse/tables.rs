@@ -16,7 +16,7 @@ use super::evolve::{plan, Refusal};
 use super::schema::ServerVersion;
 use super::table::{
     columns_sql, create_table_sql, create_truncates_sql, create_view_sql, drop_view_sql,
-    insert_body, is_meta, key_columns, key_text, GenericRow, TableNames, TableState,
+    insert_body, is_meta, key_names, key_text, GenericRow, TableNames, TableState,
 };
 use super::{ClickHouseConfig, SinkError};
 
@@ -121,7 +121,7 @@ impl GenericTables {
             w.execute(&change.sql(&names), "changing a table's columns")
                 .await?;
         }
-        w.sync_distributed(&names, &key_columns(rel)).await?;
+        w.sync_distributed(&names, &key_names(rel)).await?;
         if !self.watermarks.contains_key(&table) {
             let truncates = format!("{}_truncates", names.table);
             w.create_missing(
@@ -232,22 +232,34 @@ impl GenericWriter {
         names: &TableNames,
         key: &[String],
     ) -> Result<(), SinkError> {
-        let Some(create) = super::cluster::distributed_sql(
-            names.cluster(),
-            &names.qualified(),
-            &names.database,
-            &names.storage_name(),
-            key,
-        ) else {
+        let Some(cluster) = names.cluster() else {
             return Ok(());
         };
+        let (qualified, storage) = (names.qualified(), names.storage_name());
         let distributed = self.columns(names).await?;
+        let stored = self.columns(&names.storage_names()).await?;
         if distributed.is_empty() {
+            let typed: Vec<(String, String)> = key
+                .iter()
+                .map(|k| {
+                    let ty = stored.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone());
+                    (k.clone(), ty.unwrap_or_default())
+                })
+                .collect();
+            let sharding = super::cluster::sharding_key(&typed);
+            let create = super::cluster::distributed_sql(
+                Some(cluster),
+                &qualified,
+                &names.database,
+                &storage,
+                &sharding,
+            )
+            .unwrap_or_default();
             return self
                 .execute(&create, "creating the Distributed table over the cluster")
                 .await;
         }
-        if distributed != self.columns(&names.storage_names()).await? {
+        if distributed != stored {
             // Never drop what is not a Distributed table (it would be rows).
             super::cluster::check_existing(
                 &self.client,
@@ -257,20 +269,52 @@ impl GenericWriter {
                 &names.table,
             )
             .await?;
-            tracing::info!(table = %names.qualified(), "the Distributed table's columns are not its storage's; re-creating it");
+            // Made again with the engine it had: the same sharding expression, whatever this
+            // release would choose for a new table.
+            let engine_full = self.engine_full(names).await?;
+            tracing::info!(table = %qualified, "the Distributed table's columns are not its storage's; re-creating it");
             self.execute(
                 &format!(
-                    "DROP TABLE IF EXISTS {}{}",
-                    names.qualified(),
+                    "DROP TABLE IF EXISTS {qualified}{}",
                     super::cluster::on_cluster(names.cluster())
                 ),
                 "dropping a stale Distributed table",
             )
             .await?;
-            self.execute(&create, "creating the Distributed table over the cluster")
-                .await?;
+            self.execute(
+                &super::cluster::recreate_distributed_sql(
+                    Some(cluster),
+                    &qualified,
+                    &names.database,
+                    &storage,
+                    &engine_full,
+                ),
+                "creating the Distributed table over the cluster",
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// The full engine clause of `names`' table (`Distributed(…, <sharding expression>)`).
+    async fn engine_full(&self, names: &TableNames) -> Result<String, SinkError> {
+        let sql = format!(
+            "SELECT engine_full FROM system.tables WHERE database = {} AND name = {} FORMAT TSV",
+            quote_string(&names.database),
+            quote_string(&names.table)
+        );
+        let text = self
+            .text(&sql, "reading the Distributed table's engine")
+            .await?;
+        let engine = unescape_tsv(text.trim_end_matches('\n'));
+        if engine.starts_with("Distributed(") {
+            Ok(engine)
+        } else {
+            Err(SinkError::Output(format!(
+                "the engine of {} is {engine:?}, not a Distributed one",
+                names.qualified()
+            )))
+        }
     }
 
     /// The objects of `table` in the sink's database (and cluster).
