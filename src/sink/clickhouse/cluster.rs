@@ -40,6 +40,11 @@ pub fn storage_name(table: &str, cluster: Option<&str>) -> String {
     }
 }
 
+/// `<table>_current`: the current-rows view of a written table.
+pub fn view_name(table: &str) -> String {
+    format!("{table}_current")
+}
+
 /// The engine of a written table's storage; `args` are ReplacingMergeTree's (`_version[, _deleted]`).
 pub fn replacing_engine(
     cluster: Option<&str>,
@@ -251,7 +256,7 @@ pub async fn check_existing(
     table: &str,
 ) -> Result<(), SinkError> {
     let storage = storage_name(table, cluster);
-    let view = format!("{table}_current");
+    let view = view_name(table);
     let found: Vec<(String, String)> = client
         .query_raw(&format!(
             "SELECT name, engine FROM system.tables WHERE database = {} AND name IN ({}, {}, {})",

@@ -113,7 +113,7 @@ impl ClickHouseConfig {
 
     /// `<table>_current`: one current row per id.
     pub fn view_name(&self) -> String {
-        format!("{}_current", self.table)
+        super::cluster::view_name(&self.table)
     }
 
     /// `<table>_truncates`: one row per applied truncate; its highest version is the watermark

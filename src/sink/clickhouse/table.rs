@@ -91,7 +91,12 @@ impl TableNames {
     }
 
     pub fn view(&self) -> String {
-        self.qualify(&format!("{}_current", self.table))
+        self.qualify(&cluster::view_name(&self.table))
+    }
+
+    /// The current-rows view as a table of its own (to read its columns).
+    pub fn view_names(&self) -> TableNames {
+        TableNames::new(&self.database, &cluster::view_name(&self.table))
     }
 }
 

@@ -144,8 +144,7 @@ impl GenericTables {
         // The view lists its columns when created: after a change (or one whose view step was cut
         // short by a kill or a server down, so that this run plans no change) it is made again
         // until it shows exactly the table's columns.
-        let view = TableNames::new(&names.database, &format!("{}_current", names.table));
-        let shown = user_columns(w.columns(&view).await?);
+        let shown = user_columns(w.columns(&names.view_names()).await?);
         if !p.changes.is_empty() || created || shown != cols {
             w.execute(&drop_view_sql(&names), "dropping the current-rows view")
                 .await?;
