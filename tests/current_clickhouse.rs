@@ -502,7 +502,7 @@ async fn current_clickhouse_runs_what_the_sink_sends() {
 /// the ALTERs of a schema change and the re-created view.
 #[test]
 fn current_clickhouse_runs_a_generic_tables_statements() {
-    use cdc_relay::sink::clickhouse::evolve::plan;
+    use cdc_relay::sink::clickhouse::evolve::{plan, Stored};
     use cdc_relay::sink::clickhouse::table::{
         create_table_sql, create_truncates_sql, create_view_sql, drop_view_sql, insert_body,
         TableNames,
@@ -536,9 +536,12 @@ fn current_clickhouse_runs_a_generic_tables_statements() {
         ],
         key: vec![0, 1],
     };
+    // A type change, an added column, and `RENAME at TO at_old; ADD at text` in one migration.
     let mut v2 = v1.clone();
     v2.columns[4] = col("n", 20, -1, "bigint", false, 5);
     v2.columns.push(col("tags", 1009, -1, "text[]", true, 6));
+    v2.columns[3].name = "at_old".into();
+    v2.columns.push(col("at", 25, -1, "text", true, 7));
     let names = TableNames::new("gen", "orders");
     let p1 = plan(&names, &[], &v1, &[], version).unwrap();
     let event = |json: Value| ChangeEvent::from_json(&serde_json::to_vec(&json).unwrap()).unwrap();
@@ -557,15 +560,16 @@ fn current_clickhouse_runs_a_generic_tables_statements() {
         json!({"kind":"sql","sql":"CREATE DATABASE IF NOT EXISTS gen"}),
         json!({"kind":"sql","sql":create_table_sql(&names, &v1, version)}),
         json!({"kind":"sql","sql":create_truncates_sql(&names)}),
-        json!({"kind":"sql","sql":create_view_sql(&names, &["tenant".into(),"code".into(),"amount".into(),"at".into(),"n".into()])}),
+        json!({"kind":"sql","sql":create_view_sql(&names, &p1.view)}),
         json!({"kind":"sql","sql":format!("INSERT INTO {} ({}) FORMAT JSONEachRow {}", names.qualified(), cols.join(", "), String::from_utf8(body).unwrap())}),
     ];
-    let existing: Vec<(String, String)> = (0..v1.columns.len())
-        .map(|i| {
-            let caps = cdc_relay::sink::clickhouse::table::caps_of(version);
-            (
-                v1.columns[i].name.clone(),
-                cdc_relay::sink::clickhouse::table::column_type(&v1, i, caps),
+    let caps = cdc_relay::sink::clickhouse::table::caps_of(version);
+    let existing: Vec<Stored> = (0..v1.columns.len())
+        .map(|i| Stored {
+            attnum: v1.columns[i].attnum,
+            ..Stored::new(
+                &v1.columns[i].name,
+                &cdc_relay::sink::clickhouse::table::column_type(&v1, i, caps),
             )
         })
         .collect();
@@ -574,14 +578,17 @@ fn current_clickhouse_runs_a_generic_tables_statements() {
         std::sync::Arc::new(v2.clone()),
     ];
     let p2 = plan(&names, &existing, &v2, &history, version).unwrap();
-    assert_eq!(p2.changes.len(), 2, "{:?}", p2.changes);
+    assert_eq!(p2.changes.len(), 3, "{:?}", p2.changes);
     for c in &p2.changes {
         steps.push(json!({"kind":"sql","sql":c.sql(&names)}));
     }
     steps.push(json!({"kind":"sql","sql":drop_view_sql(&names)}));
-    steps.push(json!({"kind":"sql","sql":create_view_sql(&names, &["tenant".into(),"code".into(),"amount".into(),"at".into(),"n".into(),"tags".into()])}));
-    steps.push(json!({"kind":"sql","sql":"SELECT tenant, code, toString(amount), at, n, tags, toTypeName(n) FROM gen.orders_current",
-        "expect_tsv":"1\ta\t-1234567890123456789012345678.0123456789\t2024-01-01 12:00:00.500000\t7\t[]\tInt64\n"}));
+    steps.push(json!({"kind":"sql","sql":create_view_sql(&names, &p2.view)}));
+    // The old row's time under its new name, the new `at` empty; comments record the attnums.
+    steps.push(json!({"kind":"sql","sql":"SELECT tenant, code, toString(amount), at_old, n, tags, at, toTypeName(n) FROM gen.orders_current",
+        "expect_tsv":"1\ta\t-1234567890123456789012345678.0123456789\t2024-01-01 12:00:00.500000\t7\t[]\t\\N\tInt64\n"}));
+    steps.push(json!({"kind":"sql","sql":"SELECT name, comment FROM system.columns WHERE database = 'gen' AND table = 'orders' AND name IN ('at', 'at__7') ORDER BY name",
+        "expect_tsv":"at\tPostgreSQL attnum 4\nat__7\tPostgreSQL attnum 7\n"}));
     let manifest = dir.join("steps.json");
     std::fs::write(&manifest, serde_json::to_vec_pretty(&steps).unwrap()).unwrap();
     let out = Command::new(&python)

@@ -370,7 +370,11 @@ async fn every_types_row_hash_is_postgresqls_on_current_clickhouse() {
         .collect();
     let (cols, body) = insert_body(&rows);
     let cols: Vec<String> = cols.iter().map(|c| format!("`{c}`")).collect();
-    let user: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+    let user: Vec<(String, String)> = rel
+        .columns
+        .iter()
+        .map(|c| (c.name.clone(), c.name.clone()))
+        .collect();
     let view_columns: Vec<(String, String)> = (0..rel.columns.len())
         .map(|i| (rel.columns[i].name.clone(), column_type(rel, i, caps)))
         .collect();

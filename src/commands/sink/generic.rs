@@ -65,6 +65,8 @@ impl SinkCommand {
             if !self.flush(batch).await || !self.finish_insert().await {
                 return Outcome::Interrupted;
             }
+            // Every schema written so far: the view shows the newest names, whichever sink plans.
+            self.registries[msg.topic_index].read_to_end().await;
             let history = self.registries[msg.topic_index].history(&rel);
             let mut backoff = Backoff::new();
             let outcome = loop {
@@ -177,6 +179,8 @@ impl SinkCommand {
             if !self.flush(batch).await || !self.finish_insert().await {
                 return Outcome::Interrupted;
             }
+            // Every schema written so far: the view shows the newest names, whichever sink plans.
+            self.registries[msg.topic_index].read_to_end().await;
             let history = self.registries[msg.topic_index].history(&rel);
             let mut backoff = Backoff::new();
             let outcome = loop {

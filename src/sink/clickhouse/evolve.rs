@@ -2,26 +2,79 @@
 //! existing ClickHouse table, or why it cannot be done safely. Pure: the caller reads
 //! `system.columns`, runs the statements and re-creates the view.
 //!
-//! - a new column: `ADD COLUMN`, Nullable (older rows have no value);
+//! A column is its `attnum`, never its name: PostgreSQL keeps the attnum across a `RENAME COLUMN`
+//! and never reuses it, while names move (`RENAME a TO a_old; ADD a`, swaps, `DROP x; ADD x`). Each
+//! storage column records the attnum it holds in its ClickHouse comment (`PostgreSQL attnum 3`),
+//! written with the column in one statement, and keeps the name it was created with: a rename is
+//! only a new label, which the current-rows view shows (`email AS email_old`). So no stored value
+//! ever moves, no other sink's plan goes stale, and 18.16 (no `RENAME COLUMN`) behaves as the
+//! current servers do.
+//!
+//! - a new attnum: `ADD COLUMN`, Nullable (older rows have no value), under its name or, when a
+//!   storage column has that name already, `<name>__<attnum>`;
 //! - a wider type (Int16 → Int32 → Int64, Float32 → Float64, Decimal(p, s) → Decimal(p', s) with
-//!   p' > p, NOT NULL → NULL): `MODIFY COLUMN`; a narrower one keeps the wider ClickHouse column;
+//!   p' > p, NOT NULL → NULL): `MODIFY COLUMN`, repeating the column's `DEFAULT` (18.16 drops it
+//!   otherwise); a narrower one keeps the wider ClickHouse column;
 //! - a dropped column stays (older rows keep their values) and is not written any more; a
 //!   non-Nullable one becomes Nullable so new rows can leave it out;
-//! - a rename (same `attnum`, new name): `RENAME COLUMN` from 20.4; on older servers (18.16) the new
-//!   name is added with `DEFAULT CAST(old AS …)`, so the rows stored before the rename read their
-//!   value under the new name too (computed on read, kept by merges), and new rows write it;
 //! - anything else (String → Int32, a key column's type or the primary key itself): refused.
+//!
+//! Tables of earlier releases have no comments: a column without one is taken as the attnum its
+//! name had in the oldest known schema that has the name (the schema the table was created from,
+//! or the one that added it), and the comment is written.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::types::RelationSchema;
 
-use super::config::quote_ident;
+use super::config::{quote_ident, quote_string};
 use super::schema::ServerVersion;
 use super::table::{
     added_column_type, caps_of, column_type, is_meta, Column, TableNames, TableState,
 };
+
+/// One storage column as `system.columns` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stored {
+    pub name: String,
+    pub ty: String,
+    /// `default_expression`, empty when none.
+    pub default: String,
+    /// The PostgreSQL column it holds, from its comment.
+    pub attnum: Option<i16>,
+}
+
+impl Stored {
+    pub fn new(name: &str, ty: &str) -> Self {
+        Stored {
+            name: name.to_string(),
+            ty: ty.to_string(),
+            ..Stored::default()
+        }
+    }
+
+    /// From `system.columns`' name, type, default_expression and comment.
+    pub fn from_catalog(name: String, ty: String, default: String, comment: &str) -> Self {
+        Stored {
+            name,
+            ty,
+            default,
+            attnum: attnum_of_comment(comment),
+        }
+    }
+}
+
+/// The comment that records which PostgreSQL column a storage column holds.
+pub fn attnum_comment(attnum: i16) -> String {
+    format!("PostgreSQL attnum {attnum}")
+}
+
+fn attnum_of_comment(comment: &str) -> Option<i16> {
+    comment
+        .strip_prefix("PostgreSQL attnum ")
+        .and_then(|n| n.trim().parse().ok())
+}
 
 /// One statement's worth of change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,20 +82,22 @@ pub enum Change {
     Add {
         column: String,
         ty: String,
-        /// What the rows stored before read (`DEFAULT …`): the old column of a rename on a
-        /// server without `RENAME COLUMN`, or PostgreSQL's value for the rows that were there
-        /// when the column was added with a default.
+        /// What the rows stored before read (`DEFAULT …`): PostgreSQL's value for the rows that
+        /// were there when the column was added with a default.
         default: Option<String>,
+        /// Recorded in the column's comment, in the same statement.
+        attnum: Option<i16>,
     },
     Modify {
         column: String,
         from: String,
         to: String,
+        /// The column's `DEFAULT` expression, repeated: 18.16 drops a default a `MODIFY COLUMN`
+        /// does not name, and older rows would read NULL instead of it.
+        default: Option<String>,
     },
-    Rename {
-        from: String,
-        to: String,
-    },
+    /// Records the attnum of a column of an earlier release's table.
+    Comment { column: String, attnum: i16 },
 }
 
 impl Change {
@@ -59,26 +114,47 @@ impl Change {
 
     /// What follows `ALTER TABLE <table>`.
     fn clause(&self) -> String {
+        let with_default = |ty: &str, default: &Option<String>| match default {
+            None => ty.to_string(),
+            Some(value) => format!("{ty} DEFAULT CAST({value} AS {ty})"),
+        };
         match self {
             Change::Add {
                 column,
                 ty,
-                default: None,
-            } => format!("ADD COLUMN {} {ty}", quote_ident(column)),
-            Change::Add {
+                default,
+                attnum,
+            } => {
+                let add = format!(
+                    "ADD COLUMN {} {}",
+                    quote_ident(column),
+                    with_default(ty, default)
+                );
+                match attnum {
+                    // 18.16 ignores a COMMENT inside ADD COLUMN, and takes it as a second command.
+                    Some(n) => format!(
+                        "{add}, COMMENT COLUMN {} {}",
+                        quote_ident(column),
+                        quote_string(&attnum_comment(*n))
+                    ),
+                    None => add,
+                }
+            }
+            Change::Modify {
                 column,
-                ty,
-                default: Some(value),
+                to,
+                default,
+                ..
             } => format!(
-                "ADD COLUMN {} {ty} DEFAULT CAST({value} AS {ty})",
-                quote_ident(column)
+                "MODIFY COLUMN {} {}",
+                quote_ident(column),
+                with_default(to, default)
             ),
-            Change::Modify { column, to, .. } => {
-                format!("MODIFY COLUMN {} {to}", quote_ident(column))
-            }
-            Change::Rename { from, to } => {
-                format!("RENAME COLUMN {} TO {}", quote_ident(from), quote_ident(to))
-            }
+            Change::Comment { column, attnum } => format!(
+                "COMMENT COLUMN {} {}",
+                quote_ident(column),
+                quote_string(&attnum_comment(*attnum))
+            ),
         }
     }
 }
@@ -89,6 +165,9 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// The table as the schema's rows are written to it once the changes are made.
     pub state: Arc<TableState>,
+    /// The current-rows view's user columns once the changes are made: storage column and the
+    /// name it is shown under (the newest known name of its attnum).
+    pub view: Vec<(String, String)>,
 }
 
 /// PostgreSQL's value for the rows already there when `c` was added with a default, as a
@@ -187,12 +266,13 @@ pub struct Refusal {
     pub why: String,
 }
 
-/// Plans applying `rel` to a table whose columns are `existing` (name, type; empty when the table
+/// Plans applying `rel` to a table whose storage columns are `existing` (empty when the table
 /// was just created from `rel`). `history` holds the table's schemas the sink knows of, oldest
-/// first (it tells renames and key changes).
+/// first (it tells the attnums of columns of earlier releases' tables, of historic schemas that
+/// lack them, and the names the view shows).
 pub fn plan(
     names: &TableNames,
-    existing: &[(String, String)],
+    existing: &[Stored],
     rel: &RelationSchema,
     history: &[Arc<RelationSchema>],
     version: ServerVersion,
@@ -227,14 +307,26 @@ pub fn plan(
             "the table has no primary key, so its rows cannot be told apart",
         ));
     }
-    for old in history {
-        let old_key: Vec<&str> = old
-            .key_columns()
-            .unwrap_or_default()
+    // The key by attnum where known: renaming a key column does not change the key.
+    let key_ids = |r: &RelationSchema| -> Vec<String> {
+        r.key
             .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        if old_key != key_names {
+            .filter_map(|&i| r.columns.get(i))
+            .map(|c| match attnum_in(c, history) {
+                Some(n) => format!("#{n}"),
+                None => c.name.clone(),
+            })
+            .collect()
+    };
+    let ours = key_ids(rel);
+    for old in history {
+        if key_ids(old) != ours {
+            let old_key: Vec<&str> = old
+                .key_columns()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect();
             return Err(refuse(
                 &key_names.join(", "),
                 &format!("primary key ({})", old_key.join(", ")),
@@ -243,34 +335,56 @@ pub fn plan(
             ));
         }
     }
-    let type_of = |name: &str| {
-        existing
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.as_str())
-    };
-    let rel_pos = history.iter().position(|h| **h == *rel);
     let mut changes = Vec::new();
+    // The storage columns as they will be, with the attnum each holds.
+    let mut storage: Vec<Stored> = existing
+        .iter()
+        .filter(|s| !is_meta(&s.name))
+        .cloned()
+        .collect();
+    for s in storage.iter_mut().filter(|s| s.attnum.is_none()) {
+        if let Some(n) = legacy_attnum(&s.name, history) {
+            s.attnum = Some(n);
+            changes.push(Change::Comment {
+                column: s.name.clone(),
+                attnum: n,
+            });
+        }
+    }
     let mut columns = HashMap::new();
     let mut written: Vec<String> = Vec::new();
     for (i, c) in rel.columns.iter().enumerate() {
         let wanted = column_type(rel, i, caps);
         let is_key = rel.key.contains(&i);
-        let mut column = |ch_name: &str| {
-            let col = Column {
-                ch_name: Arc::from(ch_name),
-                kind: c.kind.clone(),
-            };
-            columns.insert(c.name.clone(), col);
-        };
+        let attnum = attnum_in(c, history);
         if existing.is_empty() {
-            column(&c.name);
+            columns.insert(c.name.clone(), column_of(c, &c.name));
             continue;
         }
-        // The column as ClickHouse has it now, and the name its rows are written under.
-        let (source, ch_name) = if type_of(&c.name).is_some() {
-            (c.name.clone(), c.name.clone())
-        } else {
+        // The column that holds this attnum: the last in table order (on a table of an earlier
+        // release, an 18.16 rename added the new name after the old one, reading it by DEFAULT).
+        let by_name = |storage: &[Stored]| {
+            storage
+                .iter()
+                .rposition(|s| s.attnum.is_none() && s.name == c.name)
+        };
+        let source = match attnum {
+            Some(n) => storage
+                .iter()
+                .rposition(|s| s.attnum == Some(n))
+                .or_else(|| {
+                    // An uncommented column no known schema tells about: its name is all there is.
+                    let at = by_name(&storage)?;
+                    storage[at].attnum = Some(n);
+                    changes.push(Change::Comment {
+                        column: c.name.clone(),
+                        attnum: n,
+                    });
+                    Some(at)
+                }),
+            None => by_name(&storage),
+        };
+        let Some(at) = source else {
             if is_key {
                 return Err(refuse(
                     &c.name,
@@ -279,78 +393,87 @@ pub fn plan(
                     "a new key column changes the table's order",
                 ));
             }
-            match renamed_from(c, rel, history, existing) {
-                Some((old, at))
-                    if version.has_rename_column() && rel_pos.is_some_and(|p| at < p) =>
-                {
-                    changes.push(Change::Rename {
-                        from: old.clone(),
-                        to: c.name.clone(),
-                    });
-                    (old, c.name.clone())
-                }
-                // A schema older than the rename: its rows write the column's current name.
-                Some((old, _)) if version.has_rename_column() => (old.clone(), old),
-                other => {
-                    // Without RENAME COLUMN (18.16) a rename reads the old column's values.
-                    let default = match other.filter(|_| !version.has_rename_column()) {
-                        Some((old, _)) => Some(quote_ident(&old)),
-                        None => missing_literal(c, caps),
-                    };
-                    changes.push(Change::Add {
-                        column: c.name.clone(),
-                        ty: added_column_type(&c.kind, caps),
-                        default,
-                    });
-                    column(&c.name);
-                    continue;
-                }
-            }
+            let name = free_name(&c.name, attnum, &storage);
+            let ty = added_column_type(&c.kind, caps);
+            changes.push(Change::Add {
+                column: name.clone(),
+                ty: ty.clone(),
+                default: missing_literal(c, caps),
+                attnum,
+            });
+            storage.push(Stored {
+                name: name.clone(),
+                ty,
+                default: String::new(),
+                attnum,
+            });
+            columns.insert(c.name.clone(), column_of(c, &name));
+            written.push(name);
+            continue;
         };
-        let have = type_of(&source).unwrap_or_default();
-        match reconcile(have, &wanted) {
+        let have = storage[at].clone();
+        match reconcile(&have.ty, &wanted) {
             Reconcile::Keep => {}
             Reconcile::Modify(_) if is_key => {
                 return Err(refuse(
                     &c.name,
-                    have,
+                    &have.ty,
                     &wanted,
                     "a key column's type cannot change in ClickHouse",
                 ))
             }
-            Reconcile::Modify(to) => changes.push(Change::Modify {
-                column: ch_name.clone(),
-                from: have.to_string(),
-                to,
-            }),
+            Reconcile::Modify(to) => {
+                changes.push(Change::Modify {
+                    column: have.name.clone(),
+                    from: have.ty.clone(),
+                    to: to.clone(),
+                    default: Some(have.default.clone()).filter(|d| !d.is_empty()),
+                });
+                storage[at].ty = to;
+            }
             Reconcile::Refuse => {
                 return Err(refuse(
                     &c.name,
-                    have,
+                    &have.ty,
                     &format!("{} ({wanted})", c.type_name),
                     "ClickHouse cannot convert the stored values to the new type without loss",
                 ))
             }
         }
-        column(&ch_name);
-        written.push(source);
+        columns.insert(c.name.clone(), column_of(c, &have.name));
+        written.push(have.name);
     }
     // Columns the schema no longer has stay; new rows leave them out, so they must take a default.
-    for (name, ty) in existing {
-        if is_meta(name) || written.iter().any(|w| w == name) {
+    for s in storage.iter_mut() {
+        if written.contains(&s.name) {
             continue;
         }
-        let (_, nullable) = split_nullable(ty);
-        if !nullable && !ty.starts_with("Array(") {
+        let (_, nullable) = split_nullable(&s.ty);
+        if !nullable && !s.ty.starts_with("Array(") {
+            let to = format!("Nullable({})", s.ty);
             changes.push(Change::Modify {
-                column: name.clone(),
-                from: ty.clone(),
-                to: format!("Nullable({ty})"),
+                column: s.name.clone(),
+                from: s.ty.clone(),
+                to: to.clone(),
+                default: Some(s.default.clone()).filter(|d| !d.is_empty()),
             });
+            s.ty = to;
         }
+    }
+    if existing.is_empty() {
+        storage = rel
+            .columns
+            .iter()
+            .map(|c| Stored {
+                name: c.name.clone(),
+                attnum: c.attnum,
+                ..Stored::default()
+            })
+            .collect();
     }
     Ok(Plan {
         changes,
+        view: view_columns(&storage, rel, history),
         state: Arc::new(TableState {
             names: names.clone(),
             caps,
@@ -360,24 +483,102 @@ pub fn plan(
     })
 }
 
-/// The ClickHouse column `c` had under another name in an earlier schema of the table (same
-/// `attnum`, which PostgreSQL keeps across a rename and never reuses), and the position in
-/// `history` of the schema that named it so.
-fn renamed_from(
-    c: &crate::types::ColumnSchema,
+fn column_of(c: &crate::types::ColumnSchema, ch_name: &str) -> Column {
+    Column {
+        ch_name: Arc::from(ch_name),
+        kind: c.kind.clone(),
+    }
+}
+
+/// `c`'s attnum; for a column a historic schema described without one (the catalog no longer
+/// had its name when the stream replayed it), the attnum its name had in the newest schema that
+/// knew it.
+fn attnum_in(c: &crate::types::ColumnSchema, history: &[Arc<RelationSchema>]) -> Option<i16> {
+    c.attnum.or_else(|| {
+        history
+            .iter()
+            .rev()
+            .find_map(|h| h.columns.iter().find(|o| o.name == c.name)?.attnum)
+    })
+}
+
+/// The attnum an uncommented column of an earlier release's table holds: its name's in the oldest
+/// schema that has the name.
+fn legacy_attnum(name: &str, history: &[Arc<RelationSchema>]) -> Option<i16> {
+    history
+        .iter()
+        .find_map(|h| h.columns.iter().find(|o| o.name == name))
+        .and_then(|o| o.attnum)
+}
+
+/// The storage name of a new column: its own, unless a storage column (of a dropped or renamed
+/// attnum) has it.
+fn free_name(name: &str, attnum: Option<i16>, storage: &[Stored]) -> String {
+    let taken = |n: &str| storage.iter().any(|s| s.name == n) || is_meta(n);
+    if !taken(name) {
+        return name.to_string();
+    }
+    let base = match attnum {
+        Some(n) => format!("{name}__{n}"),
+        None => format!("{name}__new"),
+    };
+    let mut candidate = base.clone();
+    let mut i = 2;
+    while taken(&candidate) {
+        candidate = format!("{base}_{i}");
+        i += 1;
+    }
+    candidate
+}
+
+/// The view's user columns: each attnum once (its newest storage column), under the newest name
+/// the known schemas give it; the columns of live attnums first claim their names, a dropped
+/// column whose name a live one took is left out of the view (its values stay in the table).
+pub fn view_columns(
+    storage: &[Stored],
     rel: &RelationSchema,
     history: &[Arc<RelationSchema>],
-    existing: &[(String, String)],
-) -> Option<(String, usize)> {
-    let attnum = c.attnum?;
-    history.iter().enumerate().find_map(|(at, h)| {
-        h.columns
+) -> Vec<(String, String)> {
+    let mut schemas: Vec<&RelationSchema> = history.iter().map(|h| &**h).collect();
+    if !history.iter().any(|h| **h == *rel) {
+        schemas.push(rel);
+    }
+    let newest = schemas.last().copied().unwrap_or(rel);
+    let newest_name = |n: i16| -> Option<&str> {
+        schemas
             .iter()
-            .find(|o| o.attnum == Some(attnum) && o.name != c.name)
-            .filter(|o| existing.iter().any(|(n, _)| *n == o.name))
-            .filter(|o| rel.columns.iter().all(|r| r.name != o.name))
-            .map(|o| (o.name.clone(), at))
-    })
+            .rev()
+            .find_map(|h| h.columns.iter().find(|c| c.attnum == Some(n)))
+            .map(|c| c.name.as_str())
+    };
+    let live = |s: &Stored| match s.attnum {
+        Some(n) => newest.columns.iter().any(|c| c.attnum == Some(n)),
+        None => newest.columns.iter().any(|c| c.name == s.name),
+    };
+    let shown: Vec<&Stored> = storage
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| {
+            s.attnum.is_none() || storage[i + 1..].iter().all(|t| t.attnum != s.attnum)
+        })
+        .map(|(_, s)| s)
+        .collect();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for pass_live in [true, false] {
+        for s in shown.iter().filter(|s| live(s) == pass_live) {
+            let label = s
+                .attnum
+                .and_then(newest_name)
+                .unwrap_or(&s.name)
+                .to_string();
+            if !out.iter().any(|(_, l)| *l == label) {
+                out.push((s.name.clone(), label));
+            }
+        }
+    }
+    // In table order, as the view showed them before.
+    out.sort_by_key(|(n, _)| storage.iter().position(|s| s.name == *n));
+    out
 }
 
 #[cfg(test)]

@@ -11,20 +11,23 @@ fn names() -> TableNames {
 }
 
 /// The ClickHouse columns a table created from `rel` on 18.16 has.
-fn existing(rel: &RelationSchema) -> Vec<(String, String)> {
+fn existing(rel: &RelationSchema) -> Vec<Stored> {
     existing_on(rel, "18.16")
 }
 
-fn existing_on(rel: &RelationSchema, version: &str) -> Vec<(String, String)> {
+fn existing_on(rel: &RelationSchema, version: &str) -> Vec<Stored> {
     let caps = caps_of(v(version));
     (0..rel.columns.len())
-        .map(|i| (rel.columns[i].name.clone(), column_type(rel, i, caps)))
-        .chain(
-            META_COLUMNS_FOR_TEST
-                .iter()
-                .map(|(n, t)| (n.to_string(), t.to_string())),
-        )
+        .map(|i| Stored {
+            attnum: rel.columns[i].attnum,
+            ..Stored::new(&rel.columns[i].name, &column_type(rel, i, caps))
+        })
+        .chain(META_COLUMNS_FOR_TEST.iter().map(|(n, t)| Stored::new(n, t)))
         .collect()
+}
+
+fn set_type(have: &mut [Stored], name: &str, ty: &str) {
+    have.iter_mut().find(|s| s.name == name).unwrap().ty = ty.into();
 }
 
 const META_COLUMNS_FOR_TEST: &[(&str, &str)] = &[
@@ -101,24 +104,26 @@ fn add_widen_and_drop() {
             Change::Modify {
                 column: "op".into(),
                 from: "Int32".into(),
-                to: "Nullable(Int64)".into()
+                to: "Nullable(Int64)".into(),
+                default: None,
             },
             Change::Add {
                 column: "note".into(),
                 ty: "Nullable(String)".into(),
                 default: None,
+                attnum: Some(7),
             },
         ]
     );
     assert_eq!(
         p2.changes[1].sql(&names()),
-        "ALTER TABLE `db`.`orders` ADD COLUMN `note` Nullable(String)"
+        "ALTER TABLE `db`.`orders` ADD COLUMN `note` Nullable(String), COMMENT COLUMN `note` 'PostgreSQL attnum 7'"
     );
     // v3 drops `price` (Nullable: nothing to do) and `op` after it was made NOT NULL.
     let mut v3 = v2.clone();
     v3.columns.retain(|c| c.name != "price");
     let mut have = existing(&v2);
-    have.iter_mut().find(|(n, _)| n == "op").unwrap().1 = "Int64".into();
+    set_type(&mut have, "op", "Int64");
     v3.columns.retain(|c| c.name != "op");
     v3.key = vec![0, 1];
     let plan3 = plan(&names(), &have, &v3, &history, v("18.16")).unwrap();
@@ -127,51 +132,200 @@ fn add_widen_and_drop() {
         vec![Change::Modify {
             column: "op".into(),
             from: "Int64".into(),
-            to: "Nullable(Int64)".into()
+            to: "Nullable(Int64)".into(),
+            default: None,
         }]
     );
     assert!(!plan3.state.columns.contains_key("price"));
 }
 
+/// `rel` with the column of `attnum` renamed to `name`.
+fn renamed(rel: &RelationSchema, attnum: i16, name: &str) -> RelationSchema {
+    let mut r = rel.clone();
+    r.columns
+        .iter_mut()
+        .find(|c| c.attnum == Some(attnum))
+        .unwrap()
+        .name = name.into();
+    r
+}
+
+fn added(rel: &RelationSchema, attnum: i16, name: &str, oid: u32, ty: &str) -> RelationSchema {
+    let mut r = rel.clone();
+    r.columns.push(ColumnSchema {
+        attnum: Some(attnum),
+        ..ColumnSchema::builtin(name, oid, -1, ty, true)
+    });
+    r
+}
+
+fn view_of(p: &Plan) -> Vec<(&str, &str)> {
+    p.view
+        .iter()
+        .map(|(s, l)| (s.as_str(), l.as_str()))
+        .collect()
+}
+
 #[test]
-fn renames_follow_the_server() {
+fn a_rename_is_a_new_label_on_every_server() {
+    let v1 = orders();
+    let v2 = renamed(&v1, 6, "kind");
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    for version in ["18.16", "26.9"] {
+        let have = existing_on(&v1, version);
+        let p = plan(&names(), &have, &v2, &history, v(version)).unwrap();
+        assert!(p.changes.is_empty(), "{version}: {:?}", p.changes);
+        assert_eq!(&*p.state.columns["kind"].ch_name, "op");
+        assert_eq!(view_of(&p)[5], ("op", "kind"), "{version}");
+        // Late rows of v1 write the same storage column; the view keeps the newest name.
+        let late = plan(&names(), &have, &v1, &history, v(version)).unwrap();
+        assert!(late.changes.is_empty());
+        assert_eq!(&*late.state.columns["op"].ch_name, "op");
+        assert_eq!(view_of(&late)[5], ("op", "kind"));
+    }
+}
+
+#[test]
+fn a_renamed_column_and_a_new_one_of_its_old_name_keep_their_values_apart() {
+    // BEGIN; RENAME COLUMN op TO op_old; ADD COLUMN op integer; COMMIT;
+    let v1 = orders();
+    let v2 = added(&renamed(&v1, 6, "op_old"), 7, "op", 23, "integer");
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    let p = plan(&names(), &existing(&v1), &v2, &history, v("18.16")).unwrap();
+    assert_eq!(
+        p.changes,
+        vec![Change::Add {
+            column: "op__7".into(),
+            ty: "Nullable(Int32)".into(),
+            default: None,
+            attnum: Some(7),
+        }]
+    );
+    assert_eq!(&*p.state.columns["op_old"].ch_name, "op");
+    assert_eq!(&*p.state.columns["op"].ch_name, "op__7");
+    let view = view_of(&p);
+    assert!(view.contains(&("op", "op_old")) && view.contains(&("op__7", "op")));
+    // A v1 row arriving late (another partition, a re-read) still writes attnum 6.
+    let mut have = existing(&v1);
+    have.push(Stored {
+        attnum: Some(7),
+        ..Stored::new("op__7", "Nullable(Int32)")
+    });
+    let late = plan(&names(), &have, &v1, &history, v("18.16")).unwrap();
+    assert!(late.changes.is_empty(), "{:?}", late.changes);
+    assert_eq!(&*late.state.columns["op"].ch_name, "op");
+    assert_eq!(view_of(&late), view);
+}
+
+#[test]
+fn a_swap_of_two_names_swaps_the_labels_not_the_values() {
+    let v1 = orders();
+    // RENAME id TO tmp; RENAME op TO id ... on non-key columns: price (3) and op (6).
+    let v2 = renamed(&renamed(&v1, 3, "op_swap"), 6, "price");
+    let v2 = renamed(&v2, 3, "op");
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    let mut have = existing(&v1);
+    // Both text, so that a name match alone would have planned nothing.
+    set_type(&mut have, "price", "Nullable(String)");
+    let mut v2t = v2.clone();
+    v2t.columns[2] = ColumnSchema {
+        attnum: Some(3),
+        ..ColumnSchema::builtin("op", 25, -1, "text", true)
+    };
+    let p = plan(&names(), &have, &v2t, &history, v("18.16")).unwrap();
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    assert_eq!(&*p.state.columns["op"].ch_name, "price");
+    assert_eq!(&*p.state.columns["price"].ch_name, "op");
+    let view = view_of(&p);
+    assert!(view.contains(&("price", "op")) && view.contains(&("op", "price")));
+}
+
+#[test]
+fn a_dropped_and_re_added_column_is_a_new_column() {
+    // DROP COLUMN op; ADD COLUMN op integer DEFAULT 0;
     let v1 = orders();
     let mut v2 = v1.clone();
-    v2.columns[5].name = "kind".into();
+    v2.columns.retain(|c| c.name != "op");
+    let mut v2 = added(&v2, 7, "op", 23, "integer");
+    v2.columns[5].missing = Some("0".into());
     let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
-    let have = existing(&v1);
-    let old = plan(&names(), &have, &v2, &history, v("18.16")).unwrap();
+    let p = plan(&names(), &existing(&v1), &v2, &history, v("18.16")).unwrap();
     assert_eq!(
-        old.changes,
+        p.changes,
         vec![Change::Add {
-            column: "kind".into(),
-            ty: "Nullable(String)".into(),
-            default: Some("`op`".into()),
+            column: "op__7".into(),
+            ty: "Nullable(Int32)".into(),
+            default: Some("0".into()),
+            attnum: Some(7),
         }]
     );
-    assert_eq!(
-        old.changes[0].sql(&names()),
-        "ALTER TABLE `db`.`orders` ADD COLUMN `kind` Nullable(String) DEFAULT CAST(`op` AS Nullable(String))"
+    // The dropped column's values stay in the table but not under the new column's name.
+    let view = view_of(&p);
+    assert!(view.contains(&("op__7", "op")), "{view:?}");
+    assert!(!view.iter().any(|(s, _)| *s == "op"), "{view:?}");
+}
+
+#[test]
+fn a_historic_schema_without_attnums_is_matched_through_the_history() {
+    // A replay across RENAME a TO b: the stream described a's old rows without an attnum.
+    let v1 = orders();
+    let v2 = renamed(&v1, 6, "kind");
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    let mut replayed = v1.clone();
+    replayed.columns[5].attnum = None;
+    let p = plan(&names(), &existing(&v1), &replayed, &history, v("18.16")).unwrap();
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    assert_eq!(&*p.state.columns["op"].ch_name, "op");
+}
+
+#[test]
+fn tables_of_earlier_releases_get_their_attnums_recorded() {
+    let v1 = orders();
+    let v2 = renamed(&v1, 6, "kind");
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    // 18.16 before this release: `kind DEFAULT CAST(op)` added after `op`, no comments.
+    let mut have: Vec<Stored> = existing(&v1)
+        .into_iter()
+        .map(|s| Stored { attnum: None, ..s })
+        .collect();
+    have.insert(
+        6,
+        Stored {
+            default: "CAST(op, 'Nullable(String)')".into(),
+            ..Stored::new("kind", "Nullable(String)")
+        },
     );
-    let have = existing_on(&v1, "26.9");
-    let new = plan(&names(), &have, &v2, &history, v("26.9")).unwrap();
+    let p = plan(&names(), &have, &v2, &history, v("18.16")).unwrap();
+    assert_eq!(p.changes.len(), 7, "{:?}", p.changes);
+    assert!(p.changes.contains(&Change::Comment {
+        column: "kind".into(),
+        attnum: 6
+    }));
     assert_eq!(
-        new.changes,
-        vec![Change::Rename {
-            from: "op".into(),
-            to: "kind".into()
-        }]
+        p.changes[0].sql(&names()),
+        "ALTER TABLE `db`.`orders` COMMENT COLUMN `tenant` 'PostgreSQL attnum 1'"
     );
+    assert_eq!(&*p.state.columns["kind"].ch_name, "kind");
+    assert_eq!(view_of(&p)[5], ("kind", "kind"));
+    assert_eq!(view_of(&p).len(), 6);
+}
+
+#[test]
+fn a_type_change_keeps_the_columns_default() {
+    let v1 = added(&orders(), 7, "qty", 23, "integer");
+    let mut v2 = v1.clone();
+    v2.columns[6] = ColumnSchema {
+        attnum: Some(7),
+        ..ColumnSchema::builtin("qty", 20, -1, "bigint", true)
+    };
+    let mut have = existing(&v1);
+    have[6].default = "CAST(1, 'Nullable(Int32)')".into();
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    let p = plan(&names(), &have, &v2, &history, v("18.16")).unwrap();
     assert_eq!(
-        new.changes[0].sql(&names()),
-        "ALTER TABLE `db`.`orders` RENAME COLUMN `op` TO `kind`"
+        p.changes[0].sql(&names()),
+        "ALTER TABLE `db`.`orders` MODIFY COLUMN `qty` Nullable(Int64) DEFAULT CAST(CAST(1, 'Nullable(Int32)') AS Nullable(Int64))"
     );
-    // After the rename, rows of v1 write the column's new name.
-    let mut renamed = have.clone();
-    renamed.iter_mut().find(|(n, _)| n == "op").unwrap().0 = "kind".into();
-    let late_v1 = plan(&names(), &renamed, &v1, &history, v("26.9")).unwrap();
-    assert!(late_v1.changes.is_empty(), "{:?}", late_v1.changes);
-    assert_eq!(&*late_v1.state.columns["op"].ch_name, "kind");
 }
 
 #[test]
@@ -237,7 +391,7 @@ fn a_column_added_with_a_default_gives_the_rows_already_there_its_value() {
     let p = plan(&names(), &existing(&v1), &v2, &history, v("18.16")).unwrap();
     assert_eq!(
         p.changes[0].sql(&names()),
-        r"ALTER TABLE `db`.`orders` ADD COLUMN `note` Nullable(String) DEFAULT CAST('it\'s' AS Nullable(String))"
+        r"ALTER TABLE `db`.`orders` ADD COLUMN `note` Nullable(String) DEFAULT CAST('it\'s' AS Nullable(String)), COMMENT COLUMN `note` 'PostgreSQL attnum 40'"
     );
 }
 
@@ -247,6 +401,7 @@ fn on_a_cluster_a_change_alters_the_replicated_storage_on_every_server() {
         column: "c".into(),
         ty: "Nullable(Int32)".into(),
         default: None,
+        attnum: None,
     };
     assert_eq!(
         change.sql(&names()),

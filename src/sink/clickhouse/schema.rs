@@ -136,20 +136,28 @@ pub fn create_view_sql(cfg: &ClickHouseConfig) -> String {
 }
 
 /// The view with the columns a user added to the seed's table too (after the seed's).
-pub fn create_view_with_sql(cfg: &ClickHouseConfig, added: &[String]) -> String {
-    let cols: Vec<String> = COLUMNS
+/// `added`: (storage column, the name it is shown under), as [`super::evolve::view_columns`] names
+/// them.
+pub fn create_view_with_sql(cfg: &ClickHouseConfig, added: &[(String, String)]) -> String {
+    let cols: Vec<(String, String)> = COLUMNS
         .iter()
         .map(|(n, _)| n.to_string())
         .filter(|n| n != "_deleted")
-        .chain(added.iter().map(|c| quote_ident(c)))
+        .map(|n| (n.clone(), n))
+        .chain(added.iter().cloned())
         .collect();
     format!(
-        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
+        "CREATE VIEW IF NOT EXISTS {}{} AS {}",
         cfg.qualified_view(),
         on_cluster(cfg),
-        cols.join(", "),
-        cfg.qualified_table(),
-        cfg.qualified_truncates()
+        super::table::view_select(
+            &cols,
+            &format!(
+                "{} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
+                cfg.qualified_table(),
+                cfg.qualified_truncates()
+            )
+        )
     )
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::event::Columns;
 use crate::types::{clickhouse_json_text, RelationSchema, ServerCaps};
 
-use super::evolve::{plan, Change, Refusal};
+use super::evolve::{plan, Change, Refusal, Stored};
 use super::schema::ServerVersion;
 use super::table::{column_type, is_meta, Column, GenericRowError, TableNames};
 use super::tables::{Applied, ApplyOutcome, GenericWriter};
@@ -111,11 +111,11 @@ fn added_only(rel: &RelationSchema) -> RelationSchema {
 /// written then. `existing`: the ClickHouse table's columns.
 pub fn plan_added(
     names: &TableNames,
-    existing: &[(String, String)],
+    existing: &[Stored],
     rel: &RelationSchema,
     history: &[Arc<RelationSchema>],
     version: ServerVersion,
-) -> Result<(Vec<Change>, AddedColumns), Refusal> {
+) -> Result<(Vec<Change>, AddedColumns, ViewColumns), Refusal> {
     let ours = added_only(rel);
     if let Some(c) = ours
         .columns
@@ -138,15 +138,21 @@ pub fn plan_added(
     // The key column is the seed's `id`, whose type (Int64, or UInt64 in tables of earlier
     // releases) the seed's own check governs: plan it as what the schema wants.
     let key_type = ours.key.first().map(|&k| column_type(&ours, k, caps));
-    let key_name = ours.key.first().map(|&k| ours.columns[k].name.clone());
-    let existing: Vec<(String, String)> = existing
+    let key = ours.key.first().map(|&k| &ours.columns[k]);
+    let existing: Vec<Stored> = existing
         .iter()
-        .filter(|(n, _)| !SEED_FIXED.contains(&n.as_str()))
-        .map(|(n, t)| match (&key_name, &key_type) {
-            (Some(k), Some(kt)) if k == n => (n.clone(), kt.clone()),
-            _ => (n.clone(), t.clone()),
+        .filter(|s| !SEED_FIXED.contains(&s.name.as_str()))
+        .map(|s| match (key, &key_type) {
+            // The seed's own `id`: no comment is written on the seed's columns.
+            (Some(k), Some(kt)) if k.name == s.name => Stored {
+                ty: kt.clone(),
+                attnum: k.attnum,
+                ..s.clone()
+            },
+            _ => s.clone(),
         })
         .collect();
+    let key_name = key.map(|k| k.name.clone());
     let history: Vec<Arc<RelationSchema>> =
         history.iter().map(|h| Arc::new(added_only(h))).collect();
     let p = plan(names, &existing, &ours, &history, version)?;
@@ -154,8 +160,12 @@ pub fn plan_added(
     if let Some(k) = &key_name {
         columns.remove(k);
     }
-    Ok((p.changes, AddedColumns { columns, caps }))
+    let view = p.view.into_iter().filter(|(s, _)| is_added(s)).collect();
+    Ok((p.changes, AddedColumns { columns, caps }, view))
 }
+
+/// The added columns the current-rows view shows: (storage column, name shown).
+pub type ViewColumns = Vec<(String, String)>;
 
 /// What became of a schema for the seed's table.
 pub type SeedApplied = Applied<AddedColumns>;
@@ -194,19 +204,20 @@ impl SeedTable {
         let names = TableNames::new(&self.cfg.database, &self.cfg.table)
             .with_cluster(self.cfg.cluster.clone());
         // Planned against the storage (on a cluster `<table>_local`; see `sync_distributed`).
-        let existing = self.writer.columns(&names.storage_names()).await?;
-        let (changes, added) = match plan_added(&names, &existing, rel, history, self.version) {
-            Ok(p) => p,
-            Err(refusal) => {
-                tracing::error!(error = %refusal, "schema change refused");
-                self.applied
-                    .insert(id.to_string(), Applied::Refused(Arc::new(refusal)));
-                return Ok(ApplyOutcome {
-                    changes: 0,
-                    refused: true,
-                });
-            }
-        };
+        let existing = self.writer.stored_columns(&names.storage_names()).await?;
+        let (changes, added, view_columns) =
+            match plan_added(&names, &existing, rel, history, self.version) {
+                Ok(p) => p,
+                Err(refusal) => {
+                    tracing::error!(error = %refusal, "schema change refused");
+                    self.applied
+                        .insert(id.to_string(), Applied::Refused(Arc::new(refusal)));
+                    return Ok(ApplyOutcome {
+                        changes: 0,
+                        refused: true,
+                    });
+                }
+            };
         for change in &changes {
             tracing::info!(table = %names.qualified(), change = ?change, "applying a schema change");
             self.writer
@@ -216,14 +227,6 @@ impl SeedTable {
         self.writer
             .sync_distributed(&names, &["id".to_string()])
             .await?;
-        let added_names: Vec<String> = self
-            .writer
-            .columns(&names)
-            .await?
-            .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| is_added(n))
-            .collect();
         // The view's own columns, as system.columns lists them (a view is a table there).
         let view = TableNames::new(&self.cfg.database, &self.cfg.view_name());
         let shown: Vec<String> = self
@@ -233,7 +236,7 @@ impl SeedTable {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        let shows_all = added_names.iter().all(|n| shown.contains(n));
+        let shows_all = view_columns.iter().all(|(_, label)| shown.contains(label));
         if !changes.is_empty() || !shows_all {
             // A view of 18.16 records its columns when created: re-created to show the new ones.
             self.writer
@@ -244,7 +247,7 @@ impl SeedTable {
                 .await?;
             self.writer
                 .execute(
-                    &schema::create_view_with_sql(&self.cfg, &added_names),
+                    &schema::create_view_with_sql(&self.cfg, &view_columns),
                     "creating the current-rows view",
                 )
                 .await?;
@@ -294,12 +297,12 @@ mod tests {
         }
     }
 
-    fn existing(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn existing(extra: &[(&str, &str)]) -> Vec<Stored> {
         schema::COLUMNS
             .iter()
             .chain(extra)
-            .map(|(n, t)| (n.to_string(), t.to_string()))
-            .chain([("_ingested_at".to_string(), "DateTime".to_string())])
+            .map(|(n, t)| Stored::new(n, t))
+            .chain([Stored::new("_ingested_at", "DateTime")])
             .collect()
     }
 
@@ -313,13 +316,15 @@ mod tests {
         let mut country = col("country", TEXT, 6);
         country.missing = Some("NL".into());
         let rel = seed(vec![country]);
-        let (changes, added) = plan_added(&names, &existing(&[]), &rel, &[], v18()).unwrap();
+        let (changes, added, view) = plan_added(&names, &existing(&[]), &rel, &[], v18()).unwrap();
+        assert_eq!(view, vec![("country".to_string(), "country".to_string())]);
         assert_eq!(
             changes,
             vec![Change::Add {
                 column: "country".into(),
                 ty: "Nullable(String)".into(),
                 default: Some("'NL'".into()),
+                attnum: Some(6),
             }]
         );
         let (cells, unchanged) = added
@@ -332,9 +337,16 @@ mod tests {
         assert_eq!(unchanged, vec!["username".to_string()]);
         // Once there, nothing more to do; a legacy UInt64 id is not a key type change.
         let mut legacy = existing(&[("country", "Nullable(String)")]);
-        legacy[0].1 = "UInt64".into();
-        let (changes, _) = plan_added(&names, &legacy, &rel, &[], v18()).unwrap();
-        assert!(changes.is_empty(), "{changes:?}");
+        legacy[0].ty = "UInt64".into();
+        let (changes, _, _) = plan_added(&names, &legacy, &rel, &[], v18()).unwrap();
+        // An added column of an earlier release gets its attnum recorded; the seed's `id` not.
+        assert_eq!(
+            changes,
+            vec![Change::Comment {
+                column: "country".into(),
+                attnum: 6
+            }]
+        );
         assert!(added.cells(&vec![("zz".into(), 1.into())], &[]).is_err());
     }
 

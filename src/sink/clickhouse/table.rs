@@ -120,9 +120,16 @@ pub fn create_table_sql(
     let caps = caps_of(version);
     let cols: Vec<String> = (0..rel.columns.len())
         .map(|i| {
+            let c = &rel.columns[i];
+            let comment = c.attnum.map_or(String::new(), |n| {
+                format!(
+                    " COMMENT {}",
+                    quote_string(&super::evolve::attnum_comment(n))
+                )
+            });
             format!(
-                "    {} {}",
-                quote_ident(&rel.columns[i].name),
+                "    {} {}{comment}",
+                quote_ident(&c.name),
                 column_type(rel, i, caps)
             )
         })
@@ -178,22 +185,76 @@ pub fn create_truncates_sql(names: &TableNames) -> String {
     )
 }
 
-/// The view over `user_columns` (every non-meta column the ClickHouse table has, dropped ones
-/// too: older rows keep their values there). A view of 18.16 records its column types when it is
+/// The view over `user_columns`: (storage column, the name it is shown under) for every non-meta
+/// column the ClickHouse table has, dropped ones too (older rows keep their values there), as
+/// [`super::evolve::view_columns`] names them. A view of 18.16 records its column types when it is
 /// created, so it is re-created whenever the table's columns change.
-pub fn create_view_sql(names: &TableNames, user_columns: &[String]) -> String {
-    let cols: Vec<String> = user_columns
+pub fn create_view_sql(names: &TableNames, user_columns: &[(String, String)]) -> String {
+    let cols: Vec<(String, String)> = user_columns
         .iter()
-        .map(|c| quote_ident(c))
-        .chain(["_op", "_lsn", "_version"].map(String::from))
+        .cloned()
+        .chain(["_op", "_lsn", "_version"].map(|m| (m.to_string(), m.to_string())))
         .collect();
     format!(
-        "CREATE VIEW IF NOT EXISTS {}{} AS SELECT {} FROM {} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
+        "CREATE VIEW IF NOT EXISTS {}{} AS {}",
         names.view(),
         names.on_cluster(),
-        cols.join(", "),
-        names.qualified(),
-        names.truncates()
+        view_select(
+            &cols,
+            &format!(
+                "{} FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM {})",
+                names.qualified(),
+                names.truncates()
+            )
+        )
+    )
+}
+
+/// `SELECT` of `cols` (storage column, the name it is shown under) `FROM source`.
+///
+/// ClickHouse puts an alias in place of every identifier of its name in the same SELECT, so in
+/// `a AS b, b AS a` (a swap) or `email AS email_old, email__3 AS email` one storage column would be
+/// read twice. When a name shown is another storage column's, the storage columns get neutral
+/// names one level down first.
+pub fn view_select(cols: &[(String, String)], source: &str) -> String {
+    let ident = |n: &str| {
+        if is_meta(n) {
+            // The sink's own names as they always were written.
+            n.to_string()
+        } else {
+            quote_ident(n)
+        }
+    };
+    let clash = cols
+        .iter()
+        .any(|(s, l)| s != l && cols.iter().any(|(t, _)| t == l));
+    if !clash {
+        let list: Vec<String> = cols
+            .iter()
+            .map(|(s, l)| {
+                if s == l {
+                    ident(s)
+                } else {
+                    format!("{} AS {}", ident(s), ident(l))
+                }
+            })
+            .collect();
+        return format!("SELECT {} FROM {source}", list.join(", "));
+    }
+    let inner: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (s, _))| format!("{} AS _cdc_relay_{i}", ident(s)))
+        .collect();
+    let outer: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (_, l))| format!("_cdc_relay_{i} AS {}", ident(l)))
+        .collect();
+    format!(
+        "SELECT {} FROM (SELECT {} FROM {source})",
+        outer.join(", "),
+        inner.join(", ")
     )
 }
 
@@ -207,7 +268,7 @@ pub fn drop_view_sql(names: &TableNames) -> String {
 
 pub fn columns_sql(names: &TableNames) -> String {
     format!(
-        "SELECT name, type FROM system.columns WHERE database = {} AND table = {} FORMAT TSV",
+        "SELECT name, type, default_expression, comment FROM system.columns WHERE database = {} AND table = {} FORMAT TSV",
         quote_string(&names.database),
         quote_string(&names.table)
     )
@@ -221,8 +282,8 @@ pub fn caps_of(version: ServerVersion) -> ServerCaps {
 /// One column of a schema as the sink writes it.
 #[derive(Debug, Clone)]
 pub struct Column {
-    /// The ClickHouse column it is written to (its PostgreSQL name, or on servers without RENAME
-    /// COLUMN after a rename, the name it had).
+    /// The storage column it is written to: the one that holds its attnum (evolve.rs), named as
+    /// the column was when it was added.
     pub ch_name: Arc<str>,
     pub kind: PgType,
 }

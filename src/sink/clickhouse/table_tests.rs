@@ -33,19 +33,26 @@ fn ddl_per_server_version() {
     let names = TableNames::new("db", "orders");
     assert_eq!(
         create_table_sql(&names, &orders(), v("18.16.1")),
-        "CREATE TABLE IF NOT EXISTS `db`.`orders` (\n    `tenant` Int32,\n    `id` String,\n    `price` Nullable(Decimal(10, 2)),\n    `tags` Array(Nullable(String)),\n    `at` Nullable(Int64),\n    `op` Nullable(String),\n    _op String,\n    _lsn String,\n    _version UInt64,\n    _deleted UInt8,\n    _ingested_at DateTime DEFAULT now()\n) ENGINE = ReplacingMergeTree(_version) ORDER BY (`tenant`, `id`)"
+        "CREATE TABLE IF NOT EXISTS `db`.`orders` (\n    `tenant` Int32 COMMENT 'PostgreSQL attnum 1',\n    `id` String COMMENT 'PostgreSQL attnum 2',\n    `price` Nullable(Decimal(10, 2)) COMMENT 'PostgreSQL attnum 3',\n    `tags` Array(Nullable(String)) COMMENT 'PostgreSQL attnum 4',\n    `at` Nullable(Int64) COMMENT 'PostgreSQL attnum 5',\n    `op` Nullable(String) COMMENT 'PostgreSQL attnum 6',\n    _op String,\n    _lsn String,\n    _version UInt64,\n    _deleted UInt8,\n    _ingested_at DateTime DEFAULT now()\n) ENGINE = ReplacingMergeTree(_version) ORDER BY (`tenant`, `id`)"
     );
     let new = create_table_sql(&names, &orders(), v("26.9"));
     assert!(
-        new.contains("`at` Nullable(DateTime64(6, 'UTC')),"),
+        new.contains("`at` Nullable(DateTime64(6, 'UTC')) COMMENT 'PostgreSQL attnum 5',"),
         "{new}"
     );
     assert!(
         new.ends_with("ENGINE = ReplacingMergeTree(_version, _deleted) ORDER BY (`tenant`, `id`)")
     );
     assert_eq!(
-        create_view_sql(&names, &["tenant".into(), "id".into()]),
-        "CREATE VIEW IF NOT EXISTS `db`.`orders_current` AS SELECT `tenant`, `id`, _op, _lsn, _version FROM `db`.`orders` FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM `db`.`orders_truncates`)"
+        create_view_sql(
+            &names,
+            &[
+                ("tenant".into(), "tenant".into()),
+                ("id".into(), "id".into()),
+                ("email".into(), "email_old".into())
+            ]
+        ),
+        "CREATE VIEW IF NOT EXISTS `db`.`orders_current` AS SELECT `tenant`, `id`, `email` AS `email_old`, _op, _lsn, _version FROM `db`.`orders` FINAL WHERE _deleted = 0 AND _version >= (SELECT max(version) FROM `db`.`orders_truncates`)"
     );
     assert!(create_truncates_sql(&names)
         .starts_with("CREATE TABLE IF NOT EXISTS `db`.`orders_truncates` ("));

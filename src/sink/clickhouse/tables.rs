@@ -12,11 +12,11 @@ use serde_json::value::RawValue;
 use crate::types::RelationSchema;
 
 use super::config::{quote_ident, quote_string};
-use super::evolve::{plan, Refusal};
+use super::evolve::{plan, Refusal, Stored};
 use super::schema::ServerVersion;
 use super::table::{
     columns_sql, create_table_sql, create_truncates_sql, create_view_sql, drop_view_sql,
-    insert_body, is_meta, key_names, key_text, GenericRow, TableNames, TableState,
+    insert_body, is_meta, key_text, GenericRow, TableNames, TableState,
 };
 use super::{ClickHouseConfig, SinkError};
 
@@ -97,7 +97,7 @@ impl GenericTables {
         // Planned against the storage: on a cluster the Distributed table may lag behind it after
         // an interrupted change (see `sync_distributed`).
         let storage = names.storage_names();
-        let mut existing = w.columns(&storage).await?;
+        let mut existing = w.stored_columns(&storage).await?;
         let created = existing.is_empty();
         if created {
             if let Err(refusal) = plan(&names, &[], rel, history, self.version) {
@@ -110,7 +110,7 @@ impl GenericTables {
                 "creating a table",
             )
             .await?;
-            existing = w.columns(&storage).await?;
+            existing = w.stored_columns(&storage).await?;
         }
         let p = match plan(&names, &existing, rel, history, self.version) {
             Ok(p) => p,
@@ -121,7 +121,14 @@ impl GenericTables {
             w.execute(&change.sql(&names), "changing a table's columns")
                 .await?;
         }
-        w.sync_distributed(&names, &key_names(rel)).await?;
+        let key: Vec<String> = p
+            .state
+            .key
+            .iter()
+            .filter_map(|k| p.state.columns.get(k))
+            .map(|c| c.ch_name.to_string())
+            .collect();
+        w.sync_distributed(&names, &key).await?;
         if !self.watermarks.contains_key(&table) {
             let truncates = format!("{}_truncates", names.table);
             w.create_missing(
@@ -134,22 +141,22 @@ impl GenericTables {
             let mark = w.truncate_watermark(&names).await?;
             self.watermarks.insert(table.clone(), mark);
         }
-        let user_columns = |cols: Vec<(String, String)>| -> Vec<String> {
-            cols.into_iter()
-                .map(|(n, _)| n)
-                .filter(|n| !is_meta(n))
-                .collect()
-        };
-        let cols = user_columns(w.columns(&names).await?);
         // The view lists its columns when created: after a change (or one whose view step was cut
         // short by a kill or a server down, so that this run plans no change) it is made again
-        // until it shows exactly the table's columns.
-        let shown = user_columns(w.columns(&names.view_names()).await?);
-        if !p.changes.is_empty() || created || shown != cols {
+        // until it shows exactly the planned columns under their names.
+        let shown: Vec<String> = w
+            .columns(&names.view_names())
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !is_meta(n))
+            .collect();
+        let labels: Vec<&String> = p.view.iter().map(|(_, l)| l).collect();
+        if !p.changes.is_empty() || created || shown.iter().collect::<Vec<_>>() != labels {
             w.execute(&drop_view_sql(&names), "dropping the current-rows view")
                 .await?;
             w.execute(
-                &create_view_sql(&names, &cols),
+                &create_view_sql(&names, &p.view),
                 "creating the current-rows view",
             )
             .await?;
@@ -360,13 +367,28 @@ impl GenericWriter {
 
     /// The table's columns (name, type); empty when there is no such table.
     pub async fn columns(&self, names: &TableNames) -> Result<Vec<(String, String)>, SinkError> {
+        Ok(self
+            .stored_columns(names)
+            .await?
+            .into_iter()
+            .map(|s| (s.name, s.ty))
+            .collect())
+    }
+
+    /// The table's columns with their defaults and the attnums their comments record.
+    pub async fn stored_columns(&self, names: &TableNames) -> Result<Vec<Stored>, SinkError> {
         let tsv = self
             .text(&columns_sql(names), "reading a table's columns")
             .await?;
         Ok(tsv
             .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .map(|(n, t)| (unescape_tsv(n), unescape_tsv(t)))
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let mut f = l.split('\t').map(unescape_tsv);
+                let mut next = || f.next().unwrap_or_default();
+                let (name, ty, default) = (next(), next(), next());
+                Stored::from_catalog(name, ty, default, &next())
+            })
             .collect())
     }
 
