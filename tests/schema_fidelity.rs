@@ -215,3 +215,92 @@ async fn expand_contract_migrations_keep_every_rows_values_with_two_sinks_and_a_
     assert_eq!(stream.stop(), 0);
     t.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_doubles_programs_write_arrive_exactly_instead_of_dead_lettering_the_row() {
+    let t = AnyTable::new(
+        "sfjson",
+        "CREATE TABLE {t} (id integer PRIMARY KEY, doc jsonb, note text)",
+    )
+    .await;
+    let stream = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let s1 = sink(&t, 1);
+    t.exec(
+        r#"INSERT INTO {t} VALUES
+             (1, '{"ratio": 0.30000000000000004, "lon": 4.899431199999999}', 'a'),
+             (2, '[1e-7, -2.5E+300, 0.1, 12345678901234567]', 'b'),
+             (3, '{"n": 1.50}', 'c')"#,
+    )
+    .await;
+    let table = format!("default.{}", t.name);
+    let got = eventually(
+        "three rows in ClickHouse",
+        Duration::from_secs(60),
+        || async {
+            let rows = clickhouse_current(&table, "id, doc, note", "id").await;
+            (rows.len() == 3).then_some(rows)
+        },
+    )
+    .await;
+    // ClickHouse holds each document as JSON text; its numbers are PostgreSQL's, value for value.
+    let want =
+        t.pg.query(
+            &format!("SELECT doc::text FROM {} ORDER BY id", t.name),
+            &[],
+        )
+        .await
+        .unwrap();
+    for (row, pg) in got.iter().zip(&want) {
+        let stored: serde_json::Value = serde_json::from_str(&row["doc"]).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(stored.as_str().unwrap()).unwrap();
+        let pg: serde_json::Value = serde_json::from_str(pg.get::<_, &str>(0)).unwrap();
+        assert_eq!(stored, pg, "row {}", row["id"]);
+    }
+    assert_eq!(got[0]["note"], "\"a\"");
+    assert!(
+        !stream.log_text().contains("does not fit a double"),
+        "{}",
+        stream.log_text()
+    );
+    assert_eq!(s1.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    t.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_index_other_than_the_key_is_refused_at_start_and_when_it_appears() {
+    let t = AnyTable::new(
+        "sfident",
+        "CREATE TABLE {t} (id integer PRIMARY KEY, sku text NOT NULL UNIQUE, v text); \
+         ALTER TABLE {t} REPLICA IDENTITY USING INDEX {t}_sku_key",
+    )
+    .await;
+    let fix = format!(
+        "ALTER TABLE \"public\".\"{}\" REPLICA IDENTITY DEFAULT",
+        t.name
+    );
+    let mut refused = t.start();
+    assert!(!refused.wait_exit(Duration::from_secs(60)).success());
+    let log = refused.log_text();
+    assert!(log.contains(&fix) && log.contains("_sku_key"), "{log}");
+
+    // The key's own index is the default identity under another name: accepted.
+    t.exec("ALTER TABLE {t} REPLICA IDENTITY USING INDEX {t}_pkey")
+        .await;
+    let mut stream = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let s1 = sink(&t, 1);
+    t.exec("INSERT INTO {t} VALUES (1, 's1', 'a'), (2, 's2', 'b'); DELETE FROM {t} WHERE id = 1")
+        .await;
+    assert_converges(&t, &["id", "sku", "v"], &[&s1]).await;
+
+    // Switched while the stream runs: the next change of the table stops it, saying what to run.
+    t.exec("ALTER TABLE {t} REPLICA IDENTITY USING INDEX {t}_sku_key; DELETE FROM {t} WHERE sku = 's2'")
+        .await;
+    assert!(!stream.wait_exit(Duration::from_secs(60)).success());
+    let log = stream.log_text();
+    assert!(log.contains(&fix), "{log}");
+    assert_eq!(s1.stop(), 0);
+    t.drop().await;
+}

@@ -110,8 +110,9 @@ fn float(kind: &PgType, text: &str) -> Result<Value, String> {
 
 /// serde_json (built without `arbitrary_precision`) reads a JSON number that is not an i64/u64 as
 /// an f64. jsonb numbers are numerics of any length, so a long one would silently change; refuse
-/// it instead. Safe: integers that fit 64 bits, and decimals of at most 15 significant digits (f64
-/// round-trips any such decimal) in the normal f64 range.
+/// it instead. Safe: integers that fit 64 bits, and decimals whose double prints back as the same
+/// decimal (any of at most 15 significant digits, and the shortest texts of doubles that programs
+/// write, like `0.30000000000000004`) in the normal f64 range.
 fn check_json_numbers(text: &str) -> Result<(), String> {
     let mut in_string = false;
     let mut escaped = false;
@@ -150,18 +151,46 @@ fn json_number_is_exact(t: &str) -> bool {
     if t.parse::<i64>().is_ok() || t.parse::<u64>().is_ok() {
         return true;
     }
-    let mantissa = t.split(['e', 'E']).next().unwrap_or("");
-    let significant = mantissa
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .skip_while(|&b| b == b'0')
-        .collect::<Vec<u8>>();
-    let significant =
-        significant.len() - significant.iter().rev().take_while(|&&b| b == b'0').count();
     match t.parse::<f64>() {
-        Ok(v) => significant <= 15 && v.is_finite() && (v == 0.0 || v.abs() >= f64::MIN_POSITIVE),
+        // Exact when the double's shortest text (what the message carries) is the same decimal:
+        // `0.30000000000000004`, the 17 digits JavaScript and Python write, is; `0.1000000000000000055`
+        // or a 30-digit integer are not.
+        Ok(v) => {
+            v.is_finite()
+                && (v == 0.0 || v.abs() >= f64::MIN_POSITIVE)
+                && decimal(t)
+                    == decimal(
+                        &serde_json::Number::from_f64(v).map_or(String::new(), |n| n.to_string()),
+                    )
+        }
         Err(_) => true, // malformed: serde_json reports it
     }
+}
+
+/// A decimal number's value as (negative, significant digits, exponent) with the digits stripped
+/// of leading and trailing zeros: `0.0250` and `2.5e-2` give the same.
+fn decimal(t: &str) -> Option<(bool, String, i64)> {
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (mantissa, exp) = match t.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().ok()?),
+        None => (t, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    let lead = digits.bytes().take_while(|&b| b == b'0').count();
+    let digits = digits[lead..].trim_end_matches('0');
+    if digits.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    // The value is 0.<digits> x 10^point.
+    let point = int.len() as i64 - lead as i64 + exp;
+    Some((neg, digits.to_string(), point))
 }
 
 #[cfg(test)]
@@ -238,6 +267,24 @@ mod tests {
         );
         assert!(to_json(&PgType::Jsonb, r#"{"id": 123456789012345678901}"#).is_err());
         assert!(to_json(&PgType::Jsonb, "0.12345678901234567").is_err());
+        // The 16–17-digit shortest texts JavaScript and Python write are exact doubles.
+        for exact in [
+            "0.30000000000000004",
+            "4.899431199999999",
+            "-1.7976931348623157e308",
+            "2.5E-5",
+            "1.50",
+            "0.0",
+        ] {
+            let v = to_json(&PgType::Jsonb, exact).unwrap();
+            assert_eq!(
+                decimal(&v.to_string()),
+                decimal(exact),
+                "{exact} became {v}"
+            );
+        }
+        assert!(to_json(&PgType::Jsonb, "0.1000000000000000055").is_err());
+        assert!(to_json(&PgType::Jsonb, "9007199254740993.5").is_err());
         assert!(to_json(&PgType::Jsonb, "1e400").is_err());
         assert!(to_json(&PgType::Jsonb, "{").is_err());
         let deep = "[".repeat(10_000);

@@ -74,6 +74,9 @@ async fn check_table(spec: &mut TableSpec, sql: &Client) -> Result<(), SourceErr
             "has no primary key; every message, the ClickHouse table's ORDER BY and the ledger are keyed by it. Add one: ALTER TABLE … ADD PRIMARY KEY (…)".into(),
         ));
     }
+    if let Some(index) = replica_identity_index(sql, &spec.schema, &spec.table).await? {
+        return Err(schema_err(replica_identity_refusal(&table, &index)));
+    }
     let int_key = match key.as_slice() {
         [(name, true)] => Some(name.clone()),
         _ => None,
@@ -93,6 +96,34 @@ async fn check_table(spec: &mut TableSpec, sql: &Client) -> Result<(), SourceErr
     spec.ledger_column = ledger;
     spec.key_column = int_key;
     Ok(())
+}
+
+/// The index of a `REPLICA IDENTITY USING INDEX` that is not the primary key, if the table has one.
+/// Its old-key tuples carry that index's columns, not the key's: a delete could not say which row
+/// went, and a key update would not say the old key. `USING INDEX` of the primary key's own index
+/// is the default identity under another name.
+pub async fn replica_identity_index(
+    sql: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<String>, SourceError> {
+    let row = sql
+        .query_opt(
+            "SELECT i.indexrelid::regclass::text              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace              JOIN pg_index i ON i.indrelid = c.oid AND i.indisreplident AND NOT i.indisprimary              WHERE n.nspname = $1 AND c.relname = $2 AND c.relreplident = 'i'",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(SourceError::sql(format!(
+            "reading the replica identity of {schema}.{table}"
+        )))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// What to say of a table whose replica identity is an index other than its primary key.
+pub fn replica_identity_refusal(table: &str, index: &str) -> String {
+    format!(
+        "its REPLICA IDENTITY is the index {index}, not the primary key: deletes and key updates would not carry the key ClickHouse rows are keyed by. Run `ALTER TABLE {table} REPLICA IDENTITY DEFAULT` (or FULL, which also carries unchanged TOASTed values), then start the relay again"
+    )
 }
 
 /// Checks what the publication does to the table: a partitioned table must be published through

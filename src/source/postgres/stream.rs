@@ -276,6 +276,22 @@ impl ReplicationSource {
             .iter()
             .position(|t| t.schema == rel.namespace && t.table == rel.name);
         if let Some(table) = table {
+            // 'i': an identity index; refused unless it is the primary key's (catalog.rs).
+            if rel.replica_identity == b'i' {
+                let qualified = self.tables[table].qualified();
+                let index = super::catalog::replica_identity_index(
+                    &self.catalog,
+                    &rel.namespace,
+                    &rel.name,
+                )
+                .await?;
+                if let Some(index) = index {
+                    return Err(SourceError::Schema {
+                        reason: super::catalog::replica_identity_refusal(&qualified, &index),
+                        table: qualified,
+                    });
+                }
+            }
             let columns: Vec<TupleColumn> = rel
                 .columns
                 .iter()
