@@ -304,3 +304,192 @@ async fn an_identity_index_other_than_the_key_is_refused_at_start_and_when_it_ap
     assert_eq!(s1.stop(), 0);
     t.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_decoded_after_later_migrations_are_described_as_they_were_written() {
+    // The stream is stopped while a deploy runs its migrations; the changes written before them are
+    // decoded after them, when the catalog has another type, key name and column name.
+    let t = AnyTable::new(
+        "sfhist",
+        "CREATE TYPE {t}_mood AS ENUM ('sad', 'ok'); \
+         CREATE TABLE {t} (id integer PRIMARY KEY, m {t}_mood, a text)",
+    )
+    .await;
+    let stream = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let s1 = sink(&t, 1);
+    t.exec("INSERT INTO {t} VALUES (1, 'sad', 'a1')").await;
+    assert_converges(&t, &["id", "m", "a"], &[&s1]).await;
+    assert_eq!(stream.stop(), 0);
+
+    t.exec(
+        "INSERT INTO {t} VALUES (2, 'ok', 'a2'); UPDATE {t} SET m = 'ok', a = 'a1u' WHERE id = 1",
+    )
+    .await;
+    // The enum-swap migration (the usual way to drop an enum value), a key column renamed, a
+    // column renamed.
+    t.exec(
+        "ALTER TYPE {t}_mood RENAME TO {t}_mood_old; \
+         CREATE TYPE {t}_mood AS ENUM ('ok', 'fine'); \
+         UPDATE {t} SET m = 'ok' WHERE m = 'sad'; \
+         ALTER TABLE {t} ALTER COLUMN m TYPE {t}_mood USING m::text::{t}_mood; \
+         DROP TYPE {t}_mood_old; \
+         ALTER TABLE {t} RENAME COLUMN id TO order_id; \
+         ALTER TABLE {t} RENAME COLUMN a TO b; \
+         INSERT INTO {t} VALUES (3, 'fine', 'b3')",
+    )
+    .await;
+    let stream = t.start();
+    let cols = ["order_id AS id", "m", "b"];
+    // PostgreSQL's names; ClickHouse's view shows the same.
+    let want_sql = format!(
+        "SELECT json_build_array(order_id, m, b)::text FROM {} ORDER BY order_id",
+        t.name
+    );
+    let want: Vec<Vec<String>> =
+        t.pg.query(&want_sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let v: Vec<serde_json::Value> = serde_json::from_str(r.get::<_, &str>(0)).unwrap();
+                v.iter().map(|x| canon(&x.to_string())).collect()
+            })
+            .collect();
+    assert_eq!(want.len(), 3);
+    let table = format!("default.{}", t.name);
+    let got = eventually(
+        "ClickHouse equal to PostgreSQL",
+        Duration::from_secs(90),
+        || async {
+            let rows: Vec<Vec<String>> = clickhouse_current(&table, &cols.join(", "), "id")
+                .await
+                .iter()
+                .map(|r| ["id", "m", "b"].iter().map(|c| r[*c].clone()).collect())
+                .collect();
+            if rows == want {
+                Some(rows)
+            } else if stream.log_text().contains(" ERROR ") {
+                panic!("stream: {}", stream.log_text())
+            } else {
+                None
+            }
+        },
+    )
+    .await;
+    assert_eq!(got, want);
+    assert_eq!(s1.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    let name = t.name.clone();
+    t.drop().await;
+    let _ = pg()
+        .await
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {name}; DROP TYPE IF EXISTS {name}_mood"
+        ))
+        .await;
+}
+
+/// The stream of `t`, checking its tables every second.
+fn start_checking(t: &AnyTable) -> Relay {
+    Relay::start(
+        &t.name,
+        &stream_args(
+            &t.name,
+            &[
+                "--ops",
+                "insert,update,delete,truncate",
+                "--heartbeat-interval",
+                "1",
+            ],
+        ),
+        &[],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_swapped_in_by_rename_stops_the_stream_loudly_then_is_followed_whole() {
+    for ledger in [false, true] {
+        let extra = if ledger {
+            ", sent_to_kafka boolean NOT NULL DEFAULT false"
+        } else {
+            ""
+        };
+        let t = AnyTable::new(
+            "sfswap",
+            &format!("CREATE TABLE {{t}} (id integer PRIMARY KEY, v text{extra})"),
+        )
+        .await;
+        t.exec("GRANT UPDATE ON {t} TO cdc_relay; INSERT INTO {t} (id, v) SELECT i, 'old' || i FROM generate_series(1, 5) i")
+            .await;
+        let mut stream = start_checking(&t);
+        wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+        let s1 = sink(&t, 1);
+        assert_converges(&t, &["id", "v"], &[&s1]).await;
+
+        // What online schema-change tools do: build the new table, swap it in by rename.
+        t.exec(
+            "CREATE TABLE {t}_new (LIKE {t} INCLUDING ALL); \
+             INSERT INTO {t}_new (id, v) VALUES (1, 'new1'), (10, 'new10'); \
+             GRANT SELECT, UPDATE ON {t}_new TO cdc_relay; \
+             BEGIN; ALTER TABLE {t} RENAME TO {t}_old; ALTER TABLE {t}_new RENAME TO {t}; COMMIT; \
+             INSERT INTO {t} (id, v) VALUES (11, 'new11')",
+        )
+        .await;
+        assert!(!stream.wait_exit(Duration::from_secs(60)).success());
+        let log = stream.log_text();
+        let fix = format!(
+            "ALTER PUBLICATION \"{0}\" ADD TABLE \"public\".\"{0}\"",
+            t.name
+        );
+        assert!(log.contains(&fix) && log.contains("OID"), "{log}");
+
+        // The operator runs what it says; the restarted stream hides the old table's rows and
+        // reads the new one whole.
+        t.exec(&format!("ALTER PUBLICATION {0} ADD TABLE {0}", t.name))
+            .await;
+        t.exec(
+            "INSERT INTO {t} (id, v) VALUES (12, 'new12'); UPDATE {t} SET v = 'upd' WHERE id = 10",
+        )
+        .await;
+        let stream = start_checking(&t);
+        assert_converges(&t, &["id", "v"], &[&s1]).await;
+        // Later changes flow; a second restart does not truncate again.
+        assert_eq!(stream.stop(), 0);
+        let stream = start_checking(&t);
+        t.exec("INSERT INTO {t} (id, v) VALUES (13, 'new13'); DELETE FROM {t} WHERE id = 1")
+            .await;
+        assert_converges(&t, &["id", "v"], &[&s1]).await;
+        // The log file has every run of the stream: one truncate, the second start's.
+        assert_eq!(
+            stream
+                .log_text()
+                .matches("truncate of the table's earlier rows")
+                .count(),
+            1
+        );
+        if ledger {
+            let sql = format!(
+                "SELECT array_agg(id) FROM {} WHERE NOT sent_to_kafka",
+                t.name
+            );
+            eventually(
+                "the ledger to mark the new table's rows sent",
+                Duration::from_secs(30),
+                || async {
+                    let unsent: Option<Vec<i32>> = t.pg.query_one(&sql, &[]).await.unwrap().get(0);
+                    unsent.is_none().then_some(())
+                },
+            )
+            .await;
+        }
+        assert_eq!(s1.stop(), 0);
+        assert_eq!(stream.stop(), 0);
+        let name = t.name.clone();
+        t.drop().await;
+        let _ = pg()
+            .await
+            .batch_execute(&format!("DROP TABLE IF EXISTS {name}_old"))
+            .await;
+    }
+}

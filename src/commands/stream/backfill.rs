@@ -58,9 +58,29 @@ pub(super) struct BackfillRun {
     released: u64,
     /// Keep a released chunk's go-ahead until the main loop lets it go (exactly-once mode).
     hold: bool,
+    /// Per table, the version of a truncate produced for it at the session's start (a table
+    /// created again, identity.rs): the stream's changes below it are hidden in ClickHouse, so
+    /// they must not keep a row out of the table's read.
+    notes_from: Vec<(TableId, u64)>,
 }
 
 impl BackfillRun {
+    /// A chunk of `table` is about to be read (`ChunkWindow::open`). A table read whole after a
+    /// truncate takes no keys from the ledger's backlog: the changes those are of may lie below
+    /// the truncate, and the ones above it are noted as they are handed out.
+    pub fn open_window(&mut self, table: TableId, unrecorded: impl IntoIterator<Item = i64>) {
+        if self.notes_from.iter().any(|&(t, _)| t == table) {
+            self.window.open(std::iter::empty());
+        } else {
+            self.window.open(unrecorded);
+        }
+    }
+
+    /// Changes of `table` below `version` are not noted (see `notes_from`).
+    pub fn note_from(&mut self, table: TableId, version: u64) {
+        self.notes_from.push((table, version));
+    }
+
     /// Starts backfilling `tables` (each in its scope), one after the other.
     pub fn start(
         &mut self,
@@ -112,6 +132,13 @@ impl BackfillRun {
         partial: bool,
         version: u64,
     ) {
+        if self
+            .notes_from
+            .iter()
+            .any(|&(t, from)| t == table && version < from)
+        {
+            return;
+        }
         if self.table == Some(table) {
             self.window.note(op, key, partial, version);
         } else if let Some((_, w)) = self.early.iter_mut().find(|(t, _)| *t == table) {

@@ -13,6 +13,7 @@ mod backfill;
 mod exactly_once;
 mod failover;
 mod housekeeping;
+mod identity;
 mod ledger_writer;
 mod metrics;
 mod produce;
@@ -44,6 +45,9 @@ enum SessionEnd {
     Shutdown,
     /// Connection lost, Kafka failing: reconnect from the confirmed position after a pause.
     Retry(String),
+    /// Something an operator must mend: what was acknowledged is written first, then the stream
+    /// exits with this.
+    Stop(SourceError),
 }
 
 /// Whether rows marked unsent still have to be read (after the stream caught up).
@@ -80,6 +84,11 @@ struct StreamCommand {
     eo: Option<ExactlyOnce>,
     /// The server and timeline the last replication connection reached (a change: a failover).
     server: Option<SystemIdentity>,
+    /// The tables' identity records were read (identity.rs).
+    identities_resolved: bool,
+    /// Tables created again under their name since their identity was recorded: truncated and
+    /// read whole at every session start until that read is acknowledged (identity.rs).
+    recreated: Vec<TableId>,
 }
 
 pub async fn run(args: StreamArgs, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -260,6 +269,8 @@ async fn prepare(
         dead_lettered: 0,
         eo,
         server: None,
+        identities_resolved: false,
+        recreated: Vec::new(),
     };
     Ok((cmd, client, start))
 }
@@ -299,6 +310,7 @@ impl StreamCommand {
                         return Ok(());
                     }
                 }
+                Ok(SessionEnd::Stop(e)) => return Err(e.into()),
                 Err(e) => return Err(e),
             }
         }
@@ -355,9 +367,30 @@ impl StreamCommand {
                 Err(e) => return Ok(SessionEnd::Retry(e.to_string())),
             }
         }
+        if !self.identities_resolved {
+            match self.resolve_identities().await {
+                Ok(()) => self.identities_resolved = true,
+                Err(e @ KafkaError::Fatal(_)) => return Err(e.into()),
+                Err(e) => return Ok(SessionEnd::Retry(e.to_string())),
+            }
+        }
+        let mut truncated = Vec::new();
+        if !self.recreated.is_empty() {
+            match self.truncate_recreated().await {
+                Ok(versions) => {
+                    truncated = versions;
+                    *backfill_state = BackfillState::Pending;
+                }
+                Err(e) if e.is_transient() => return Ok(SessionEnd::Retry(e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
         let mut t = Tracker::new(*confirmed, self.eo.is_some());
         let mut ledger = LedgerWriter::start(&self.cfg);
         let mut backfill = BackfillRun::default();
+        for (table, version) in truncated {
+            backfill.note_from(table, version);
+        }
         if *backfill_state == BackfillState::Pending {
             backfill.note_early(&self.backfill_tables());
         }
@@ -507,7 +540,7 @@ impl StreamCommand {
                         BackfillMsg::Total(total) => backfill.set_total(total),
                         BackfillMsg::Open(reply) => {
                             if let Some(table) = backfill.table() {
-                                backfill.window.open(t.unrecorded_stream_ids(table));
+                                backfill.open_window(table, t.unrecorded_stream_ids(table));
                             }
                             let _ = reply.send(());
                         }
@@ -562,6 +595,10 @@ impl StreamCommand {
                         if let Err(e) = self.heartbeat().await {
                             tracing::warn!(error = %e, "heartbeat failed");
                         }
+                    }
+                    // A relayed table dropped, replaced or unpublished stops the stream loudly.
+                    if let Err(e) = self.check_tables().await {
+                        break SessionEnd::Stop(e);
                     }
                 }
             }
@@ -652,6 +689,7 @@ impl StreamCommand {
                 }
                 Ok(SessionEnd::Shutdown)
             }
+            SessionEnd::Stop(e) => Err(e.into()),
             retry => Ok(retry),
         }
     }

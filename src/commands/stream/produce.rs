@@ -134,12 +134,15 @@ impl StreamCommand {
     pub(super) fn backfill_tables(&self) -> Vec<(TableId, Scope)> {
         (0..self.cfg.tables.len())
             .filter_map(|t| {
-                if self.cfg.tables[t].ledger_column.is_some() {
-                    Some((t, Scope::Unsent))
+                // A table with the ledger is read whole too when it was created again
+                // (identity.rs).
+                if self.snapshot_pending.contains(&t) {
+                    Some((t, Scope::Whole))
                 } else {
-                    self.snapshot_pending
-                        .contains(&t)
-                        .then_some((t, Scope::Whole))
+                    self.cfg.tables[t]
+                        .ledger_column
+                        .is_some()
+                        .then_some((t, Scope::Unsent))
                 }
             })
             .collect()

@@ -89,6 +89,11 @@ impl StreamCommand {
                 }
             }
             tracing::info!(table = %name, "initial snapshot done");
+            if self.recreated.contains(&table) {
+                // The new table is whole in Kafka, above the truncate: it is the table now.
+                self.record_identity(table).await?;
+                self.recreated.retain(|&r| r != table);
+            }
             self.snapshot_produced.remove(0);
             if self.eo.is_some() {
                 self.snapshot_uncommitted.push(table);

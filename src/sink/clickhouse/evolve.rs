@@ -19,9 +19,10 @@
 //!   non-Nullable one becomes Nullable so new rows can leave it out;
 //! - anything else (String → Int32, a key column's type or the primary key itself): refused.
 //!
-//! Tables of earlier releases have no comments: a column without one is taken as the attnum its
-//! name had in the oldest known schema that has the name (the schema the table was created from,
-//! or the one that added it), and the comment is written.
+//! Tables of earlier releases have no comments, and on a cluster there are none (18.16 refuses
+//! them on replicated tables): a column without one is taken as the attnum its `<name>__<attnum>`
+//! says, or else the one its name had in the oldest known schema that has the name (the schema the
+//! table was created from, or the one that added it); on one server the comment is then written.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -108,12 +109,12 @@ impl Change {
             "ALTER TABLE {}{} {}",
             names.storage(),
             super::cluster::on_cluster(names.cluster()),
-            self.clause()
+            self.clause(names)
         )
     }
 
     /// What follows `ALTER TABLE <table>`.
-    fn clause(&self) -> String {
+    fn clause(&self, names: &TableNames) -> String {
         let with_default = |ty: &str, default: &Option<String>| match default {
             None => ty.to_string(),
             Some(value) => format!("{ty} DEFAULT CAST({value} AS {ty})"),
@@ -130,12 +131,12 @@ impl Change {
                     quote_ident(column),
                     with_default(ty, default)
                 );
-                match attnum {
+                match attnum.filter(|_| names.cluster().is_none()) {
                     // 18.16 ignores a COMMENT inside ADD COLUMN, and takes it as a second command.
                     Some(n) => format!(
                         "{add}, COMMENT COLUMN {} {}",
                         quote_ident(column),
-                        quote_string(&attnum_comment(*n))
+                        quote_string(&attnum_comment(n))
                     ),
                     None => add,
                 }
@@ -171,17 +172,27 @@ pub struct Plan {
 }
 
 /// PostgreSQL's value for the rows already there when `c` was added with a default, as a
-/// ClickHouse literal; `None` when there is none or it is not a scalar.
-fn missing_literal(
+/// ClickHouse literal; `None` when there is none.
+pub fn missing_literal(
     c: &crate::types::ColumnSchema,
     caps: crate::types::ServerCaps,
 ) -> Option<String> {
     let value = crate::types::to_json(&c.kind, c.missing.as_deref()?).ok()?;
-    match crate::types::clickhouse_json(&c.kind, &value, caps).ok()? {
-        serde_json::Value::String(s) => Some(super::config::quote_string(&s)),
+    literal(&crate::types::clickhouse_json(&c.kind, &value, caps).ok()?)
+}
+
+/// A value as the sink writes it to ClickHouse, as a SQL literal (arrays of any depth too).
+fn literal(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(quote_string(s)),
         serde_json::Value::Number(n) => Some(n.to_string()),
-        serde_json::Value::Bool(b) => Some(u8::from(b).to_string()),
-        _ => None,
+        serde_json::Value::Bool(b) => Some(u8::from(*b).to_string()),
+        serde_json::Value::Null => Some("NULL".into()),
+        serde_json::Value::Array(items) => {
+            let items: Option<Vec<String>> = items.iter().map(literal).collect();
+            Some(format!("[{}]", items?.join(", ")))
+        }
+        serde_json::Value::Object(_) => None,
     }
 }
 
@@ -342,13 +353,19 @@ pub fn plan(
         .filter(|s| !is_meta(&s.name))
         .cloned()
         .collect();
+    // 18.16 refuses column comments on replicated tables (Code 48 for COMMENT COLUMN, Code 122
+    // for a CREATE with comments on the second replica; measured): on a cluster every attnum is
+    // inferred.
+    let comments = names.cluster().is_none();
     for s in storage.iter_mut().filter(|s| s.attnum.is_none()) {
         if let Some(n) = legacy_attnum(&s.name, history) {
             s.attnum = Some(n);
-            changes.push(Change::Comment {
-                column: s.name.clone(),
-                attnum: n,
-            });
+            if comments {
+                changes.push(Change::Comment {
+                    column: s.name.clone(),
+                    attnum: n,
+                });
+            }
         }
     }
     let mut columns = HashMap::new();
@@ -376,10 +393,12 @@ pub fn plan(
                     // An uncommented column no known schema tells about: its name is all there is.
                     let at = by_name(&storage)?;
                     storage[at].attnum = Some(n);
-                    changes.push(Change::Comment {
-                        column: c.name.clone(),
-                        attnum: n,
-                    });
+                    if comments {
+                        changes.push(Change::Comment {
+                            column: c.name.clone(),
+                            attnum: n,
+                        });
+                    }
                     Some(at)
                 }),
             None => by_name(&storage),
@@ -502,9 +521,25 @@ fn attnum_in(c: &crate::types::ColumnSchema, history: &[Arc<RelationSchema>]) ->
     })
 }
 
-/// The attnum an uncommented column of an earlier release's table holds: its name's in the oldest
-/// schema that has the name.
+/// The attnum an uncommented column (of an earlier release's table, or on a cluster) holds: the
+/// one its `<name>__<attnum>` says when a schema gave that name that attnum (a column added while
+/// its name was taken), else its name's in the oldest schema that has the name. Storage columns
+/// are never renamed or dropped, so a plain name was the column's when the table was created or
+/// the column added; this is exact unless a name was reused for another column before the table
+/// was first created.
 fn legacy_attnum(name: &str, history: &[Arc<RelationSchema>]) -> Option<i16> {
+    if let Some((base, n)) = name.rsplit_once("__") {
+        if let Ok(n) = n.parse::<i16>() {
+            let known = history.iter().any(|h| {
+                h.columns
+                    .iter()
+                    .any(|c| c.name == base && c.attnum == Some(n))
+            });
+            if known {
+                return Some(n);
+            }
+        }
+    }
     history
         .iter()
         .find_map(|h| h.columns.iter().find(|o| o.name == name))

@@ -412,3 +412,64 @@ fn on_a_cluster_a_change_alters_the_replicated_storage_on_every_server() {
         "ALTER TABLE `db`.`orders_local` ON CLUSTER `cdc_relay` ADD COLUMN `c` Nullable(Int32)"
     );
 }
+
+#[test]
+fn defaults_of_added_columns_reach_tables_created_later_and_arrays_have_them_too() {
+    // ADD COLUMN tags text[] NOT NULL DEFAULT '{new,"a b"}', and a table first created from it.
+    let mut v2 = orders();
+    v2.columns.push(ColumnSchema {
+        attnum: Some(7),
+        missing: Some(r#"{new,"a b"}"#.into()),
+        ..ColumnSchema::builtin("labels", 1009, -1, "text[]", false)
+    });
+    v2.columns.push(ColumnSchema {
+        attnum: Some(8),
+        missing: Some("5".into()),
+        ..ColumnSchema::builtin("qty", 23, -1, "integer", false)
+    });
+    let create = crate::sink::clickhouse::table::create_table_sql(&names(), &v2, v("18.16"));
+    assert!(
+        create.contains("`labels` Array(Nullable(String)) DEFAULT CAST(['new', 'a b'] AS Array(Nullable(String))) COMMENT 'PostgreSQL attnum 7'"),
+        "{create}"
+    );
+    assert!(
+        create.contains("`qty` Int32 DEFAULT CAST(5 AS Int32) COMMENT 'PostgreSQL attnum 8'"),
+        "{create}"
+    );
+    let history = vec![Arc::new(orders()), Arc::new(v2.clone())];
+    let p = plan(&names(), &existing(&orders()), &v2, &history, v("18.16")).unwrap();
+    assert_eq!(
+        p.changes[0].sql(&names()),
+        "ALTER TABLE `db`.`orders` ADD COLUMN `labels` Array(Nullable(String)) DEFAULT CAST(['new', 'a b'] AS Array(Nullable(String))), COMMENT COLUMN `labels` 'PostgreSQL attnum 7'"
+    );
+}
+
+#[test]
+fn on_a_cluster_attnums_are_inferred_from_names_without_comments() {
+    // BEGIN; RENAME COLUMN op TO op_old; ADD COLUMN op integer; COMMIT; then a swap later.
+    let cluster = names().with_cluster(Some("c".into()));
+    let v1 = orders();
+    let v2 = added(&renamed(&v1, 6, "op_old"), 7, "op", 23, "integer");
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    let uncommented = |rel: &RelationSchema| -> Vec<Stored> {
+        existing(rel)
+            .into_iter()
+            .map(|s| Stored { attnum: None, ..s })
+            .collect()
+    };
+    let p = plan(&cluster, &uncommented(&v1), &v2, &history, v("18.16")).unwrap();
+    assert_eq!(
+        p.changes[0].sql(&cluster),
+        "ALTER TABLE `db`.`orders_local` ON CLUSTER `c` ADD COLUMN `op__7` Nullable(Int32)"
+    );
+    assert_eq!(p.changes.len(), 1, "{:?}", p.changes);
+    // The next plan finds both by their names.
+    let mut have = uncommented(&v1);
+    have.push(Stored::new("op__7", "Nullable(Int32)"));
+    let again = plan(&cluster, &have, &v2, &history, v("18.16")).unwrap();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+    assert_eq!(&*again.state.columns["op"].ch_name, "op__7");
+    assert_eq!(&*again.state.columns["op_old"].ch_name, "op");
+    let create = crate::sink::clickhouse::table::create_table_sql(&cluster, &v1, v("18.16"));
+    assert!(!create.contains("COMMENT"), "{create}");
+}

@@ -121,17 +121,20 @@ pub fn create_table_sql(
     let cols: Vec<String> = (0..rel.columns.len())
         .map(|i| {
             let c = &rel.columns[i];
-            let comment = c.attnum.map_or(String::new(), |n| {
+            let ty = column_type(rel, i, caps);
+            // Rows of older schemas (other partitions, a re-read) leave a column added with a
+            // default out: they read PostgreSQL's value for them, as in an ALTERed table.
+            let default = super::evolve::missing_literal(c, caps)
+                .map_or(String::new(), |v| format!(" DEFAULT CAST({v} AS {ty})"));
+            // No comments on a cluster: 18.16's replicated tables refuse them (evolve.rs).
+            let attnum = c.attnum.filter(|_| names.cluster().is_none());
+            let comment = attnum.map_or(String::new(), |n| {
                 format!(
                     " COMMENT {}",
                     quote_string(&super::evolve::attnum_comment(n))
                 )
             });
-            format!(
-                "    {} {}{comment}",
-                quote_ident(&c.name),
-                column_type(rel, i, caps)
-            )
+            format!("    {} {ty}{default}{comment}", quote_ident(&c.name))
         })
         .chain(META_COLUMNS.iter().map(|(n, t)| format!("    {n} {t}")))
         .chain(std::iter::once(format!(

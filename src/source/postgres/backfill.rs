@@ -304,6 +304,8 @@ pub async fn describe_table(
             name: r.get(1),
             type_oid: r.get(2),
             typmod: r.get(3),
+            identity: None,
+            type_hint: None,
         })
         .collect();
     let shape = describe(

@@ -95,7 +95,68 @@ async fn check_table(spec: &mut TableSpec, sql: &Client) -> Result<(), SourceErr
     }
     spec.ledger_column = ledger;
     spec.key_column = int_key;
+    spec.oid = table_oid(sql, &spec.schema, &spec.table)
+        .await?
+        .unwrap_or_default();
     Ok(())
+}
+
+/// The OID of the table of that name now; `None` when there is none.
+async fn table_oid(sql: &Client, schema: &str, table: &str) -> Result<Option<u32>, SourceError> {
+    let row = sql
+        .query_opt(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(SourceError::sql(format!(
+            "reading the OID of {schema}.{table}"
+        )))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Why a relayed table is not the one the stream started with any more, with what to run; `None`
+/// while it is. The publication follows a table by OID: a table dropped and created again, or
+/// swapped in by rename (`RENAME t TO t_old, t_new TO t`, as online schema-change tools do), is not
+/// in it, and none of its changes reach the slot.
+pub async fn table_replaced(
+    sql: &Client,
+    spec: &TableSpec,
+    publication: &str,
+) -> Result<Option<String>, SourceError> {
+    let (schema, table) = (&spec.schema, &spec.table);
+    let now = table_oid(sql, schema, table).await?;
+    let published = sql
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables \
+                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+            &[&publication, schema, table],
+        )
+        .await
+        .map_err(SourceError::sql(format!(
+            "reading whether publication {publication} has {schema}.{table}"
+        )))?
+        .get::<_, bool>(0);
+    let add = format!(
+        "`ALTER PUBLICATION {} ADD TABLE {}` (as the table's owner)",
+        quote_ident(publication),
+        spec.qualified()
+    );
+    Ok(match now {
+        None => Some(format!(
+            "was dropped (OID {}): take it out of --table, or create it again, run {add} and start the stream again",
+            spec.oid
+        )),
+        Some(oid) if oid != spec.oid => Some(format!(
+            "was dropped and created again, or another table was renamed to its name (OID {} is now {oid}); its changes are not in the slot until the publication has it: run {add} and start the stream again, which hides the old table's rows in ClickHouse and reads the new one whole",
+            spec.oid
+        )),
+        Some(_) if !published => Some(format!(
+            "is not in publication {publication} any more, so its changes do not reach the slot: run {add} and start the stream again (changes made meanwhile: `cdc-relay verify --repair`)"
+        )),
+        Some(_) => None,
+    })
 }
 
 /// The index of a `REPLICA IDENTITY USING INDEX` that is not the primary key, if the table has one.

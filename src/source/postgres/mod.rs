@@ -167,6 +167,9 @@ pub struct TableSpec {
     /// The primary key's column when it is one integer column (ledger tables need one):
     /// set by [`catalog::preflight`].
     pub key_column: Option<String>,
+    /// The table's OID at start, set by [`catalog::preflight`]: its identity (a table dropped and
+    /// created again under the name is another table); 0 before.
+    pub oid: u32,
 }
 
 impl TableSpec {
@@ -186,6 +189,7 @@ impl TableSpec {
             table,
             ledger_column: None,
             key_column: None,
+            oid: 0,
         })
     }
 

@@ -25,6 +25,10 @@ pub struct TupleColumn {
     pub name: String,
     pub type_oid: u32,
     pub typmod: i32,
+    /// Part of the replica identity by the Relation message's flags (`None` from the catalog).
+    pub identity: Option<bool>,
+    /// The type's name as a Type message gave it, for a type the catalog no longer has.
+    pub type_hint: Option<String>,
 }
 
 /// The seed's columns, whose values travel under the seed's field names.
@@ -53,7 +57,7 @@ pub async fn describe(
                     array_position(pk.indkey::int2[], a.attnum), \
                     CASE WHEN a.atthasmissing THEN a.attmissingval::text END \
              FROM unnest($2::text[], $3::oid[], $4::int4[]) WITH ORDINALITY AS c(name, typid, typmod, ord) \
-             JOIN pg_type t ON t.oid = c.typid \
+             LEFT JOIN pg_type t ON t.oid = c.typid \
              LEFT JOIN pg_attribute a ON a.attrelid = $1 AND a.attname = c.name \
                                       AND a.attnum > 0 AND NOT a.attisdropped \
              LEFT JOIN pg_index pk ON pk.indrelid = $1 AND pk.indisprimary \
@@ -76,9 +80,38 @@ pub async fn describe(
     }
     let mut described = Vec::with_capacity(columns.len());
     let mut key: Vec<(i32, usize)> = Vec::new();
+    // A Relation message of a change written before the table's key columns were renamed names
+    // them as they were; its flags still tell them (with REPLICA IDENTITY FULL every column is
+    // flagged, so there the catalog's primary key decides).
+    let flagged: Vec<usize> = (0..columns.len())
+        .filter(|&i| columns[i].identity == Some(true))
+        .collect();
+    let from_flags = !flagged.is_empty() && flagged.len() < columns.len();
     for (i, (col, row)) in columns.iter().zip(&rows).enumerate() {
+        let typtype: Option<String> = row.get(2);
+        let Some(typtype) = typtype else {
+            // The type is gone from the catalog (a historic change of a column whose type a later
+            // migration dropped, as the enum-swap migration does): its values are text.
+            let name = col
+                .type_hint
+                .clone()
+                .unwrap_or_else(|| format!("type {}", col.type_oid));
+            if from_flags && col.identity == Some(true) {
+                key.push((i32::MAX, i));
+            }
+            described.push(ColumnSchema {
+                name: col.name.clone(),
+                type_oid: col.type_oid,
+                type_name: name.clone(),
+                typmod: col.typmod,
+                nullable: true,
+                attnum: row.get(7),
+                missing: None,
+                kind: PgType::Other { name },
+            });
+            continue;
+        };
         let type_name: String = row.get(1);
-        let typtype: String = row.get(2);
         let kind = match typtype.as_str() {
             "e" => PgType::Enum {
                 name: type_name.clone(),
@@ -89,7 +122,12 @@ pub async fn describe(
             },
             _ => PgType::from_catalog(col.type_oid, col.typmod, &type_name),
         };
-        if let Some(pos) = row.get::<_, Option<i32>>(8) {
+        let pk_position = row.get::<_, Option<i32>>(8);
+        if from_flags {
+            if col.identity == Some(true) {
+                key.push((pk_position.unwrap_or(i32::MAX), i));
+            }
+        } else if let Some(pos) = pk_position {
             key.push((pos, i));
         }
         described.push(ColumnSchema {

@@ -58,6 +58,8 @@ struct Transaction {
 pub struct ReplicationSource {
     stream: ReplicationStream,
     relations: RelationCache,
+    /// Names of non-builtin types from Type messages, by OID.
+    type_names: HashMap<u32, String>,
     /// Relayed relations by OID: which table, and how its tuples read.
     shapes: HashMap<u32, (TableId, RelationShape)>,
     /// For what a Relation message does not say (nullability, enums, domains, the primary key).
@@ -110,6 +112,7 @@ impl ReplicationSource {
         Ok(ReplicationSource {
             stream,
             relations: RelationCache::default(),
+            type_names: HashMap::new(),
             shapes: HashMap::new(),
             catalog,
             pending_relation: None,
@@ -228,7 +231,17 @@ impl ReplicationSource {
                     Ok(None)
                 }
             }
-            PgOutput::Origin { .. } | PgOutput::Type { .. } => Ok(None),
+            PgOutput::Type {
+                oid,
+                namespace,
+                name,
+            } => {
+                // Sent before a Relation that uses a non-builtin type: its name, should the
+                // catalog no longer have it when the Relation is described.
+                self.type_names.insert(oid, format!("{namespace}.{name}"));
+                Ok(None)
+            }
+            PgOutput::Origin { .. } => Ok(None),
             PgOutput::Insert { relation, new } => self.row(Op::Insert, relation, &new, wal_start),
             PgOutput::Update { relation, old, new } => {
                 self.update(relation, old.as_ref(), new, wal_start)
@@ -299,6 +312,8 @@ impl ReplicationSource {
                     name: c.name.clone(),
                     type_oid: c.type_oid,
                     typmod: c.type_modifier,
+                    identity: Some(c.is_key),
+                    type_hint: self.type_names.get(&c.type_oid).cloned(),
                 })
                 .collect();
             let shape = describe(
