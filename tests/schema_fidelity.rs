@@ -493,3 +493,173 @@ async fn a_table_swapped_in_by_rename_stops_the_stream_loudly_then_is_followed_w
             .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_change_dead_letters_its_rows_with_their_schema_header_and_the_table_goes_on() {
+    let t = AnyTable::new(
+        "sfrefuse",
+        "CREATE TABLE {t} (id integer PRIMARY KEY, n text, other text)",
+    )
+    .await;
+    let stream = t.start();
+    wait_slot_streaming(&t.pg, &t.name, Duration::from_secs(30)).await;
+    let s1 = sink(&t, 1);
+    t.exec("INSERT INTO {t} VALUES (1, '5', 'x')").await;
+    assert_converges(&t, &["id", "n", "other"], &[&s1]).await;
+    // text -> integer: ClickHouse cannot convert the stored strings; the rows of this schema are
+    // dead-lettered with their schema id, so they can be produced again once the table is fixed.
+    t.exec("ALTER TABLE {t} ALTER COLUMN n TYPE integer USING n::integer; INSERT INTO {t} VALUES (2, 7, 'y')")
+        .await;
+    let dlq = read_topic(
+        &format!("{}.sink-dlq", t.name),
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    let data = read_topic(&t.name, 2, Duration::from_secs(30), Duration::from_secs(1));
+    let original = data
+        .iter()
+        .find(|m| m.key.as_deref() == Some("2"))
+        .expect("row 2 in the topic");
+    assert!(original.schema.is_some());
+    assert_eq!(
+        dlq[0].schema, original.schema,
+        "the schema header travels along"
+    );
+    assert_eq!(dlq[0].value, original.value);
+    assert_eq!(s1.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    t.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_form_belongs_to_the_seed_table_not_to_column_names() {
+    let slot = unique("sfseed");
+    let (seed, other) = (format!("{slot}_s"), format!("{slot}_g"));
+    let pg = pg().await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {seed} (id integer PRIMARY KEY, username text, event_type text, event_time timestamp); \
+         CREATE TABLE {other} (id integer PRIMARY KEY, note text); \
+         GRANT SELECT ON {seed}, {other} TO cdc_relay; \
+         CREATE PUBLICATION {slot} FOR TABLE {seed}, {other} WITH (publish = 'insert, update, delete, truncate')"
+    ))
+    .await
+    .unwrap();
+    let sdlq = format!("{slot}.sdlq");
+    let stream = start_relay(
+        &slot,
+        &tables_stream_args(
+            &slot,
+            &[&seed, &other],
+            &[
+                "--ops",
+                "insert,update,delete,truncate",
+                "--seed-table",
+                &seed,
+                "--stream-dlq-topic",
+                &sdlq,
+            ],
+        ),
+    );
+    wait_slot_streaming(&pg, &slot, Duration::from_secs(30)).await;
+    let seed_ch = format!("{slot}_ch");
+    let dlq = format!("{slot}.sink-dlq");
+    let sink = Relay::start(
+        &format!("{slot}_sink"),
+        &[
+            "sink",
+            "--group",
+            &slot,
+            "--clickhouse-table",
+            &seed_ch,
+            "--dlq-topic",
+            &dlq,
+            "--topic",
+            &seed,
+            "--topic",
+            &other,
+        ],
+        &[],
+    );
+    pg.batch_execute(&format!(
+        "INSERT INTO {seed} VALUES (1, 'ann', 'login', '2024-01-01 10:00:00'); \
+         INSERT INTO {other} VALUES (1, 'n1')"
+    ))
+    .await
+    .unwrap();
+    let ch_rows = |sql: String| async move {
+        let rows = clickhouse_current(&sql, "*", "id").await;
+        rows.len()
+    };
+    eventually(
+        "the seed's row in its table",
+        Duration::from_secs(60),
+        || {
+            let t = format!("default.{seed_ch}");
+            async move { (ch_rows(t).await == 1).then_some(()) }
+        },
+    )
+    .await;
+
+    // A table that gains the seed's column names stays in the columns form, in its own table.
+    pg.batch_execute(&format!(
+        "ALTER TABLE {other} ADD COLUMN username text, ADD COLUMN event_type text, ADD COLUMN event_time timestamp; \
+         INSERT INTO {other} VALUES (2, 'n2', 'bob', 'x', '2024-01-02 00:00:00')"
+    ))
+    .await
+    .unwrap();
+    let got = eventually(
+        "the other table's rows in its own table",
+        Duration::from_secs(60),
+        || {
+            let t = format!("default.{other}");
+            async move {
+                let rows = clickhouse_current(&t, "id, note, username", "id").await;
+                (rows.len() == 2).then_some(rows)
+            }
+        },
+    )
+    .await;
+    assert_eq!(got[1]["username"], "\"bob\"");
+    let msgs = read_topic(&other, 2, Duration::from_secs(30), Duration::from_secs(1));
+    assert!(
+        msgs.iter()
+            .all(|m| m.value.get("columns").is_some() && m.value.get("user").is_none()),
+        "{msgs:?}"
+    );
+
+    // The seed's table losing its shape is refused for it alone, loudly; the other table flows.
+    pg.batch_execute(&format!(
+        "ALTER TABLE {seed} DROP COLUMN event_time; INSERT INTO {seed} VALUES (2, 'cy', 'logout'); \
+         INSERT INTO {other} (id, note) VALUES (3, 'n3')"
+    ))
+    .await
+    .unwrap();
+    let dead = read_topic(&sdlq, 1, Duration::from_secs(60), Duration::from_secs(1));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0]
+            .value
+            .to_string()
+            .contains("no longer has the seed's shape"),
+        "{:?}",
+        dead[0].value
+    );
+    eventually(
+        "the other table's third row",
+        Duration::from_secs(60),
+        || {
+            let t = format!("default.{other}");
+            async move { (ch_rows(t).await == 3).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(ch_rows(format!("default.{seed_ch}")).await, 1);
+    assert_eq!(sink.stop(), 0);
+    assert_eq!(stream.stop(), 0);
+    drop_pipeline(&pg, &slot).await;
+    let _ = pg
+        .batch_execute(&format!("DROP TABLE IF EXISTS {seed}, {other}"))
+        .await;
+}

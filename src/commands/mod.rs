@@ -19,8 +19,9 @@ use crate::kafka::KafkaConnection;
 use crate::metrics::Registry;
 use crate::sink::clickhouse::config::tls_for_url;
 use crate::sink::clickhouse::ClickHouseConfig;
+use crate::source::postgres::relation::SeedMode;
 use crate::source::postgres::tls::{PgTls, SslMode};
-use crate::source::postgres::{PublishOps, SourceConfig};
+use crate::source::postgres::{PublishOps, SourceConfig, TableSpec};
 
 /// Runs a command's start-up until it succeeds: a service that is down or restarting as the relay
 /// starts (a host booting, a supervisor restarting everything) is waited for, with the reason
@@ -109,6 +110,27 @@ pub fn source_config(pg: &PostgresArgs, ops: PublishOps) -> Result<SourceConfig,
     let mut cfg = SourceConfig::new(&pg.pg_url, &pg.tables, &pg.slot, &pg.publication, ops)?;
     for t in &mut cfg.tables {
         t.ledger_column = Some(pg.ledger_column.clone());
+    }
+    let seed = match &pg.seed_table {
+        Some(name) => {
+            let spec = TableSpec::parse(name)?;
+            match cfg.tables.iter().position(|t| t.name() == spec.name()) {
+                Some(i) => Some(i),
+                None => {
+                    return Err(Error::Config(format!(
+                        "--seed-table {name} is not one of the relayed tables (--table)"
+                    )))
+                }
+            }
+        }
+        None => cfg
+            .tables
+            .iter()
+            .position(|t| t.name() == "public.user_logins")
+            .or((cfg.tables.len() == 1).then_some(0)),
+    };
+    if let Some(i) = seed {
+        cfg.tables[i].seed = SeedMode::IfShaped;
     }
     if let Some(file) = &pg.pg_password_file {
         cfg.pg.password(read_secret(file).map_err(Error::Config)?);

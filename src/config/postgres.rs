@@ -31,6 +31,13 @@ pub struct PostgresArgs {
     )]
     pub tables: Vec<String>,
 
+    /// The seed's table, whose changes travel in the seed's message form (when it has the seed's
+    /// shape at start) into the sink's --clickhouse-table; every other table goes in the columns
+    /// form whatever its columns. Default: public.user_logins when it is relayed, else the table
+    /// when only one is.
+    #[arg(long, env = "CDC_RELAY_SEED_TABLE")]
+    pub seed_table: Option<String>,
+
     /// Logical replication slot name.
     #[arg(long, env = "CDC_RELAY_SLOT", default_value = "cdc_relay")]
     pub slot: String,

@@ -204,11 +204,19 @@ impl DeadLetters {
         &self.topic
     }
 
-    /// Sends the original key and payload, and waits until Kafka has it.
+    /// Sends the original key, payload and schema header (so that the message can be produced
+    /// to its topic again as it was), and waits until Kafka has it.
     pub async fn send(&self, original: &Consumed, error: &str) -> Result<(), KafkaError> {
         let partition = original.partition.to_string();
         let offset = original.offset.to_string();
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new();
+        if let Some(id) = original.schema.id() {
+            headers = headers.insert(Header {
+                key: crate::event::SCHEMA_HEADER,
+                value: Some(id),
+            });
+        }
+        let headers = headers
             .insert(Header {
                 key: "cdc_relay.error",
                 value: Some(error),

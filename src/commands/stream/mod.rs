@@ -252,7 +252,7 @@ async fn prepare(
         .ledger_origin
         .set(i64::from(cfg.ledger_origin.is_some()));
     super::serve_metrics(&registry, args.metrics_addr).await?;
-    let cmd = StreamCommand {
+    let mut cmd = StreamCommand {
         metrics,
         args,
         cfg,
@@ -272,6 +272,13 @@ async fn prepare(
         identities_resolved: false,
         recreated: Vec::new(),
     };
+    if cmd.eo.is_none() {
+        // Before the slot is active: the first session then reads changes at once. (With
+        // exactly-once, after the session fenced an older producer, whose open transaction would
+        // hold this read_committed read back.)
+        cmd.resolve_identities().await?;
+        cmd.identities_resolved = true;
+    }
     Ok((cmd, client, start))
 }
 

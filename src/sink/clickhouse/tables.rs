@@ -32,6 +32,8 @@ pub enum Applied<S = TableState> {
 /// The generic tables of one sink.
 pub struct GenericTables {
     writer: GenericWriter,
+    /// `--clickhouse-table`: the seed's, which no table in the columns form may write into.
+    seed_table: String,
     version: ServerVersion,
     applied: HashMap<String, Applied>,
     /// Truncate watermark per table whose objects exist.
@@ -49,6 +51,7 @@ impl GenericTables {
     pub fn new(cfg: &ClickHouseConfig, version: ServerVersion) -> Self {
         GenericTables {
             writer: GenericWriter::new(cfg),
+            seed_table: cfg.table.clone(),
             version,
             applied: HashMap::new(),
             watermarks: HashMap::new(),
@@ -86,6 +89,18 @@ impl GenericTables {
         let w = &self.writer;
         let table = clickhouse_table_name(rel);
         let names = w.names(&table);
+        if table == self.seed_table {
+            // The seed's table in the columns form (it lost the seed's shape while the stream was
+            // down), or another table of that name: never into the seed's table.
+            let refusal = Refusal {
+                table: names.qualified(),
+                column: "(every column)".into(),
+                old: "the seed's table (--clickhouse-table)".into(),
+                new: format!("{}.{} in the columns form", rel.schema, rel.table),
+                why: "its rows would be written into the seed's table. Give the seed's table another --clickhouse-table, or restore the seed's shape of the PostgreSQL table".into(),
+            };
+            return Ok(self.refuse(id, refusal));
+        }
         super::cluster::check_existing(
             &w.client,
             &w.url,

@@ -315,6 +315,7 @@ pub async fn describe_table(
         &spec.table,
         &columns,
         spec.ledger_column.as_deref(),
+        spec.seed,
     )
     .await?;
     Ok((shape, columns))

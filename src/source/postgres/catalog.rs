@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 use crate::event::Lsn;
 
 use super::client::{quote_ident, quote_literal, CreatedSlot, ReplicationClient};
+use super::relation::SeedMode;
 use super::{parse_lsn, SourceConfig, SourceError, TableSpec, HEARTBEAT_MESSAGE_PREFIX};
 
 /// Checks the server, the table and the role. Run once at start, before anything is created.
@@ -98,6 +99,16 @@ async fn check_table(spec: &mut TableSpec, sql: &Client) -> Result<(), SourceErr
     spec.oid = table_oid(sql, &spec.schema, &spec.table)
         .await?
         .unwrap_or_default();
+    if spec.seed == SeedMode::IfShaped {
+        // The seed's table keeps the form it starts in (relation.rs, `SeedMode`).
+        let (shape, _) = super::backfill::describe_table(sql, spec).await?;
+        spec.seed = if shape.is_seed_shape() {
+            SeedMode::Required
+        } else {
+            tracing::info!(table = %table, "the seed's table has not the seed's shape: its changes go in the columns form");
+            SeedMode::Never
+        };
+    }
     Ok(())
 }
 

@@ -170,6 +170,10 @@ pub struct TableSpec {
     /// The table's OID at start, set by [`catalog::preflight`]: its identity (a table dropped and
     /// created again under the name is another table); 0 before.
     pub oid: u32,
+    /// Whether its changes travel in the seed's message form (relation.rs): `IfShaped` for the
+    /// seed's table (`--seed-table`), which the stream's preflight turns into `Required` or `Never`
+    /// by the shape the table has then.
+    pub seed: relation::SeedMode,
 }
 
 impl TableSpec {
@@ -190,6 +194,7 @@ impl TableSpec {
             ledger_column: None,
             key_column: None,
             oid: 0,
+            seed: relation::SeedMode::Never,
         })
     }
 

@@ -43,6 +43,7 @@ pub async fn describe(
     name: &str,
     columns: &[TupleColumn],
     ledger_column: Option<&str>,
+    seed: SeedMode,
 ) -> Result<RelationShape, SourceError> {
     let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
     let oids: Vec<u32> = columns.iter().map(|c| c.type_oid).collect();
@@ -145,7 +146,41 @@ pub async fn describe(
     }
     key.sort_unstable();
     let key: Vec<usize> = key.into_iter().map(|(_, i)| i).collect();
-    RelationShape::new(namespace, name, described, key, ledger_column)
+    RelationShape::new(namespace, name, described, key, ledger_column, seed)
+}
+
+/// Whether a table's changes travel in the seed's message form: a property of the seed's table
+/// (the seed's contract), never of a table's column names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedMode {
+    /// Not the seed's table: the columns form, whatever its columns.
+    Never,
+    /// The seed's table, its form not decided yet: the seed's form if it has the seed's shape.
+    IfShaped,
+    /// The seed's table, started in the seed's form: a shape without it is refused (its changes
+    /// go to the stream's dead-letter topic, saying why) rather than switching form under the
+    /// sink, which writes the seed's form into its own table.
+    Required,
+}
+
+/// The tuple indexes of `username`, `event_type` and `event_time` when the table has the seed's
+/// shape: an integer key `id`, two text columns and a `timestamp` (a timestamptz or date is not the
+/// seed's `event_time`).
+fn seed_shape(columns: &[ColumnSchema], key: &[usize], int_key: bool) -> Option<[usize; 3]> {
+    if !int_key || columns[key[0]].name != "id" {
+        return None;
+    }
+    let find = |n: &str| columns.iter().position(|c| c.name == n);
+    let [u, e, t] = SEED_COLUMNS.map(find);
+    let (u, e, t) = (u?, e?, t?);
+    let text = |i: usize| {
+        matches!(
+            columns[i].kind.resolved(),
+            PgType::Text | PgType::Varchar { .. } | PgType::Char { .. } | PgType::Citext
+        )
+    };
+    let time = matches!(columns[t].kind.resolved(), PgType::Timestamp);
+    (text(u) && text(e) && time).then_some([u, e, t])
 }
 
 /// The element of `attmissingval`, a one-element array literal of the column's type (`{dflt}`,
@@ -177,6 +212,8 @@ pub struct RelationShape {
     /// The seed's shape (`id` integer key, `username`, `event_type`, `event_time`): the tuple
     /// indexes of the three, and the seed's message form.
     seed: Option<[usize; 3]>,
+    /// Why this shape's changes are not relayed (the seed's table lost its shape).
+    refusal: Option<String>,
 }
 
 impl RelationShape {
@@ -187,6 +224,7 @@ impl RelationShape {
         columns: Vec<ColumnSchema>,
         key: Vec<usize>,
         ledger_column: Option<&str>,
+        seed_mode: SeedMode,
     ) -> Result<Self, SourceError> {
         let table = format!("{namespace}.{name}");
         if key.is_empty() {
@@ -200,10 +238,16 @@ impl RelationShape {
                 columns[key[0]].kind.resolved(),
                 PgType::Int2 | PgType::Int4 | PgType::Int8
             );
-        let find = |n: &str| columns.iter().position(|c| c.name == n);
-        let seed = match (int_key && columns[key[0]].name == "id").then(|| SEED_COLUMNS.map(find)) {
-            Some([Some(u), Some(e), Some(t)]) => Some([u, e, t]),
-            _ => None,
+        let shaped = seed_shape(&columns, &key, int_key);
+        let (seed, refusal) = match seed_mode {
+            SeedMode::Never => (None, None),
+            SeedMode::IfShaped => (shaped, None),
+            SeedMode::Required => match shaped {
+                Some(s) => (Some(s), None),
+                None => (None, Some(format!(
+                    "is the seed's table and no longer has the seed's shape (an integer key `id`, text `username` and `event_type`, `event_time` timestamp) its messages and ClickHouse table have: its changes go to the stream's dead-letter topic while other tables flow. Restore the columns, or relay it as any table: stop the stream, point --seed-table elsewhere, move the ClickHouse table `{name}` of the seed's form aside (the sink's --clickhouse-table), and start again"
+                ))),
+            },
         };
         let mut slots = Vec::with_capacity(columns.len());
         let mut published = Vec::with_capacity(columns.len());
@@ -231,6 +275,7 @@ impl RelationShape {
             key,
             int_key,
             seed,
+            refusal,
         })
     }
 
@@ -344,6 +389,12 @@ impl RelationShape {
         lsn: Lsn,
         version: u64,
     ) -> Result<ChangeEvent, SourceError> {
+        if let Some(reason) = &self.refusal {
+            return Err(SourceError::Schema {
+                table: self.schema.qualified_name(),
+                reason: reason.clone(),
+            });
+        }
         let key = self.key_value(values)?;
         let mut unchanged = Vec::new();
         let mut columns: Columns = Vec::with_capacity(self.schema.columns.len());
@@ -403,6 +454,8 @@ impl RelationShape {
     pub fn truncate(&self, lsn: Lsn, version: u64) -> ChangeEvent {
         let row = match self.seed {
             Some(_) => Row::Seed(SeedRow::default()),
+            // The seed's table without its shape: a truncate of it is still the seed table's.
+            None if self.refusal.is_some() => Row::Seed(SeedRow::default()),
             None => Row::Columns(Vec::new()),
         };
         ChangeEvent {
@@ -471,6 +524,7 @@ mod tests {
             cols,
             vec![0],
             Some("sent_to_kafka"),
+            SeedMode::IfShaped,
         )
         .unwrap()
     }
@@ -510,7 +564,15 @@ mod tests {
     fn a_column_added_to_the_seed_table_travels_under_its_name() {
         let mut cols = seed_shape().schema().columns.clone();
         cols.push(ColumnSchema::builtin("country", 25, -1, "text", true));
-        let shape = RelationShape::new("public", "user_logins", cols, vec![0], None).unwrap();
+        let shape = RelationShape::new(
+            "public",
+            "user_logins",
+            cols,
+            vec![0],
+            None,
+            SeedMode::IfShaped,
+        )
+        .unwrap();
         let values = [text("1"), Value::Null, Value::Null, Value::Null, text("NL")];
         let e = shape.event(Op::Insert, &values, Lsn(1), 1).unwrap();
         assert!(String::from_utf8(e.to_json())
@@ -526,7 +588,8 @@ mod tests {
             ColumnSchema::builtin("price", 1700, (10 << 16) + 2 + 4, "numeric(10,2)", true),
             ColumnSchema::builtin("doc", 3802, -1, "jsonb", true),
         ];
-        let shape = RelationShape::new("app", "items", cols, vec![1, 0], None).unwrap();
+        let shape =
+            RelationShape::new("app", "items", cols, vec![1, 0], None, SeedMode::IfShaped).unwrap();
         assert!(!shape.has_int_key());
         assert_eq!(shape.schema().key, vec![1, 0]);
         let values = [
@@ -567,7 +630,8 @@ mod tests {
     #[test]
     fn a_table_without_a_primary_key_is_refused_with_the_fix() {
         let cols = vec![ColumnSchema::builtin("a", 23, -1, "integer", true)];
-        let err = RelationShape::new("public", "t", cols, vec![], None).unwrap_err();
+        let err =
+            RelationShape::new("public", "t", cols, vec![], None, SeedMode::Never).unwrap_err();
         assert!(err.to_string().contains("ADD PRIMARY KEY"), "{err}");
     }
 }

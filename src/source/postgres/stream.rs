@@ -323,6 +323,7 @@ impl ReplicationSource {
                 &rel.name,
                 &columns,
                 self.tables[table].ledger_column.as_deref(),
+                self.tables[table].seed,
             )
             .await?;
             tracing::info!(table = %shape.schema().qualified_name(), schema_id = %shape.schema().id(), columns = shape.schema().columns.len(), "relation shape");
