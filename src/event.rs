@@ -160,6 +160,9 @@ pub struct ChangeEvent {
     /// Columns whose value PostgreSQL did not send because it is TOASTed and unchanged by this update;
     /// their values are null and must not be read as NULL.
     pub unchanged: Vec<String>,
+    /// json/jsonb columns whose value is JSON's `null` literal, not SQL NULL: their value in the
+    /// message is `null` like a NULL's, and this list tells them apart.
+    pub json_null: Vec<String>,
     /// For an `update` that changed the primary key: the old key (a `delete` of it comes just
     /// before). Columns listed in `unchanged` hold that row's values.
     pub moved_from: Option<RowKey>,
@@ -613,6 +616,7 @@ mod tests {
             lsn: "0/16B3748".into(),
             version: 42,
             unchanged: vec![],
+            json_null: vec![],
             moved_from: None,
             schema: None,
         };
@@ -645,6 +649,7 @@ mod tests {
             lsn: "0/10".into(),
             version: 16,
             unchanged: vec!["doc".into()],
+            json_null: vec![],
             moved_from: Some(RowKey::Json(serde_json::json!({"tenant": 3, "id": "old"}))),
             schema: None,
         };
@@ -674,6 +679,7 @@ mod tests {
             lsn: "0/1".into(),
             version: 1,
             unchanged: vec![],
+            json_null: vec![],
             moved_from: Some(RowKey::Int(0)),
             schema: None,
         };

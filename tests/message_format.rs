@@ -81,6 +81,7 @@ fn every_kind_of_event_matches_the_documented_schema() {
         lsn: "0/16B3748".into(),
         version: 23_803_720,
         unchanged: vec![],
+        json_null: vec![],
         moved_from: None,
         schema: None,
     };

@@ -437,28 +437,15 @@ async fn schema_changes_under_a_steady_load_land_every_row_with_its_columns_with
         .collect();
     assert_eq!(want.len(), 801);
     let table = format!("default.{}", t.name);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = clickhouse_current(&table, "id, a, c1, renamed, c2", "id").await;
-        if got == want {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            let differ: Vec<_> = want
-                .iter()
-                .filter(|w| !got.contains(w))
-                .take(5)
-                .map(|w| (w, got.iter().find(|g| g["id"] == w["id"])))
-                .collect();
-            panic!(
-                "ClickHouse has {} rows, PostgreSQL {}; first differences (PostgreSQL, ClickHouse): {differ:#?}\nsink log: {}",
-                got.len(),
-                want.len(),
-                sink.log_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_current_equal(
+        &table,
+        "id, a, c1, renamed, c2",
+        "id",
+        &want,
+        Duration::from_secs(60),
+        || sink.log_text(),
+    )
+    .await;
     assert_eq!(sink.stop(), 0);
     assert_eq!(stream.stop(), 0);
     t.drop().await;
@@ -495,7 +482,12 @@ async fn columns_added_to_the_seed_table_reach_clickhouse_and_nulls_stay_null() 
     let args = tables_stream_args(
         &seed.name,
         &[&seed.name, &generic.name],
-        &["--ops", "insert,update,delete,truncate"],
+        &[
+            "--ops",
+            "insert,update,delete,truncate",
+            "--seed-table",
+            &seed.name,
+        ],
     );
     let stream = start_relay(&seed.name, &args);
     wait_slot_streaming(&seed.pg, &seed.name, Duration::from_secs(30)).await;

@@ -64,6 +64,9 @@ fn tail<M: SerializeMap>(map: &mut M, e: &ChangeEvent) -> Result<(), M::Error> {
     if !e.unchanged.is_empty() {
         map.serialize_entry("unchanged", &e.unchanged)?;
     }
+    if !e.json_null.is_empty() {
+        map.serialize_entry("json_null", &e.json_null)?;
+    }
     if let Some(from) = &e.moved_from {
         map.serialize_entry("moved_from", &from.to_json())?;
     }
@@ -89,6 +92,8 @@ struct In {
     version: u64,
     #[serde(default)]
     unchanged: Vec<String>,
+    #[serde(default)]
+    json_null: Vec<String>,
     #[serde(default)]
     moved_from: Option<serde_json::Value>,
     #[serde(default)]
@@ -154,6 +159,7 @@ pub(super) fn parse(bytes: &[u8]) -> Result<ChangeEvent, EventError> {
         lsn: m.lsn,
         version: m.version,
         unchanged: m.unchanged,
+        json_null: m.json_null,
         moved_from: m.moved_from.map(key_of),
         schema: None,
     })

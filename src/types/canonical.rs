@@ -10,6 +10,10 @@
 
 use super::{PgType, ServerCaps};
 
+/// What the report says of json/jsonb columns, which are compared for NULL only.
+pub const JSON_COMPARED: &str =
+    "compared for NULL only: the sink stores json re-serialised (key order, spacing, number text), which PostgreSQL cannot print alike in SQL";
+
 /// A value's canonical text as SQL on each server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CanonicalSql {
@@ -132,19 +136,23 @@ pub fn canonical_sql(
             )
         }
         PgType::Bytea => both(format!("encode({pg}, 'hex')"), ch.to_string()),
-        PgType::Json | PgType::Jsonb => {
-            return Err(NotCompared(
-                "the sink stores json re-serialised (key order, spacing, number text), which PostgreSQL cannot print alike in SQL".into(),
-            ))
-        }
+        // The sink stores json re-serialised (key order, spacing, number text), which PostgreSQL
+        // cannot print alike in SQL: only whether it is NULL is compared (JSON's `null` is the
+        // text `null` on both sides, SQL NULL is NULL). [`JSON_COMPARED`] says so in the report.
+        PgType::Json | PgType::Jsonb => both("''".into(), "''".into()),
         PgType::Array { element } => {
             let elem = canonical_sql(element, "e", "assumeNotNull(x)", caps)?;
+            // ClickHouse holds one dimension: a PostgreSQL array of more never reads alike
+            // (`{{1,2},{3,4}}` would otherwise print as `{1,2,3,4}`).
+            let dims = format!(
+                "CASE WHEN array_ndims({pg}) > 1 THEN 'dims ' || array_ndims({pg}) || ':' ELSE '' END || "
+            );
             // Each element a field of its own (`<bytes>:<text>`, `-` for NULL), so no element's
             // text can pass for two. A NULL array is `[]` in ClickHouse (no Nullable(Array)):
             // both print it empty.
             both(
                 format!(
-                    "coalesce(array_to_string(ARRAY(SELECT {} FROM unnest({pg}) AS u(e)), ''), '')",
+                    "{dims}coalesce(array_to_string(ARRAY(SELECT {} FROM unnest({pg}) AS u(e)), ''), '')",
                     pg_field("e", &elem.postgres)
                 ),
                 format!(
@@ -267,8 +275,21 @@ mod tests {
     }
 
     #[test]
-    fn json_is_not_compared_and_decimal128_not_on_18_16() {
-        assert!(canonical_sql(&PgType::Jsonb, "c", "c", ServerCaps::CURRENT).is_err());
+    fn json_is_compared_for_null_only_and_decimal128_not_on_18_16() {
+        let json = canonical_sql(&PgType::Jsonb, "c", "c", ServerCaps::CURRENT).unwrap();
+        assert_eq!(
+            (json.postgres.as_str(), json.clickhouse.as_str()),
+            ("''", "''")
+        );
+        let arr = PgType::Array {
+            element: Box::new(PgType::Int4),
+        };
+        let dims = canonical_sql(&arr, "c", "c", ServerCaps::CURRENT).unwrap();
+        assert!(
+            dims.postgres.starts_with("CASE WHEN array_ndims(c) > 1"),
+            "{}",
+            dims.postgres
+        );
         let wide = PgType::Numeric {
             precision: Some(38),
             scale: Some(10),

@@ -486,6 +486,40 @@ pub async fn clickhouse_current(
         .collect()
 }
 
+/// Waits until [`clickhouse_current`] of `table` on `columns` (ordered by `order`) is `want`;
+/// panics after `timeout` with the first rows that differ and `logs()` (the sinks' logs).
+pub async fn wait_current_equal(
+    table: &str,
+    columns: &str,
+    order: &str,
+    want: &[HashMap<String, String>],
+    timeout: Duration,
+    logs: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = clickhouse_current(table, columns, order).await;
+        if got == want {
+            return;
+        }
+        if Instant::now() > deadline {
+            let differ: Vec<_> = want
+                .iter()
+                .filter(|w| !got.contains(w))
+                .take(6)
+                .map(|w| (w, got.iter().find(|g| g.get(order) == w.get(order))))
+                .collect();
+            panic!(
+                "ClickHouse has {} rows, PostgreSQL {}; first differences (PostgreSQL, ClickHouse): {differ:#?}\nsink logs: {}",
+                got.len(),
+                want.len(),
+                logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 pub fn canon(raw: &str) -> String {
     match serde_json::from_str::<serde_json::Value>(raw) {
         Ok(v @ serde_json::Value::String(_)) => v.to_string(),

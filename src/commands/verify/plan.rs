@@ -106,6 +106,15 @@ impl TablePlan {
                 ch_col.clone()
             };
             let canon = match canonical_sql(&kind, &pg_col, &ch_value, caps) {
+                Ok(c) if matches!(kind.resolved(), PgType::Json | PgType::Jsonb) => {
+                    not_compared.push(format!(
+                        "{} ({}): {}",
+                        col.name,
+                        col.type_name,
+                        crate::types::canonical::JSON_COMPARED
+                    ));
+                    c
+                }
                 Ok(c) => c,
                 Err(reason) => {
                     not_compared.push(format!("{} ({}): {reason}", col.name, col.type_name));

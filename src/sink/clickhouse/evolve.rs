@@ -44,6 +44,10 @@ pub struct Stored {
     pub default: String,
     /// The PostgreSQL column it holds, from its comment.
     pub attnum: Option<i16>,
+    /// The PostgreSQL table it holds a column of, from its comment (`schema.table`).
+    pub source: Option<String>,
+    /// Part of the table's ORDER BY: the key rows are told apart by.
+    pub in_key: bool,
 }
 
 impl Stored {
@@ -56,25 +60,41 @@ impl Stored {
     }
 
     /// From `system.columns`' name, type, default_expression and comment.
-    pub fn from_catalog(name: String, ty: String, default: String, comment: &str) -> Self {
+    pub fn from_catalog(
+        name: String,
+        ty: String,
+        default: String,
+        comment: &str,
+        in_key: bool,
+    ) -> Self {
+        let (attnum, source) = parse_comment(comment);
         Stored {
             name,
             ty,
             default,
-            attnum: attnum_of_comment(comment),
+            attnum,
+            source,
+            in_key,
         }
     }
 }
 
-/// The comment that records which PostgreSQL column a storage column holds.
-pub fn attnum_comment(attnum: i16) -> String {
-    format!("PostgreSQL attnum {attnum}")
+/// The comment that records which PostgreSQL column (and of which table) a storage column holds.
+pub fn attnum_comment(attnum: i16, source: Option<&str>) -> String {
+    match source {
+        Some(s) => format!("PostgreSQL attnum {attnum} of {s}"),
+        None => format!("PostgreSQL attnum {attnum}"),
+    }
 }
 
-fn attnum_of_comment(comment: &str) -> Option<i16> {
-    comment
-        .strip_prefix("PostgreSQL attnum ")
-        .and_then(|n| n.trim().parse().ok())
+fn parse_comment(comment: &str) -> (Option<i16>, Option<String>) {
+    let Some(rest) = comment.strip_prefix("PostgreSQL attnum ") else {
+        return (None, None);
+    };
+    match rest.split_once(" of ") {
+        Some((n, source)) => (n.trim().parse().ok(), Some(source.to_string())),
+        None => (rest.trim().parse().ok(), None),
+    }
 }
 
 /// One statement's worth of change.
@@ -136,7 +156,7 @@ impl Change {
                     Some(n) => format!(
                         "{add}, COMMENT COLUMN {} {}",
                         quote_ident(column),
-                        quote_string(&attnum_comment(n))
+                        quote_string(&attnum_comment(n, names.source.as_deref()))
                     ),
                     None => add,
                 }
@@ -154,7 +174,7 @@ impl Change {
             Change::Comment { column, attnum } => format!(
                 "COMMENT COLUMN {} {}",
                 quote_ident(column),
-                quote_string(&attnum_comment(*attnum))
+                quote_string(&attnum_comment(*attnum, names.source.as_deref()))
             ),
         }
     }
@@ -268,7 +288,7 @@ pub fn reconcile(existing: &str, wanted: &str) -> Reconcile {
 
 /// A change the sink will not make. Its text says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("schema change of {table} refused: column {column} is {old} in ClickHouse and PostgreSQL now has {new}: {why}. The rows of this schema go to the dead-letter topic; to go on, recreate the ClickHouse table for the new shape (drop {table} and its _current view; the sink recreates them) and re-read the topic with a new --group, or ALTER the ClickHouse column to a type that holds both, then restart the sink")]
+#[error("schema change of {table} refused: column {column} is {old} in ClickHouse and PostgreSQL now has {new}: {why}. The rows of this schema go to the dead-letter topic; to go on, drop {table}, its _current view and its _truncates table and restart the sinks (they create the table again, from the newest schema when its key changed), then run `cdc-relay verify --repair` for the table to send its current rows again; or ALTER the ClickHouse column to a type that holds both, then restart the sinks")]
 pub struct Refusal {
     pub table: String,
     pub column: String,
@@ -318,33 +338,21 @@ pub fn plan(
             "the table has no primary key, so its rows cannot be told apart",
         ));
     }
-    // The key by attnum where known: renaming a key column does not change the key.
-    let key_ids = |r: &RelationSchema| -> Vec<String> {
-        r.key
+    // Another source table whose name maps to the same ClickHouse name (`public.app_orders` and
+    // `app.orders` both to `app_orders`): its rows would merge with these.
+    let other = names.source.as_ref().and_then(|ours| {
+        existing
             .iter()
-            .filter_map(|&i| r.columns.get(i))
-            .map(|c| match attnum_in(c, history) {
-                Some(n) => format!("#{n}"),
-                None => c.name.clone(),
-            })
-            .collect()
-    };
-    let ours = key_ids(rel);
-    for old in history {
-        if key_ids(old) != ours {
-            let old_key: Vec<&str> = old
-                .key_columns()
-                .unwrap_or_default()
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect();
-            return Err(refuse(
-                &key_names.join(", "),
-                &format!("primary key ({})", old_key.join(", ")),
-                &format!("primary key ({})", key_names.join(", ")),
-                "the ClickHouse table is ordered by the old key",
-            ));
-        }
+            .find_map(|s| s.source.as_ref().filter(|o| *o != ours))
+            .map(|other| (ours, other))
+    });
+    if let Some((ours, other)) = other {
+        return Err(refuse(
+            "(every column)",
+            &format!("a column of {other}"),
+            &format!("{ours}, whose ClickHouse table has the same name"),
+            "two source tables would share one ClickHouse table; relay one of them through a sink of its own with another --clickhouse-database",
+        ));
     }
     let mut changes = Vec::new();
     // The storage columns as they will be, with the attnum each holds.
@@ -423,8 +431,8 @@ pub fn plan(
             storage.push(Stored {
                 name: name.clone(),
                 ty,
-                default: String::new(),
                 attnum,
+                ..Stored::default()
             });
             columns.insert(c.name.clone(), column_of(c, &name));
             written.push(name);
@@ -461,6 +469,30 @@ pub fn plan(
         }
         columns.insert(c.name.clone(), column_of(c, &have.name));
         written.push(have.name);
+    }
+    // The key is the table's ORDER BY, by the columns that hold the key's attnums: a renamed key
+    // column is the same key, and rows of a schema with another key cannot be told apart in it.
+    let ordered_by: Vec<&str> = existing
+        .iter()
+        .filter(|s| s.in_key)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !ordered_by.is_empty() {
+        let mut ours: Vec<&str> = key_names
+            .iter()
+            .filter_map(|k| columns.get(*k).map(|c: &Column| &*c.ch_name))
+            .collect();
+        let mut theirs = ordered_by.clone();
+        ours.sort_unstable();
+        theirs.sort_unstable();
+        if ours != theirs {
+            return Err(refuse(
+                &key_names.join(", "),
+                &format!("ordered by ({})", ordered_by.join(", ")),
+                &format!("primary key ({})", key_names.join(", ")),
+                "a ClickHouse table's key cannot change",
+            ));
+        }
     }
     // Columns the schema no longer has stay; new rows leave them out, so they must take a default.
     for s in storage.iter_mut() {
@@ -500,6 +532,19 @@ pub fn plan(
             key: key_names.iter().map(|k| k.to_string()).collect(),
         }),
     })
+}
+
+/// Whether two schemas of a table have the same key: the same columns, by attnum where both know
+/// it (a renamed key column is the same key).
+pub fn same_key(a: &RelationSchema, b: &RelationSchema) -> bool {
+    let (Some(ka), Some(kb)) = (a.key_columns(), b.key_columns()) else {
+        return false;
+    };
+    ka.len() == kb.len()
+        && ka.iter().zip(&kb).all(|(x, y)| match (x.attnum, y.attnum) {
+            (Some(m), Some(n)) => m == n,
+            _ => x.name == y.name,
+        })
 }
 
 fn column_of(c: &crate::types::ColumnSchema, ch_name: &str) -> Column {

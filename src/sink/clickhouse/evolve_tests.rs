@@ -20,6 +20,7 @@ fn existing_on(rel: &RelationSchema, version: &str) -> Vec<Stored> {
     (0..rel.columns.len())
         .map(|i| Stored {
             attnum: rel.columns[i].attnum,
+            in_key: rel.key.contains(&i),
             ..Stored::new(&rel.columns[i].name, &column_type(rel, i, caps))
         })
         .chain(META_COLUMNS_FOR_TEST.iter().map(|(n, t)| Stored::new(n, t)))
@@ -379,6 +380,31 @@ fn unsafe_changes_are_refused_with_what_to_do() {
 }
 
 #[test]
+fn a_key_change_is_judged_by_the_tables_order_not_by_the_history() {
+    // ALTER TABLE … DROP CONSTRAINT …_pkey, ADD PRIMARY KEY (tenant, id, price) on a (tenant, id)
+    // table: its rows are refused while the table is ordered by the old key …
+    let v1 = orders();
+    let mut v2 = v1.clone();
+    v2.key = vec![0, 1, 2];
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2.clone())];
+    let old_table = existing(&v1);
+    let r = plan(&names(), &old_table, &v2, &history, v("18.16")).unwrap_err();
+    assert!(r.to_string().contains("verify --repair"), "{r}");
+    // … rows of the old key still go in (the new key in the history does not poison them) …
+    assert!(plan(&names(), &old_table, &v1, &history, v("18.16")).is_ok());
+    // … and once the table is made again from the newest schema, its rows go in and the old
+    // key's are refused.
+    assert!(!same_key(&v1, &v2));
+    let new_table = existing(&v2);
+    assert!(plan(&names(), &new_table, &v2, &history, v("18.16")).is_ok());
+    assert!(plan(&names(), &new_table, &v1, &history, v("18.16")).is_err());
+    // A renamed key column is the same key.
+    let renamed_key = renamed(&v1, 2, "code");
+    assert!(same_key(&v1, &renamed_key));
+    assert!(plan(&names(), &old_table, &renamed_key, &history, v("18.16")).is_ok());
+}
+
+#[test]
 fn a_column_added_with_a_default_gives_the_rows_already_there_its_value() {
     let v1 = orders();
     let mut v2 = v1.clone();
@@ -472,4 +498,41 @@ fn on_a_cluster_attnums_are_inferred_from_names_without_comments() {
     assert_eq!(&*again.state.columns["op_old"].ch_name, "op");
     let create = crate::sink::clickhouse::table::create_table_sql(&cluster, &v1, v("18.16"));
     assert!(!create.contains("COMMENT"), "{create}");
+}
+
+#[test]
+fn two_source_tables_of_one_clickhouse_name_are_told_apart() {
+    // public.app_orders and app.orders both map to `app_orders`.
+    let v1 = orders();
+    let ours = names().with_source("public.app_orders");
+    let create = crate::sink::clickhouse::table::create_table_sql(&ours, &v1, v("18.16"));
+    assert!(
+        create.contains("COMMENT 'PostgreSQL attnum 1 of public.app_orders'"),
+        "{create}"
+    );
+    let have: Vec<Stored> = existing(&v1)
+        .into_iter()
+        .map(|s| Stored {
+            source: s.attnum.map(|_| "public.app_orders".to_string()),
+            ..s
+        })
+        .collect();
+    assert!(plan(&ours, &have, &v1, &[Arc::new(v1.clone())], v("18.16")).is_ok());
+    let theirs = names().with_source("app.orders");
+    let r = plan(&theirs, &have, &v1, &[Arc::new(v1.clone())], v("18.16")).unwrap_err();
+    assert!(r.to_string().contains("public.app_orders"), "{r}");
+    assert_eq!(
+        Stored::from_catalog(
+            "x".into(),
+            "String".into(),
+            String::new(),
+            "PostgreSQL attnum 12 of app.orders",
+            false
+        ),
+        Stored {
+            attnum: Some(12),
+            source: Some("app.orders".into()),
+            ..Stored::new("x", "String")
+        }
+    );
 }

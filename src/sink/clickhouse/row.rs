@@ -109,6 +109,7 @@ mod tests {
             lsn: "0/1".into(),
             version: 9,
             unchanged: vec![],
+            json_null: vec![],
             moved_from: None,
             schema: None,
         }

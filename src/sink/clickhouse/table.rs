@@ -40,6 +40,9 @@ pub struct TableNames {
     pub table: String,
     /// `--clickhouse-cluster`: DDL runs ON CLUSTER, rows live in `<table>_local` (cluster.rs).
     pub cluster: Option<String>,
+    /// The PostgreSQL table (`schema.table`) whose rows it holds, recorded in its columns'
+    /// comments: two source tables whose names map to one ClickHouse name are told apart.
+    pub source: Option<String>,
 }
 
 impl TableNames {
@@ -48,7 +51,13 @@ impl TableNames {
             database: database.to_string(),
             table: table.to_string(),
             cluster: None,
+            source: None,
         }
+    }
+
+    pub fn with_source(mut self, source: &str) -> Self {
+        self.source = Some(source.to_string());
+        self
     }
 
     pub fn with_cluster(mut self, cluster: Option<String>) -> Self {
@@ -131,7 +140,7 @@ pub fn create_table_sql(
             let comment = attnum.map_or(String::new(), |n| {
                 format!(
                     " COMMENT {}",
-                    quote_string(&super::evolve::attnum_comment(n))
+                    quote_string(&super::evolve::attnum_comment(n, names.source.as_deref()))
                 )
             });
             format!("    {} {ty}{default}{comment}", quote_ident(&c.name))
@@ -271,7 +280,7 @@ pub fn drop_view_sql(names: &TableNames) -> String {
 
 pub fn columns_sql(names: &TableNames) -> String {
     format!(
-        "SELECT name, type, default_expression, comment FROM system.columns WHERE database = {} AND table = {} FORMAT TSV",
+        "SELECT name, type, default_expression, comment, is_in_sorting_key FROM system.columns WHERE database = {} AND table = {} FORMAT TSV",
         quote_string(&names.database),
         quote_string(&names.table)
     )
@@ -382,8 +391,12 @@ impl TableState {
             if value.is_null() && event.unchanged.iter().any(|u| u == name) {
                 continue;
             }
-            let text =
-                clickhouse_json_text(&col.kind, value, self.caps).map_err(|e| e.in_column(name))?;
+            let text = if value.is_null() && event.json_null.iter().any(|j| j == name) {
+                // JSON's null, stored as its text like every json value (SQL NULL stays NULL).
+                serde_json::Value::from("null").to_string()
+            } else {
+                clickhouse_json_text(&col.kind, value, self.caps).map_err(|e| e.in_column(name))?
+            };
             cells.push((col.ch_name.clone(), text));
         }
         let mut key_texts = Vec::with_capacity(self.key.len());

@@ -88,7 +88,7 @@ impl GenericTables {
     ) -> Result<ApplyOutcome, SinkError> {
         let w = &self.writer;
         let table = clickhouse_table_name(rel);
-        let names = w.names(&table);
+        let names = w.names(&table).with_source(&rel.qualified_name());
         if table == self.seed_table {
             // The seed's table in the columns form (it lost the seed's shape while the stream was
             // down), or another table of that name: never into the seed's table.
@@ -118,10 +118,18 @@ impl GenericTables {
             if let Err(refusal) = plan(&names, &[], rel, history, self.version) {
                 return Ok(self.refuse(id, refusal));
             }
+            // After a key change (the table dropped to take it), from the newest schema: rows of the
+            // old key are then the ones refused.
+            let newest = history.last().map_or(rel, |h| &**h);
+            let from = if super::evolve::same_key(newest, rel) {
+                rel
+            } else {
+                newest
+            };
             w.create_missing(
                 &names,
                 &names.storage_name(),
-                &create_table_sql(&names, rel, self.version),
+                &create_table_sql(&names, from, self.version),
                 "creating a table",
             )
             .await?;
@@ -401,8 +409,8 @@ impl GenericWriter {
             .map(|l| {
                 let mut f = l.split('\t').map(unescape_tsv);
                 let mut next = || f.next().unwrap_or_default();
-                let (name, ty, default) = (next(), next(), next());
-                Stored::from_catalog(name, ty, default, &next())
+                let (name, ty, default, comment) = (next(), next(), next(), next());
+                Stored::from_catalog(name, ty, default, &comment, next() == "1")
             })
             .collect())
     }

@@ -554,6 +554,7 @@ mod tests {
             lsn: "0/0".into(),
             version: 0,
             unchanged: vec![],
+            json_null: vec![],
             moved_from: None,
             schema: None,
         }

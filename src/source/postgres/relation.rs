@@ -164,8 +164,8 @@ pub enum SeedMode {
 }
 
 /// The tuple indexes of `username`, `event_type` and `event_time` when the table has the seed's
-/// shape: an integer key `id`, two text columns and a `timestamp` (a timestamptz or date is not the
-/// seed's `event_time`).
+/// shape: an integer key `id`, `username` and `event_type` (their text travels, whatever the type:
+/// an enum is common) and a `timestamp` `event_time` (a timestamptz or date is not the seed's).
 fn seed_shape(columns: &[ColumnSchema], key: &[usize], int_key: bool) -> Option<[usize; 3]> {
     if !int_key || columns[key[0]].name != "id" {
         return None;
@@ -173,14 +173,8 @@ fn seed_shape(columns: &[ColumnSchema], key: &[usize], int_key: bool) -> Option<
     let find = |n: &str| columns.iter().position(|c| c.name == n);
     let [u, e, t] = SEED_COLUMNS.map(find);
     let (u, e, t) = (u?, e?, t?);
-    let text = |i: usize| {
-        matches!(
-            columns[i].kind.resolved(),
-            PgType::Text | PgType::Varchar { .. } | PgType::Char { .. } | PgType::Citext
-        )
-    };
     let time = matches!(columns[t].kind.resolved(), PgType::Timestamp);
-    (text(u) && text(e) && time).then_some([u, e, t])
+    time.then_some([u, e, t])
 }
 
 /// The element of `attmissingval`, a one-element array literal of the column's type (`{dflt}`,
@@ -245,7 +239,7 @@ impl RelationShape {
             SeedMode::Required => match shaped {
                 Some(s) => (Some(s), None),
                 None => (None, Some(format!(
-                    "is the seed's table and no longer has the seed's shape (an integer key `id`, text `username` and `event_type`, `event_time` timestamp) its messages and ClickHouse table have: its changes go to the stream's dead-letter topic while other tables flow. Restore the columns, or relay it as any table: stop the stream, point --seed-table elsewhere, move the ClickHouse table `{name}` of the seed's form aside (the sink's --clickhouse-table), and start again"
+                    "is the seed's table and no longer has the seed's shape (an integer key `id`, `username`, `event_type`, `event_time` timestamp) its messages and ClickHouse table have: its changes go to the stream's dead-letter topic while other tables flow. Restore the columns, or relay it as any table: stop the stream, point --seed-table elsewhere, move the ClickHouse table `{name}` of the seed's form aside (the sink's --clickhouse-table), and start again"
                 ))),
             },
         };
@@ -397,6 +391,7 @@ impl RelationShape {
         }
         let key = self.key_value(values)?;
         let mut unchanged = Vec::new();
+        let mut json_null = Vec::new();
         let mut columns: Columns = Vec::with_capacity(self.schema.columns.len());
         let mut seed_text: [Option<&str>; 3] = [None; 3];
         for (i, v) in values.iter().enumerate() {
@@ -420,7 +415,13 @@ impl RelationShape {
                         seed_text[f] = Some(text);
                         continue;
                     }
-                    to_json(&col.kind, text).map_err(|e| in_column(e, col))?
+                    let value = to_json(&col.kind, text).map_err(|e| in_column(e, col))?;
+                    if value.is_null()
+                        && matches!(col.kind.resolved(), PgType::Json | PgType::Jsonb)
+                    {
+                        json_null.push(col.name.clone());
+                    }
+                    value
                 }
                 Value::Binary(_) => {
                     return Err(SourceError::Type(type_error(
@@ -445,6 +446,7 @@ impl RelationShape {
             lsn: lsn.to_string(),
             version,
             unchanged,
+            json_null,
             moved_from: None,
             schema: Some(self.schema.clone()),
         })
@@ -465,6 +467,7 @@ impl RelationShape {
             lsn: lsn.to_string(),
             version,
             unchanged: Vec::new(),
+            json_null: Vec::new(),
             moved_from: None,
             schema: Some(self.schema.clone()),
         }

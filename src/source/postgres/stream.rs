@@ -327,6 +327,9 @@ impl ReplicationSource {
             )
             .await?;
             tracing::info!(table = %shape.schema().qualified_name(), schema_id = %shape.schema().id(), columns = shape.schema().columns.len(), "relation shape");
+            if let Some((_, before)) = self.shapes.get(&rel.oid) {
+                warn_on_rewrites(before.schema(), shape.schema());
+            }
             self.shapes.insert(rel.oid, (table, shape));
         } else {
             self.shapes.remove(&rel.oid);
@@ -508,6 +511,26 @@ fn fill_unchanged_toast(mut new: Vec<Value>, old: Option<&[Value]>) -> Vec<Value
         }
     }
     new
+}
+
+/// `ALTER COLUMN … TYPE` rewrites the stored rows in PostgreSQL and logical decoding carries none
+/// of them: where the conversion is more than a widening (`USING`, `timestamp` → `timestamptz`
+/// under a TimeZone other than UTC, text ↔ varchar(n)), the rows ClickHouse holds keep their old
+/// values. Said once per change, with what mends it.
+fn warn_on_rewrites(before: &crate::types::RelationSchema, after: &crate::types::RelationSchema) {
+    for c in &after.columns {
+        let Some(old) = before
+            .columns
+            .iter()
+            .find(|o| o.attnum.is_some() && o.attnum == c.attnum)
+        else {
+            continue;
+        };
+        if old.type_name != c.type_name {
+            tracing::warn!(table = %after.qualified_name(), column = %c.name, from = %old.type_name, to = %c.type_name,
+                "a column's type changed: PostgreSQL rewrote the rows it holds and sent none of them; if the conversion changed values (USING, timestamp to timestamptz, a narrower text), run `cdc-relay verify --repair` for this table");
+        }
+    }
 }
 
 #[cfg(test)]
