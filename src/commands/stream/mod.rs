@@ -457,7 +457,11 @@ impl StreamCommand {
                         eo.abort(&self.producer, &mut t).await;
                         break SessionEnd::Retry(e.to_string());
                     }
-                    snapshot::committed(&mut self.snapshot_pending, &mut self.snapshot_uncommitted);
+                    snapshot::committed(
+                        &mut self.snapshot_pending,
+                        &mut self.snapshot_uncommitted,
+                        &mut self.recreated,
+                    );
                 }
                 // Rows of a chunk go out only once the previous chunk's are in the ledger, so a
                 // checkpoint never has to name more than one chunk's rows.
@@ -646,6 +650,7 @@ impl StreamCommand {
                     Ok(()) => snapshot::committed(
                         &mut self.snapshot_pending,
                         &mut self.snapshot_uncommitted,
+                        &mut self.recreated,
                     ),
                     Err(e) => {
                         if clean {

@@ -90,9 +90,13 @@ impl StreamCommand {
             }
             tracing::info!(table = %name, "initial snapshot done");
             if self.recreated.contains(&table) {
-                // The new table is whole in Kafka, above the truncate: it is the table now.
+                // The new table is whole in Kafka, above the truncate: it is the table now. In
+                // exactly-once mode only once the transaction commits (`committed`): an aborted one
+                // takes the record with it, and the next session truncates and reads again.
                 self.record_identity(table).await?;
-                self.recreated.retain(|&r| r != table);
+                if self.eo.is_none() {
+                    self.recreated.retain(|&r| r != table);
+                }
             }
             self.snapshot_produced.remove(0);
             if self.eo.is_some() {
@@ -127,9 +131,15 @@ impl StreamCommand {
 /// Longest wait for a snapshot record's acknowledgement (the main loop waits meanwhile).
 const RECORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// The open exactly-once transaction committed: the snapshots it recorded are done.
-pub(super) fn committed(pending: &mut Vec<TableId>, uncommitted: &mut Vec<TableId>) {
+/// The open exactly-once transaction committed: the snapshots it recorded are done, and so are
+/// the re-created tables among them (identity.rs).
+pub(super) fn committed(
+    pending: &mut Vec<TableId>,
+    uncommitted: &mut Vec<TableId>,
+    recreated: &mut Vec<TableId>,
+) {
     pending.retain(|t| !uncommitted.contains(t));
+    recreated.retain(|t| !uncommitted.contains(t));
     uncommitted.clear();
 }
 

@@ -365,8 +365,11 @@ pub fn plan(
     // for a CREATE with comments on the second replica; measured): on a cluster every attnum is
     // inferred.
     let comments = names.cluster().is_none();
+    // An earlier release renamed storage columns on servers with RENAME COLUMN (20.4+): there a
+    // plain name is the newest schema's; on 18.16, and for this release's names, the first one's.
+    let renamed_storage = comments && version.has_rename_column();
     for s in storage.iter_mut().filter(|s| s.attnum.is_none()) {
-        if let Some(n) = legacy_attnum(&s.name, history) {
+        if let Some(n) = legacy_attnum(&s.name, history, renamed_storage) {
             s.attnum = Some(n);
             if comments {
                 changes.push(Change::Comment {
@@ -420,7 +423,16 @@ pub fn plan(
                     "a new key column changes the table's order",
                 ));
             }
-            let name = free_name(&c.name, attnum, &storage);
+            // Named as the column first was, whatever schema adds it: two sinks adding it at once
+            // from different schemas (a rename between) then both name the one column.
+            let first_name = attnum
+                .and_then(|n| {
+                    history
+                        .iter()
+                        .find_map(|h| h.columns.iter().find(|o| o.attnum == Some(n)))
+                })
+                .map_or(c.name.as_str(), |o| o.name.as_str());
+            let name = free_name(first_name, attnum, &storage);
             let ty = added_column_type(&c.kind, caps);
             changes.push(Change::Add {
                 column: name.clone(),
@@ -568,11 +580,12 @@ fn attnum_in(c: &crate::types::ColumnSchema, history: &[Arc<RelationSchema>]) ->
 
 /// The attnum an uncommented column (of an earlier release's table, or on a cluster) holds: the
 /// one its `<name>__<attnum>` says when a schema gave that name that attnum (a column added while
-/// its name was taken), else its name's in the oldest schema that has the name. Storage columns
-/// are never renamed or dropped, so a plain name was the column's when the table was created or
-/// the column added; this is exact unless a name was reused for another column before the table
+/// its name was taken), else its name's in the oldest schema that has the name (`newest`: in the
+/// newest, for tables an earlier release renamed columns of). Storage columns are never renamed or
+/// dropped now, so a plain name was the column's when the table was created or the column added;
+/// this is exact unless a name was reused for another column before the table
 /// was first created.
-fn legacy_attnum(name: &str, history: &[Arc<RelationSchema>]) -> Option<i16> {
+fn legacy_attnum(name: &str, history: &[Arc<RelationSchema>], newest: bool) -> Option<i16> {
     if let Some((base, n)) = name.rsplit_once("__") {
         if let Ok(n) = n.parse::<i16>() {
             let known = history.iter().any(|h| {
@@ -585,10 +598,14 @@ fn legacy_attnum(name: &str, history: &[Arc<RelationSchema>]) -> Option<i16> {
             }
         }
     }
-    history
-        .iter()
-        .find_map(|h| h.columns.iter().find(|o| o.name == name))
-        .and_then(|o| o.attnum)
+    let attnum_in =
+        |h: &Arc<RelationSchema>| h.columns.iter().find(|o| o.name == name).map(|o| o.attnum);
+    let found = if newest {
+        history.iter().rev().find_map(attnum_in)
+    } else {
+        history.iter().find_map(attnum_in)
+    };
+    found.flatten()
 }
 
 /// The storage name of a new column: its own, unless a storage column (of a dropped or renamed

@@ -536,3 +536,48 @@ fn two_source_tables_of_one_clickhouse_name_are_told_apart() {
         }
     );
 }
+
+#[test]
+fn an_added_column_is_named_as_it_first_was_whichever_schema_adds_it() {
+    // v2 adds attnum 7 as `c`, v3 renames it `d`; a sink that meets v3 first still adds `c`.
+    let v1 = orders();
+    let v2 = added(&v1, 7, "c", 25, "text");
+    let v3 = renamed(&v2, 7, "d");
+    let history = vec![Arc::new(v1.clone()), Arc::new(v2), Arc::new(v3.clone())];
+    let p = plan(&names(), &existing(&v1), &v3, &history, v("18.16")).unwrap();
+    assert_eq!(
+        p.changes,
+        vec![Change::Add {
+            column: "c".into(),
+            ty: "Nullable(String)".into(),
+            default: None,
+            attnum: Some(7),
+        }]
+    );
+    assert_eq!(&*p.state.columns["d"].ch_name, "c");
+}
+
+#[test]
+fn tables_an_earlier_release_renamed_on_current_servers_take_the_newest_names() {
+    // 26.9 under the earlier release: RENAME op TO kind ran on the storage, no comments.
+    let v1 = orders();
+    let v2 = renamed(&v1, 6, "kind");
+    let v3 = renamed(&renamed(&v2, 3, "op"), 6, "kind");
+    let history = vec![
+        Arc::new(v1.clone()),
+        Arc::new(v2.clone()),
+        Arc::new(v3.clone()),
+    ];
+    // After `RENAME op TO kind` then `RENAME price TO op`: storage `kind` (6) and `op` (3).
+    let have: Vec<Stored> = existing_on(&v3, "26.9")
+        .into_iter()
+        .map(|s| Stored { attnum: None, ..s })
+        .collect();
+    let p = plan(&names(), &have, &v3, &history, v("26.9")).unwrap();
+    assert_eq!(&*p.state.columns["op"].ch_name, "op");
+    assert_eq!(&*p.state.columns["kind"].ch_name, "kind");
+    assert!(p.changes.contains(&Change::Comment {
+        column: "op".into(),
+        attnum: 3
+    }));
+}
