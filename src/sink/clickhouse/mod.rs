@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cluster;
 pub mod config;
 pub mod evolve;
+pub mod identity;
 pub mod row;
 pub mod schema;
 pub mod seed_columns;
