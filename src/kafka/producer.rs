@@ -271,7 +271,7 @@ impl KafkaProducer {
             .await
     }
 
-    async fn send_bytes(
+    pub(crate) async fn send_bytes(
         &self,
         topic: &str,
         key: Option<&str>,

@@ -131,6 +131,11 @@ struct TopicMetadata {
 
 /// The cluster metadata, asked along with `topic`'s to keep the answer small (a consumer never
 /// creates the topic by asking).
+/// Whether `topic` exists (a metadata request; blocking).
+pub fn topic_exists(base: &ClientConfig, topic: &str) -> Result<bool, KafkaError> {
+    Ok(metadata(base, topic)?.topic_exists)
+}
+
 fn metadata(base: &ClientConfig, topic: &str) -> Result<TopicMetadata, KafkaError> {
     let consumer: rdkafka::consumer::BaseConsumer = base
         .create()

@@ -68,18 +68,49 @@ impl StreamCommand {
         Ok(())
     }
 
-    /// Writes `table`'s OID as its identity record.
-    pub(super) async fn record_identity(&mut self, table: TableId) -> Result<(), KafkaError> {
+    /// Writes every table's identity record without waiting for Kafka: on a checkpoint topic
+    /// created at this start, while the stream already runs. One that is lost only means the next
+    /// start writes it.
+    pub(super) async fn record_identities(&mut self) -> Result<(), KafkaError> {
+        let mut acks = Vec::new();
+        for table in 0..self.cfg.tables.len() {
+            let (key, payload) = self.identity_record(table);
+            if let Some(eo) = self.eo.as_mut() {
+                eo.before_produce(&self.producer)?;
+            }
+            let (ack, _) = self
+                .producer
+                .send_bytes(&self.checkpoint_topic, Some(&key), payload)
+                .await?;
+            acks.push(ack);
+        }
+        tokio::spawn(async move {
+            for ack in acks {
+                if let Err(e) = ack.await {
+                    tracing::warn!(error = %e, "an identity record was not written; the next start writes it");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// `table`'s identity record: its key and payload.
+    fn identity_record(&self, table: TableId) -> (String, Vec<u8>) {
         let spec = &self.cfg.tables[table];
         let record = IdentityRecord {
             table: spec.name(),
             oid: spec.oid,
         };
         let key = key(&self.cfg.database(), &self.cfg.slot, &record.table);
+        (key, serde_json::to_vec(&record).unwrap_or_default())
+    }
+
+    /// Writes `table`'s OID as its identity record.
+    pub(super) async fn record_identity(&mut self, table: TableId) -> Result<(), KafkaError> {
+        let (key, payload) = self.identity_record(table);
         if let Some(eo) = self.eo.as_mut() {
             eo.before_produce(&self.producer)?;
         }
-        let payload = serde_json::to_vec(&record).unwrap_or_default();
         self.producer
             .send_and_wait(&self.checkpoint_topic, &key, payload)
             .await

@@ -86,6 +86,8 @@ struct StreamCommand {
     server: Option<SystemIdentity>,
     /// The tables' identity records were read (identity.rs).
     identities_resolved: bool,
+    /// The checkpoint topic was new: the tables' identity records are still to be written.
+    identities_unrecorded: bool,
     /// Tables created again under their name since their identity was recorded: truncated and
     /// read whole at every session start until that read is acknowledged (identity.rs).
     recreated: Vec<TableId>,
@@ -145,6 +147,8 @@ async fn prepare(
         .checkpoint_topic
         .clone()
         .unwrap_or_else(|| format!("{first_topic}.checkpoints"));
+    // A checkpoint topic created now holds no identity records: nothing to read (identity.rs).
+    let had_checkpoints = crate::kafka::topic::topic_exists(&kafka, &checkpoint_topic)?;
     let checkpoint_partitions = ensure_topic_with(
         &kafka,
         &checkpoint_topic,
@@ -270,14 +274,19 @@ async fn prepare(
         eo,
         server: None,
         identities_resolved: false,
+        identities_unrecorded: false,
         recreated: Vec::new(),
     };
-    if cmd.eo.is_none() {
+    if cmd.eo.is_none() && had_checkpoints {
         // Before the slot is active: the first session then reads changes at once. (With
         // exactly-once, after the session fenced an older producer, whose open transaction would
         // hold this read_committed read back.)
         cmd.resolve_identities().await?;
         cmd.identities_resolved = true;
+    } else if !had_checkpoints {
+        // A new checkpoint topic: the tables are as they are now; recorded in the first session.
+        cmd.identities_resolved = true;
+        cmd.identities_unrecorded = true;
     }
     Ok((cmd, client, start))
 }
@@ -586,6 +595,13 @@ impl StreamCommand {
                 }
                 _ = status_tick.tick() => {
                     retention_checks += 1;
+                    if self.identities_unrecorded {
+                        // Off the start: the first tick comes once the loop runs.
+                        if let Err(e) = self.record_identities().await {
+                            break SessionEnd::Retry(e.to_string());
+                        }
+                        self.identities_unrecorded = false;
+                    }
                     if retention_checks % 6 == 1 {
                         self.check_retention().await;
                     }
