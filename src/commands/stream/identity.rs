@@ -3,8 +3,9 @@
 //! t`, as online schema-change tools do), silently leaves the stream: none of its changes reach
 //! the slot. Two guards:
 //!
-//! - while the stream runs, every 30 s each table's OID and its place in the publication are
-//!   checked: a change stops the stream with the table's name and the statement to run;
+//! - while the stream runs, at every heartbeat tick (`--heartbeat-interval`) each table's OID and
+//!   its place in the publication are checked: a change stops the stream with the table's name and
+//!   the statement to run;
 //! - each table's OID is recorded in the checkpoint topic. A start that finds another OID (the
 //!   operator ran that statement) hides the old table's rows in ClickHouse with a truncate at a
 //!   position above all of them, then reads the new table whole, versioned above the truncate;
